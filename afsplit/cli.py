@@ -1,0 +1,199 @@
+"""The `afsplit` command line.
+
+    afsplit generate --config FILE [--set k=v ...] (--prompt TEXT | --prompts-file F.jsonl) [--output OUT.jsonl]
+    afsplit check-config FILE [--set k=v ...]
+    afsplit make-tiny FAMILY DIR [--seed N]
+    afsplit plan-experts --stats STATS.jsonl --topology CONFIG.yaml --out PLACEMENT.yaml
+
+Errors caused by input are printed as one line (`afsplit: error: ...`) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from afsplit.errors import AfsplitError, RequestError
+
+REQUEST_KEYS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos",
+                "stop_token_ids"}
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set runtime.max_num_seqs=8 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="afsplit", description="Attention-FFN disaggregated MoE inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate completions for prompts")
+    g.add_argument("--config", required=True, help="YAML config (see configs/)")
+    _add_overrides(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt text")
+    src.add_argument("--prompts-file", help="JSON lines: {prompt | prompt_token_ids, max_tokens?, temperature?, ...}")
+    g.add_argument("--output", help="write results as JSON lines here (default: print texts)")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    c = sub.add_parser("check-config", help="validate a config and print the rank -> node/role map")
+    c.add_argument("config")
+    _add_overrides(c)
+
+    t = sub.add_parser("make-tiny", help="write a tiny random Hugging Face checkpoint")
+    t.add_argument("family", help="qwen3_moe | qwen2_moe | mixtral | olmoe")
+    t.add_argument("out_dir")
+    t.add_argument("--seed", type=int, default=0)
+
+    pe = sub.add_parser("plan-experts", help="plan expert replicas from recorded activation counts", add_help=False)
+    pe.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "plan-experts":
+        return _plan_experts(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "check-config":
+            return cmd_check_config(args)
+        if args.command == "make-tiny":
+            from afsplit.models.tiny import make_tiny
+
+            print(make_tiny(args.family, args.out_dir, seed=args.seed))
+            return 0
+    except AfsplitError as e:
+        print(f"afsplit: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _plan_experts(argv: list[str]) -> int:
+    try:
+        from comm.placement import plan_experts_main
+    except ImportError as e:
+        print(f"afsplit: error: plan-experts is unavailable ({e})", file=sys.stderr)
+        return 2
+    try:
+        return plan_experts_main(argv)
+    except AfsplitError as e:
+        print(f"afsplit: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_check_config(args) -> int:
+    from afsplit.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    print(f"{args.config}: OK")
+    _print_model_summary(config)
+    print(config.topology.topology.describe())
+    return 0
+
+
+def _print_model_summary(config) -> None:
+    from pathlib import Path
+
+    from afsplit.models.presets import PRESETS
+    from afsplit.models.spec import read_model_spec, spec_from_hf_config
+
+    m = config.model
+    if m.path and (Path(m.path) / "config.json").exists():
+        spec = read_model_spec(m.path)
+    elif m.preset:
+        spec = spec_from_hf_config(PRESETS[m.preset], f"preset {m.preset}")
+    else:
+        print(f"model: {m.path} (created on first use)" if m.tiny else f"model: {m.path} (not found yet)")
+        return
+    print(f"model: {spec.family}, {spec.num_layers} layers ({spec.num_moe_layers} MoE), hidden {spec.hidden_size}, "
+          f"{spec.num_experts} experts top-{spec.top_k}, {spec.num_heads}/{spec.num_kv_heads} heads x {spec.head_dim}")
+
+
+def read_requests(path: str, defaults: dict) -> list[tuple[dict | None, str | None]]:
+    """Parse a JSONL prompts file into (request, error) pairs: a malformed line fails alone."""
+    out = []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise RequestError(f"{path}: cannot read prompts file ({e.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            out.append((None, f"{path}:{n}: malformed JSON ({e.msg}); each line must be one JSON object"))
+            continue
+        if not isinstance(obj, dict) or not ({"prompt", "prompt_token_ids"} & obj.keys()):
+            out.append((None, f"{path}:{n}: expected an object with 'prompt' or 'prompt_token_ids'"))
+            continue
+        unknown = set(obj) - REQUEST_KEYS
+        if unknown:
+            out.append((None, f"{path}:{n}: unknown field(s) {sorted(unknown)}; valid: {sorted(REQUEST_KEYS)}"))
+            continue
+        out.append(({**defaults, **obj}, None))
+    return out
+
+
+def cmd_generate(args) -> int:
+    from afsplit.config import load_config
+    from afsplit.engine import LLMEngine
+    from afsplit.sampling_params import SamplingParams
+
+    defaults = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    seed=args.seed, ignore_eos=args.ignore_eos)
+    if args.prompt is not None:
+        requests = [({**defaults, "prompt": args.prompt}, None)]
+    else:
+        requests = read_requests(args.prompts_file, defaults)
+    config = load_config(args.config, args.overrides)
+    engine = LLMEngine(config)
+
+    prompts, params, index = [], [], []
+    results: list[dict] = [{"error": err} for _, err in requests]
+    for i, (req, err) in enumerate(requests):
+        if req is None:
+            continue
+        prompt = {"prompt_token_ids": req["prompt_token_ids"]} if "prompt_token_ids" in req else req["prompt"]
+        sp = {k: req[k] for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop_token_ids")
+              if k in req}
+        prompts.append(prompt)
+        params.append(SamplingParams(**sp))
+        index.append(i)
+    for i, out in zip(index, engine.generate(prompts, params, use_tqdm=not args.no_progress)):
+        if out.error:
+            results[i] = {"error": out.error}
+        else:
+            c = out.outputs[0]
+            results[i] = {"prompt": out.prompt, "token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason}
+    failed = 0
+    for r in results:
+        if "error" in r:
+            failed += 1
+            print(f"afsplit: error: {r['error']}", file=sys.stderr)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    else:
+        for r in results:
+            if "text" in r:
+                print(r["text"])
+    return 1 if failed and failed == len(results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

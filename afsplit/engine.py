@@ -1,0 +1,215 @@
+"""The single-process reference engine: schedule -> run -> postprocess.
+
+It holds the whole model (attention part and every routed expert) in one process, on the CPU or
+one GPU. The disaggregated runtime is checked token-for-token against it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from afsplit.block_manager import KVCacheManager
+from afsplit.config import Config
+from afsplit.errors import ConfigError, RequestError
+from afsplit.model_runner import KVCache, ModelRunner
+from afsplit.models.checkpoint import CheckpointReader, RandomWeights
+from afsplit.models.moe_model import AttentionModel, ExpertModel
+from afsplit.models.spec import ModelSpec, read_model_spec, spec_from_hf_config
+from afsplit.models.weights import load_attention_weights, load_expert_weights
+from afsplit.sampler import sample
+from afsplit.sampling_params import SamplingParams
+from afsplit.scheduler import Scheduler
+from afsplit.sequence import Sequence
+
+log = logging.getLogger("afsplit")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = True
+    error: str | None = None  # set when this request was rejected; the others still complete
+
+
+def resolve_model(config: Config) -> tuple[ModelSpec, object]:
+    """The model spec and a tensor source (checkpoint reader or random weights) for `config.model`."""
+    m = config.model
+    if m.path and m.tiny and not (Path(m.path) / "config.json").exists():
+        from afsplit.models.tiny import make_tiny
+
+        log.info("creating tiny %s checkpoint at %s", m.tiny, m.path)
+        make_tiny(m.tiny, m.path, seed=m.seed)
+    if m.weights == "random":
+        spec = read_model_spec(m.path) if m.path else _preset_spec(m.preset)
+        return spec, RandomWeights(seed=m.seed)
+    return read_model_spec(m.path), CheckpointReader(m.path)
+
+
+def _preset_spec(name: str) -> ModelSpec:
+    from afsplit.models.presets import PRESETS
+
+    return spec_from_hf_config(PRESETS[name], f"preset {name}")
+
+
+def load_tokenizer(model_path: str):
+    """The checkpoint's `tokenizers` tokenizer, or None when it has none (then only token ids are accepted)."""
+    path = Path(model_path) / "tokenizer.json" if model_path else None
+    if path is None or not path.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+class LLMEngine:
+    def __init__(self, config: Config):
+        self.config = config
+        rt = config.runtime
+        self.device = torch.device("cuda" if config.topology.device == "cuda" else "cpu")
+        self.dtype = DTYPES[config.model.dtype]
+        self.spec, source = resolve_model(config)
+        spec = self.spec
+        self.max_model_len = config.model.max_model_len or spec.max_position_embeddings
+        if not rt.chunked_prefill and rt.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError(
+                f"{config.source}: runtime.max_num_batched_tokens: {rt.max_num_batched_tokens} < max_model_len "
+                f"{self.max_model_len}; with chunked_prefill off it must hold a whole prompt")
+        attn_w = load_attention_weights(source, spec, self.dtype, self.device)
+        expert_w = load_expert_weights(source, spec, self.dtype, self.device)
+        self.model = AttentionModel(spec, attn_w, self.max_model_len)
+        self.experts = ExpertModel(expert_w)
+        num_blocks = rt.num_kv_blocks or self._blocks_from_memory()
+        self.kv = KVCacheManager(num_blocks, rt.block_size)
+        self.kv_cache = KVCache(spec.num_layers, num_blocks, rt.block_size, spec.num_kv_heads, spec.head_dim,
+                                self.dtype, self.device)
+        self.scheduler = Scheduler(self.kv, rt.max_num_seqs, rt.max_num_batched_tokens, rt.chunked_prefill)
+        self.runner = ModelRunner(self.model, self.kv_cache, rt.block_size, self.experts, self.device)
+        self.tokenizer = load_tokenizer(config.model.path)
+        self._next_id = 0
+
+    def _blocks_from_memory(self) -> int:
+        s, rt = self.spec, self.config.runtime
+        per_block = KVCache.bytes_per_block(s.num_layers, rt.block_size, s.num_kv_heads, s.head_dim, self.dtype)
+        return max(1, int(rt.kv_cache_memory_gb * 2**30) // per_block)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                    raise RequestError("prompt_token_ids must be a list of integers")
+                return None, ids
+            prompt = prompt.get("prompt")
+        if not isinstance(prompt, str):
+            raise RequestError(f"a prompt must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise RequestError(f"{self.config.model.path or 'this model'} has no tokenizer.json; pass prompt_token_ids")
+        return prompt, self.tokenizer.encode(prompt, add_special_tokens=False).ids
+
+    def add_request(self, prompt, params: SamplingParams) -> Sequence:
+        """Validate and queue one request; raises RequestError (naming the problem) if it is bad."""
+        request_id = self._next_id
+        self._next_id += 1
+        where = f"request {request_id}"
+        params.validate(where)
+        text, ids = self.tokenize(prompt)
+        if not ids:
+            raise RequestError(f"{where}: empty prompt; give at least one token")
+        if any(t < 0 or t >= self.spec.vocab_size for t in ids):
+            raise RequestError(f"{where}: token ids must be in [0, {self.spec.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"{where}: prompt has {len(ids)} tokens, max_model_len is {self.max_model_len}; shorten it or raise model.max_model_len")
+        worst = self.kv.blocks_for(min(len(ids) + params.max_tokens, self.max_model_len))
+        if worst > self.kv.allocator.num_blocks:
+            raise RequestError(
+                f"{where}: needs up to {worst} KV blocks but the cache has {self.kv.allocator.num_blocks}; "
+                "lower max_tokens or raise runtime.num_kv_blocks")
+        seed = params.seed if params.seed is not None else hash((self.config.runtime.seed, request_id))
+        seq = Sequence(request_id, ids, params, seed, prompt_text=text)
+        self.scheduler.add(seq)
+        return seq
+
+    # -- the engine step -----------------------------------------------------------------------
+
+    def step(self) -> list[Sequence]:
+        """One forward pass: schedule -> run -> postprocess. Returns the sequences that finished."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.has_work():
+                raise RuntimeError("scheduler made no progress (KV cache too small for any waiting request)")
+            return []
+        logits, sampling = self.runner.run(batch)
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed_tokens += n
+        new_tokens = sample(logits, [batch.seqs[i] for i in sampling])
+        finished = []
+        for i, token in zip(sampling, new_tokens):
+            seq = batch.seqs[i]
+            seq.output_token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.spec.eos_token_ids):
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
+
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams], use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; a bad request gets `.error` set and the others complete."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        live: dict[int, tuple[int, Sequence]] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+            try:
+                seq = self.add_request(prompt, p)
+                live[seq.request_id] = (i, seq)
+            except RequestError as e:
+                results[i] = RequestOutput(request_id=-1, prompt=prompt if isinstance(prompt, str) else None,
+                                           prompt_token_ids=[], error=str(e))
+                log.error("%s", e)
+        bar = None
+        if use_tqdm and live:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(live), desc="generate", unit="req", dynamic_ncols=True)
+        while self.scheduler.has_work():
+            for seq in self.step():
+                i, _ = live[seq.request_id]
+                results[i] = RequestOutput(
+                    request_id=seq.request_id, prompt=seq.prompt_text, prompt_token_ids=seq.prompt_token_ids,
+                    outputs=[CompletionOutput(0, self.detokenize(seq.output_token_ids), list(seq.output_token_ids),
+                                              seq.finish_reason)])
+                if bar:
+                    bar.update(1)
+        if bar:
+            bar.close()
+        return results

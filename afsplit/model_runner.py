@@ -1,0 +1,82 @@
+"""Turns a scheduled batch into tensors, runs the model and returns the rows to sample from."""
+
+from __future__ import annotations
+
+import torch
+
+from afsplit import ops
+from afsplit.models.moe_model import AttentionModel, MoEFn
+from afsplit.scheduler import ScheduledBatch
+
+
+class KVCache:
+    """Per-layer paged K and V tensors, [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                       for _ in range(num_layers)]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies])
+        dst = torch.tensor([d for _, d in copies])
+        for k, v in self.layers:
+            k[dst.to(k.device)] = k[src.to(k.device)]
+            v[dst.to(v.device)] = v[src.to(v.device)]
+
+    @staticmethod
+    def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def build_metadata(batch: ScheduledBatch, block_size: int, device) -> tuple[torch.Tensor, ops.AttentionMetadata, list[int]]:
+    """Token ids, attention metadata and, per sequence, the row of its last token (or -1 if it does not sample)."""
+    token_ids, positions, slots, cu, prefix, seq_lens = [], [], [], [0], [], []
+    sample_rows = []
+    max_blocks = max((len(s.block_table) for s in batch.seqs), default=1) or 1
+    tables = torch.zeros((len(batch.seqs), max_blocks), dtype=torch.int32)
+    for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+        start = seq.num_computed_tokens
+        token_ids += seq.token_ids[start:start + n]
+        positions += range(start, start + n)
+        slots += [seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, start + n)]
+        cu.append(cu[-1] + n)
+        prefix.append(start)
+        seq_lens.append(start + n)
+        tables[b, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        sample_rows.append(cu[-1] - 1 if start + n == seq.num_tokens else -1)
+    meta = ops.AttentionMetadata(
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+        prefix_lens=torch.tensor(prefix, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=tables.to(device),
+        decode_only=all(n == 1 for n in batch.num_tokens),
+        cu_seqlens_list=cu,
+        prefix_lens_list=prefix,
+    )
+    return torch.tensor(token_ids, dtype=torch.int64, device=device), meta, sample_rows
+
+
+class ModelRunner:
+    """Runs the attention model over one scheduled batch; routed experts go through `moe`."""
+
+    def __init__(self, model: AttentionModel, kv_cache: KVCache, block_size: int, moe: MoEFn, device):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.moe = moe
+        self.device = device
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Returns (logits [S, V] for the S sequences that sample this step, their batch indices)."""
+        self.kv_cache.copy_blocks(batch.block_copies)
+        token_ids, meta, sample_rows = build_metadata(batch, self.block_size, self.device)
+        sampling = [i for i, r in enumerate(sample_rows) if r >= 0]
+        rows = torch.tensor([sample_rows[i] for i in sampling], dtype=torch.int64, device=self.device)
+        logits = self.model.forward(token_ids, meta, self.kv_cache.layers, self.moe, rows)
+        return logits, sampling

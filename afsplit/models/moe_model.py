@@ -1,0 +1,108 @@
+"""The MoE transformer, split into the part an attention rank runs and the part an expert rank runs.
+
+One layer, as the single-process engine and the disaggregated runtime both drive it::
+
+    x, residual = attn.attention_block(l, h, residual, meta, kv)  # norm -> QKV -> RoPE -> attention -> O -> norm
+    if spec.moe_layers[l]:
+        weights_TK, ids_TK = attn.route(l, x)                      # router + top-k
+        h = experts(l, x, ids_TK, weights_TK)                      # local call, or dispatch -> experts -> combine
+        h = attn.add_shared_expert(l, x, h)
+    else:
+        h = attn.dense_mlp(l, x)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from afsplit import ops
+from afsplit.models.spec import QK_NORM_FULL, QK_NORM_HEAD, ModelSpec
+from afsplit.models.weights import AttentionWeights, ExpertWeights
+
+MoEFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class AttentionModel:
+    """Everything but the routed experts: embedding, attention, router, shared expert, dense MLPs, lm_head."""
+
+    def __init__(self, spec: ModelSpec, weights: AttentionWeights, max_positions: int):
+        self.spec = spec
+        self.w = weights
+        self.scale = spec.head_dim ** -0.5
+        self.cos_sin = ops.rotary_cache(max_positions, spec.head_dim, spec.rope_theta, weights.embed.device)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.w.embed)
+
+    def attention_block(self, layer: int, h: torch.Tensor, residual: torch.Tensor | None,
+                        meta: ops.AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
+        """Pre-norm attention plus the post-attention norm: returns (mlp input [T, H], residual [T, H])."""
+        s, lw = self.spec, self.w.layers[layer]
+        if residual is None:
+            residual, x = h, ops.rmsnorm(h, lw.input_norm, s.rms_norm_eps)
+        else:
+            x, residual = ops.rmsnorm(h, lw.input_norm, s.rms_norm_eps, residual)
+        T = x.shape[0]
+        qkv = F.linear(x, lw.qkv_w, lw.qkv_b)
+        q, k, v = qkv.split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], -1)
+        if s.qk_norm == QK_NORM_FULL:  # OLMoE: norm over the whole projection
+            q, k = ops.rmsnorm(q, lw.q_norm, s.rms_norm_eps), ops.rmsnorm(k, lw.k_norm, s.rms_norm_eps)
+        q = q.reshape(T, s.num_heads, s.head_dim)
+        k = k.reshape(T, s.num_kv_heads, s.head_dim)
+        v = v.reshape(T, s.num_kv_heads, s.head_dim)
+        if s.qk_norm == QK_NORM_HEAD:  # Qwen3: norm per head
+            q, k = ops.rmsnorm(q, lw.q_norm, s.rms_norm_eps), ops.rmsnorm(k, lw.k_norm, s.rms_norm_eps)
+        if s.clip_qkv is not None:
+            q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
+        q, k = ops.apply_rotary(q, k, meta.positions, self.cos_sin)
+        k_cache, v_cache = kv
+        ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        attn = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, s.sliding_windows[layer])
+        out = F.linear(attn.reshape(T, -1), lw.o_w, lw.o_b)
+        return ops.rmsnorm(out, lw.post_norm, s.rms_norm_eps, residual)
+
+    def route(self, layer: int, x: torch.Tensor):
+        """Router: (weights float32 [T, K], logical expert ids int32 [T, K])."""
+        logits = F.linear(x, self.w.layers[layer].gate_w)
+        return ops.topk_gating(logits, self.spec.top_k, self.spec.norm_topk_prob)
+
+    def add_shared_expert(self, layer: int, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        lw = self.w.layers[layer]
+        if lw.shared_w13 is None:
+            return routed
+        shared = F.linear(ops.silu_mul(F.linear(x, lw.shared_w13)), lw.shared_w2)
+        return routed + torch.sigmoid(F.linear(x, lw.shared_gate_w)) * shared
+
+    def dense_mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        lw = self.w.layers[layer]
+        return F.linear(ops.silu_mul(F.linear(x, lw.mlp_w13)), lw.mlp_w2)
+
+    def final_logits(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        x, _ = ops.rmsnorm(h, self.w.final_norm, self.spec.rms_norm_eps, residual)
+        return F.linear(x, self.w.lm_head).float()
+
+    def forward(self, token_ids: torch.Tensor, meta: ops.AttentionMetadata, kv_caches, moe: MoEFn,
+                logits_rows: torch.Tensor) -> torch.Tensor:
+        """All layers; `moe(layer, x, ids, weights)` computes the routed experts. Returns logits of `logits_rows`."""
+        h, residual = self.embed(token_ids), None
+        for layer in range(self.spec.num_layers):
+            x, residual = self.attention_block(layer, h, residual, meta, kv_caches[layer])
+            if self.spec.moe_layers[layer]:
+                weights, ids = self.route(layer, x)
+                h = self.add_shared_expert(layer, x, moe(layer, x, ids, weights))
+            else:
+                h = self.dense_mlp(layer, x)
+        return self.final_logits(h[logits_rows], residual[logits_rows])
+
+
+class ExpertModel:
+    """The routed experts one rank holds; `ids` are local slot indices (-1 = not here)."""
+
+    def __init__(self, weights: ExpertWeights):
+        self.w = weights
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return ops.fused_moe(x, self.w.w13[layer], self.w.w2[layer], ids, weights)

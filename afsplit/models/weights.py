@@ -1,0 +1,154 @@
+"""Model weights split by role from the start.
+
+* :class:`AttentionWeights` — everything an attention rank holds: embedding, norms, attention
+  projections, router gate, shared expert, dense MLP layers, final norm, lm_head.
+* :class:`ExpertWeights` — the routed experts of each MoE layer, stacked as
+  ``w13 [E_local, 2I, H]`` (gate rows then up rows) and ``w2 [E_local, H, I]``, for exactly the
+  logical experts a placement names (possibly the same expert on several ranks).
+
+Tensors come one at a time from a tensor source (:mod:`afsplit.models.checkpoint`) using hub names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from afsplit.models.spec import QK_NORM_FULL, QK_NORM_HEAD, ModelSpec
+
+
+def _moe_prefix(spec: ModelSpec, layer: int) -> str:
+    return f"model.layers.{layer}." + ("block_sparse_moe" if spec.family == "mixtral" else "mlp")
+
+
+def expert_tensor_names(spec: ModelSpec, layer: int, expert: int) -> tuple[str, str, str]:
+    """Hub names of (gate, up, down) of one routed expert."""
+    p = f"{_moe_prefix(spec, layer)}.experts.{expert}."
+    if spec.family == "mixtral":
+        return p + "w1.weight", p + "w3.weight", p + "w2.weight"
+    return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"
+
+
+@dataclass
+class AttnLayerWeights:
+    input_norm: torch.Tensor  # [H]
+    post_norm: torch.Tensor  # [H]
+    qkv_w: torch.Tensor  # [(Hq + 2 Hkv) * D, H]
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor  # [H, Hq * D]
+    o_b: torch.Tensor | None
+    q_norm: torch.Tensor | None  # [D] (per head) or [Hq * D] (whole projection)
+    k_norm: torch.Tensor | None
+    # MoE layers
+    gate_w: torch.Tensor | None = None  # router [E, H]
+    shared_w13: torch.Tensor | None = None  # [2 Is, H]
+    shared_w2: torch.Tensor | None = None  # [H, Is]
+    shared_gate_w: torch.Tensor | None = None  # [1, H]
+    # dense MLP layers
+    mlp_w13: torch.Tensor | None = None  # [2 I, H]
+    mlp_w2: torch.Tensor | None = None  # [H, I]
+
+
+@dataclass
+class AttentionWeights:
+    embed: torch.Tensor  # [V, H]
+    final_norm: torch.Tensor  # [H]
+    lm_head: torch.Tensor  # [V, H]
+    layers: list[AttnLayerWeights] = field(default_factory=list)
+
+
+@dataclass
+class ExpertWeights:
+    """Routed experts held by one rank: layer -> (w13 [S, 2I, H], w2 [S, H, I]) for its S slots."""
+
+    experts: dict[int, tuple[int, ...]]  # layer -> logical expert id of each local slot
+    w13: dict[int, torch.Tensor]
+    w2: dict[int, torch.Tensor]
+
+
+def load_attention_weights(source, spec: ModelSpec, dtype: torch.dtype, device="cpu") -> AttentionWeights:
+    H, D, V = spec.hidden_size, spec.head_dim, spec.vocab_size
+    Hq, Hkv = spec.num_heads, spec.num_kv_heads
+
+    def get(name, shape):
+        return source.get(name, shape).to(device=device, dtype=dtype)
+
+    embed = get("model.embed_tokens.weight", (V, H))
+    lm_head = embed if spec.tie_word_embeddings else get("lm_head.weight", (V, H))
+    layers = []
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        qkv_w = torch.cat([get(a + "q_proj.weight", (Hq * D, H)), get(a + "k_proj.weight", (Hkv * D, H)),
+                           get(a + "v_proj.weight", (Hkv * D, H))])
+        qkv_b = None
+        if spec.qkv_bias:
+            qkv_b = torch.cat([get(a + "q_proj.bias", (Hq * D,)), get(a + "k_proj.bias", (Hkv * D,)),
+                               get(a + "v_proj.bias", (Hkv * D,))])
+        q_norm = k_norm = None
+        if spec.qk_norm == QK_NORM_HEAD:
+            q_norm, k_norm = get(a + "q_norm.weight", (D,)), get(a + "k_norm.weight", (D,))
+        elif spec.qk_norm == QK_NORM_FULL:
+            q_norm, k_norm = get(a + "q_norm.weight", (Hq * D,)), get(a + "k_norm.weight", (Hkv * D,))
+        lw = AttnLayerWeights(
+            input_norm=get(p + "input_layernorm.weight", (H,)),
+            post_norm=get(p + "post_attention_layernorm.weight", (H,)),
+            qkv_w=qkv_w, qkv_b=qkv_b,
+            o_w=get(a + "o_proj.weight", (H, Hq * D)),
+            o_b=get(a + "o_proj.bias", (H,)) if spec.o_bias else None,
+            q_norm=q_norm, k_norm=k_norm,
+        )
+        if spec.moe_layers[i]:
+            m = _moe_prefix(spec, i) + "."
+            lw.gate_w = get(m + "gate.weight", (spec.num_experts, H))
+            if spec.shared_expert_intermediate_size:
+                Is = spec.shared_expert_intermediate_size
+                s = m + "shared_expert."
+                lw.shared_w13 = torch.cat([get(s + "gate_proj.weight", (Is, H)), get(s + "up_proj.weight", (Is, H))])
+                lw.shared_w2 = get(s + "down_proj.weight", (H, Is))
+                lw.shared_gate_w = get(m + "shared_expert_gate.weight", (1, H))
+        else:
+            I = spec.intermediate_size
+            lw.mlp_w13 = torch.cat([get(p + "mlp.gate_proj.weight", (I, H)), get(p + "mlp.up_proj.weight", (I, H))])
+            lw.mlp_w2 = get(p + "mlp.down_proj.weight", (H, I))
+        layers.append(lw)
+    return AttentionWeights(embed=embed, final_norm=get("model.norm.weight", (H,)), lm_head=lm_head, layers=layers)
+
+
+def load_expert_weights(source, spec: ModelSpec, dtype: torch.dtype, device="cpu",
+                        experts: dict[int, Sequence[int]] | None = None) -> ExpertWeights:
+    """Load the routed experts named by `experts` (MoE layer -> logical ids; default: all of them)."""
+    H, I = spec.hidden_size, spec.moe_intermediate_size
+    if experts is None:
+        experts = {layer: range(spec.num_experts) for layer in spec.moe_layer_ids}
+    out = ExpertWeights(experts={}, w13={}, w2={})
+    for layer, ids in experts.items():
+        ids = tuple(int(e) for e in ids)
+        w13 = torch.empty((len(ids), 2 * I, H), dtype=dtype, device=device)
+        w2 = torch.empty((len(ids), H, I), dtype=dtype, device=device)
+        for slot, e in enumerate(ids):
+            g, u, d = expert_tensor_names(spec, layer, e)
+            w13[slot, :I] = source.get(g, (I, H))
+            w13[slot, I:] = source.get(u, (I, H))
+            w2[slot] = source.get(d, (H, I))
+        out.experts[layer], out.w13[layer], out.w2[layer] = ids, w13, w2
+    return out
+
+
+def all_tensor_names_and_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every hub tensor name of a checkpoint with this spec and its shape (used by make-tiny)."""
+
+    class Recorder:
+        def __init__(self):
+            self.shapes = {}
+
+        def get(self, name, shape):
+            self.shapes[name] = tuple(shape)
+            return torch.empty(shape, device="meta")
+
+    rec = Recorder()
+    load_attention_weights(rec, spec, torch.float32, "meta")
+    load_expert_weights(rec, spec, torch.float32, "meta")
+    return rec.shapes

@@ -1,0 +1,106 @@
+"""Continuous batching (pure CPU): which sequences compute how many tokens this step.
+
+Every step has a token budget (`max_num_batched_tokens`) and a sequence limit (`max_num_seqs`).
+Running sequences go first, in arrival order: a decode takes one token, an unfinished prefill
+takes what is left of its prompt (in chunks when `chunked_prefill` is on, so a long prompt never
+stalls running decodes). When the KV cache is full, the most recently admitted running sequence
+is preempted by recompute: its blocks are freed and it goes back to the front of the waiting
+queue, keeping its generated tokens, to be prefilled again later. Then waiting sequences are
+admitted while budget, sequence slots and free blocks allow.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from afsplit.block_manager import KVCacheManager
+from afsplit.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # tokens to compute for each seq this step
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write work for the cache
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, chunked_prefill: bool = True):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunked_prefill = chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted while making room for an earlier one
+                continue
+            if budget == 0:
+                break
+            n = min(seq.num_uncomputed, budget)
+            if not self.chunked_prefill and n < seq.num_uncomputed:
+                continue
+            copies = self.kv.allocate_slots(seq, n)
+            while copies is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+                copies = self.kv.allocate_slots(seq, n)
+            if copies is None:
+                continue
+            batch.seqs.append(seq)
+            batch.num_tokens.append(n)
+            batch.block_copies += copies
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not self.chunked_prefill and n < seq.num_uncomputed:
+                break
+            copies = self.kv.allocate_slots(seq, n)
+            if copies is None:
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_tokens.append(n)
+            batch.block_copies += copies
+            budget -= n
+        return batch
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        self.kv.free(seq)
+        self.running.remove(seq)

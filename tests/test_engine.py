@@ -1,0 +1,141 @@
+"""The reference engine: scheduling invariance, sampling, bad requests, CLI."""
+
+import json
+
+import pytest
+import torch
+
+from afsplit import LLM, SamplingParams
+from afsplit.cli import main
+from afsplit.errors import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from afsplit.models.tiny import make_tiny
+
+    return str(make_tiny("qwen3_moe", tmp_path_factory.mktemp("tiny") / "qwen3", seed=3))
+
+
+def prompts(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(0, 256, (int(l),), generator=g).tolist()}
+            for l in torch.randint(1, 40, (n,), generator=g)]
+
+
+def run(tiny_dir, params, **kw):
+    llm = LLM(model=tiny_dir, block_size=4, **kw)
+    outs = llm.generate(prompts(), params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], llm.engine.scheduler.num_preemptions
+
+
+def test_outputs_identical_with_preemption_and_chunked_prefill(tiny_dir):
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    base, pre = run(tiny_dir, greedy, num_kv_blocks=512, max_num_batched_tokens=4096, chunked_prefill=False,
+                    max_model_len=256)
+    assert pre == 0
+    chunked, _ = run(tiny_dir, greedy, num_kv_blocks=512, max_num_batched_tokens=7)
+    assert chunked == base
+    tight, preemptions = run(tiny_dir, greedy, num_kv_blocks=20, max_num_batched_tokens=64)
+    assert preemptions > 0, "the KV cache was meant to force preemption"
+    assert tight == base
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batching(tiny_dir):
+    params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=7, max_tokens=16, ignore_eos=True)
+    a, _ = run(tiny_dir, params, num_kv_blocks=512)
+    b, pre = run(tiny_dir, params, num_kv_blocks=20, max_num_batched_tokens=5)
+    assert pre > 0 and a == b
+    c, _ = run(tiny_dir, SamplingParams(temperature=0.8, seed=8, max_tokens=16, ignore_eos=True), num_kv_blocks=512)
+    assert c != a
+
+
+def test_stop_tokens_and_max_tokens(tiny_dir):
+    llm = LLM(model=tiny_dir, num_kv_blocks=64)
+    first = llm.generate(prompts(1), SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+    toks = first.outputs[0].token_ids
+    assert len(toks) == 5 and first.outputs[0].finish_reason == "length"
+    stopped = llm.generate(prompts(1), SamplingParams(temperature=0, max_tokens=5, stop_token_ids=[toks[2]]),
+                           use_tqdm=False)[0]
+    assert stopped.outputs[0].token_ids == toks[:toks.index(toks[2]) + 1]
+    assert stopped.outputs[0].finish_reason == "stop"
+
+
+def test_bad_requests_fail_alone(tiny_dir):
+    llm = LLM(model=tiny_dir, num_kv_blocks=64, max_model_len=32)
+    good = {"prompt_token_ids": [5, 6, 7]}
+    outs = llm.generate(
+        [good, "", {"prompt_token_ids": list(range(40))}, good, {"prompt_token_ids": [10**6]}],
+        [SamplingParams(temperature=0, max_tokens=4), SamplingParams(), SamplingParams(),
+         SamplingParams(max_tokens=0), SamplingParams(max_tokens=4)], use_tqdm=False)
+    assert outs[0].error is None and len(outs[0].outputs[0].token_ids) >= 1
+    assert "empty prompt" in outs[1].error
+    assert "prompt has 40 tokens, max_model_len is 32" in outs[2].error
+    assert "max_tokens must be an integer >= 1" in outs[3].error
+    assert "token ids must be in [0, 320)" in outs[4].error
+
+
+def test_text_prompts_round_trip_through_tokenizer(tiny_dir):
+    llm = LLM(model=tiny_dir, num_kv_blocks=64)
+    out = llm.generate("hello", SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    assert out.prompt_token_ids == list(b"hello") and isinstance(out.outputs[0].text, str)
+
+
+def test_checkpoint_errors(tiny_dir, tmp_path):
+    import shutil
+
+    from afsplit.models.spec import read_model_spec
+
+    with pytest.raises(CheckpointError, match="config.json: not found"):
+        read_model_spec(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, model_type="llama4")))
+    with pytest.raises(CheckpointError, match="model_type 'llama4' is not supported; supported: qwen3_moe"):
+        LLM(model=str(bad))
+    (bad / "config.json").write_text(json.dumps(dict(cfg, moe_intermediate_size=50)))
+    with pytest.raises(CheckpointError, match=r"has shape \[48, 64\] but config.json implies \[50, 64\]"):
+        LLM(model=str(bad))
+    (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        LLM(model=str(bad))
+
+
+def test_sharded_checkpoint_loads(tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(f"{tiny_dir}/model.safetensors")
+    shard = tmp_path / "sharded"
+    shard.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (shard / f).write_text(open(f"{tiny_dir}/{f}").read())
+    names = sorted(tensors)
+    half = len(names) // 2
+    save_file({n: tensors[n] for n in names[:half]}, str(shard / "model-00001-of-00002.safetensors"))
+    save_file({n: tensors[n] for n in names[half:]}, str(shard / "model-00002-of-00002.safetensors"))
+    index = {"weight_map": {n: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, n in enumerate(names)}}
+    (shard / "model.safetensors.index.json").write_text(json.dumps(index))
+    p = SamplingParams(temperature=0, max_tokens=6)
+    ref = LLM(model=tiny_dir, num_kv_blocks=32).generate(prompts(2), p, use_tqdm=False)
+    got = LLM(model=str(shard), num_kv_blocks=32).generate(prompts(2), p, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+
+
+def test_cli_generate_jsonl_with_a_malformed_line(tiny_dir, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{path: {tiny_dir}}}\nruntime: {{num_kv_blocks: 64}}\n")
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hi", "max_tokens": 3, "temperature": 0}\n{not json\n'
+                   '{"prompt_token_ids": [1, 2], "max_tokens": 2, "seed": 1}\n{"prompt": "x", "max_tokens": -1}\n')
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--config", str(cfg), "--prompts-file", str(src), "--output", str(out),
+                 "--no-progress"]) == 0
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 4
+    assert len(rows[0]["token_ids"]) == 3 and rows[0]["finish_reason"] in ("length", "stop")
+    assert "in.jsonl:2: malformed JSON" in rows[1]["error"]
+    assert len(rows[2]["token_ids"]) == 2
+    assert "max_tokens must be an integer >= 1" in rows[3]["error"]
+    assert "in.jsonl:2: malformed JSON" in capsys.readouterr().err
