@@ -139,3 +139,39 @@ def test_cli_generate_jsonl_with_a_malformed_line(tiny_dir, tmp_path, capsys):
     assert len(rows[2]["token_ids"]) == 2
     assert "max_tokens must be an integer >= 1" in rows[3]["error"]
     assert "in.jsonl:2: malformed JSON" in capsys.readouterr().err
+
+
+def test_roles_read_only_their_own_tensors(tiny_dir):
+    """The attention part never touches routed-expert tensors; an expert rank reads only its experts."""
+    import torch
+
+    from afsplit.models.checkpoint import CheckpointReader
+    from afsplit.models.spec import read_model_spec
+    from afsplit.models.weights import load_attention_weights, load_expert_weights
+
+    class Recording(CheckpointReader):
+        def __init__(self, d):
+            super().__init__(d)
+            self.read = []
+
+        def get(self, name, shape):
+            self.read.append(name)
+            return super().get(name, shape)
+
+    spec = read_model_spec(tiny_dir)
+    src = Recording(tiny_dir)
+    load_attention_weights(src, spec, torch.float32)
+    assert src.read and not any(".experts." in n for n in src.read)
+    src.read.clear()
+    w = load_expert_weights(src, spec, torch.float32, experts={0: [3, 5, 3]})
+    assert sorted(set(src.read)) == sorted(f"model.layers.0.mlp.experts.{e}.{p}_proj.weight"
+                                           for e in (3, 5) for p in ("gate", "up", "down"))
+    assert w.w13[0].shape == (3, 2 * spec.moe_intermediate_size, spec.hidden_size)
+    assert torch.equal(w.w13[0][0], w.w13[0][2])  # a replica holds the same weights
+
+
+def test_tiny_tokenizer_loads_in_transformers(tiny_dir):
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    assert tok("hello").input_ids == list(b"hello")
+    assert tok.decode(list("wörld".encode())) == "wörld"
