@@ -17,7 +17,7 @@ from afsplit.config import Config
 from afsplit.errors import ConfigError, RequestError
 from afsplit.model_runner import KVCache, ModelRunner
 from afsplit.models.checkpoint import CheckpointReader, RandomWeights
-from afsplit.models.moe_model import AttentionModel, ExpertModel
+from afsplit.models.moe_model import AttentionModel, ExpertModel, LocalMoE
 from afsplit.models.spec import ModelSpec, read_model_spec, spec_from_hf_config
 from afsplit.models.weights import load_attention_weights, load_expert_weights
 from afsplit.sampler import sample
@@ -100,7 +100,8 @@ class LLMEngine:
         self.kv_cache = KVCache(spec.num_layers, num_blocks, rt.block_size, spec.num_kv_heads, spec.head_dim,
                                 self.dtype, self.device)
         self.scheduler = Scheduler(self.kv, rt.max_num_seqs, rt.max_num_batched_tokens, rt.chunked_prefill)
-        self.runner = ModelRunner(self.model, self.kv_cache, rt.block_size, self.experts, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, rt.block_size, LocalMoE(self.experts), self.device,
+                                  micro_batches=1 if rt.micro_batches == "auto" else int(rt.micro_batches))
         self.tokenizer = load_tokenizer(config.model.path)
         self._next_id = 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from afsplit import ops
-from afsplit.models.moe_model import AttentionModel, MoEFn
+from afsplit.models.moe_model import AttentionModel, MoEExchange
 from afsplit.scheduler import ScheduledBatch
 
 
@@ -61,22 +61,41 @@ def build_metadata(batch: ScheduledBatch, block_size: int, device) -> tuple[torc
     return torch.tensor(token_ids, dtype=torch.int64, device=device), meta, sample_rows
 
 
+def split_micro_batches(batch: ScheduledBatch, m: int) -> list[ScheduledBatch]:
+    """Cut the batch into m contiguous micro-batches of about equal token counts (some may be empty)."""
+    parts = [ScheduledBatch() for _ in range(m)]
+    total, done = batch.total_tokens, 0
+    for seq, n in zip(batch.seqs, batch.num_tokens):
+        u = min(m - 1, done * m // total) if total else 0
+        parts[u].seqs.append(seq)
+        parts[u].num_tokens.append(n)
+        done += n
+    return parts
+
+
 class ModelRunner:
     """Runs the attention model over one scheduled batch; routed experts go through `moe`."""
 
-    def __init__(self, model: AttentionModel, kv_cache: KVCache, block_size: int, moe: MoEFn, device):
+    def __init__(self, model: AttentionModel, kv_cache: KVCache, block_size: int, moe: MoEExchange, device,
+                 micro_batches: int = 1):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.moe = moe
         self.device = device
+        self.micro_batches = micro_batches
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Returns (logits [S, V] for the S sequences that sample this step, their batch indices)."""
+        """Returns (logits [S, V] for the S sequences that sample this step, their indices in `batch`)."""
         self.kv_cache.copy_blocks(batch.block_copies)
-        token_ids, meta, sample_rows = build_metadata(batch, self.block_size, self.device)
-        sampling = [i for i, r in enumerate(sample_rows) if r >= 0]
-        rows = torch.tensor([sample_rows[i] for i in sampling], dtype=torch.int64, device=self.device)
-        logits = self.model.forward(token_ids, meta, self.kv_cache.layers, self.moe, rows)
+        parts = split_micro_batches(batch, self.micro_batches)
+        position = {id(seq): i for i, seq in enumerate(batch.seqs)}
+        inputs, rows, sampling = [], [], []
+        for part in parts:
+            token_ids, meta, sample_rows = build_metadata(part, self.block_size, self.device)
+            inputs.append((token_ids, meta))
+            rows.append(torch.tensor([r for r in sample_rows if r >= 0], dtype=torch.int64, device=self.device))
+            sampling += [position[id(part.seqs[i])] for i, r in enumerate(sample_rows) if r >= 0]
+        logits = self.model.forward(inputs, self.kv_cache.layers, self.moe, rows)
         return logits, sampling

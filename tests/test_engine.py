@@ -39,6 +39,8 @@ def test_outputs_identical_with_preemption_and_chunked_prefill(tiny_dir):
     tight, preemptions = run(tiny_dir, greedy, num_kv_blocks=20, max_num_batched_tokens=64)
     assert preemptions > 0, "the KV cache was meant to force preemption"
     assert tight == base
+    micro, _ = run(tiny_dir, greedy, num_kv_blocks=512, max_num_batched_tokens=64, micro_batches=3)
+    assert micro == base
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_batching(tiny_dir):

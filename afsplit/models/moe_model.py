@@ -5,15 +5,13 @@ One layer, as the single-process engine and the disaggregated runtime both drive
     x, residual = attn.attention_block(l, h, residual, meta, kv)  # norm -> QKV -> RoPE -> attention -> O -> norm
     if spec.moe_layers[l]:
         weights_TK, ids_TK = attn.route(l, x)                      # router + top-k
-        h = experts(l, x, ids_TK, weights_TK)                      # local call, or dispatch -> experts -> combine
-        h = attn.add_shared_expert(l, x, h)
+        moe.send(l, u, x, ids_TK, weights_TK)                      # local experts, or dispatch to expert ranks
+        h = attn.add_shared_expert(l, x, moe.recv(l, u))           # ... combine
     else:
         h = attn.dense_mlp(l, x)
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +20,6 @@ from afsplit import ops
 from afsplit.models.spec import QK_NORM_FULL, QK_NORM_HEAD, ModelSpec
 from afsplit.models.weights import AttentionWeights, ExpertWeights
 
-MoEFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class AttentionModel:
@@ -84,18 +81,53 @@ class AttentionModel:
         x, _ = ops.rmsnorm(h, self.w.final_norm, self.spec.rms_norm_eps, residual)
         return F.linear(x, self.w.lm_head).float()
 
-    def forward(self, token_ids: torch.Tensor, meta: ops.AttentionMetadata, kv_caches, moe: MoEFn,
-                logits_rows: torch.Tensor) -> torch.Tensor:
-        """All layers; `moe(layer, x, ids, weights)` computes the routed experts. Returns logits of `logits_rows`."""
-        h, residual = self.embed(token_ids), None
+    def forward(self, micro_batches: list[tuple[torch.Tensor, ops.AttentionMetadata]], kv_caches, moe: "MoEExchange",
+                logits_rows: list[torch.Tensor]) -> torch.Tensor:
+        """All layers over m micro-batches; returns the logits of `logits_rows[u]` of each, concatenated.
+
+        Per MoE layer every micro-batch's routed tokens are sent (`moe.send`) right after its own
+        attention, so expert ranks work on micro-batch u while this rank computes attention for
+        u + 1 (ping-pong); the results are collected (`moe.recv`) in the same order.
+        """
+        hs = [self.embed(ids) for ids, _ in micro_batches]
+        residuals: list[torch.Tensor | None] = [None] * len(micro_batches)
         for layer in range(self.spec.num_layers):
-            x, residual = self.attention_block(layer, h, residual, meta, kv_caches[layer])
+            xs = []
+            for u, (_, meta) in enumerate(micro_batches):
+                x, residuals[u] = self.attention_block(layer, hs[u], residuals[u], meta, kv_caches[layer])
+                xs.append(x)
+                if self.spec.moe_layers[layer]:
+                    weights, ids = self.route(layer, x)
+                    moe.send(layer, u, x, ids, weights)
             if self.spec.moe_layers[layer]:
-                weights, ids = self.route(layer, x)
-                h = self.add_shared_expert(layer, x, moe(layer, x, ids, weights))
+                hs = [self.add_shared_expert(layer, x, moe.recv(layer, u)) for u, x in enumerate(xs)]
             else:
-                h = self.dense_mlp(layer, x)
-        return self.final_logits(h[logits_rows], residual[logits_rows])
+                hs = [self.dense_mlp(layer, x) for x in xs]
+        return torch.cat([self.final_logits(h[rows], r[rows]) for h, r, rows in zip(hs, residuals, logits_rows)])
+
+
+class MoEExchange:
+    """Where routed-expert work goes: `send` a micro-batch's tokens, later `recv` their outputs, in order."""
+
+    def send(self, layer: int, micro_batch: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def recv(self, layer: int, micro_batch: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LocalMoE(MoEExchange):
+    """Single process: every routed expert is here, indexed by its logical id."""
+
+    def __init__(self, experts: "ExpertModel"):
+        self.experts = experts
+        self._out: dict[int, torch.Tensor] = {}
+
+    def send(self, layer, micro_batch, x, ids, weights):
+        self._out[micro_batch] = self.experts(layer, x, ids, weights)
+
+    def recv(self, layer, micro_batch):
+        return self._out.pop(micro_batch)
 
 
 class ExpertModel:
