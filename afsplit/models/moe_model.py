@@ -58,7 +58,7 @@ class AttentionModel:
         k_cache, v_cache = kv
         ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         attn = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, s.sliding_windows[layer])
-        out = F.linear(attn.reshape(T, -1), lw.o_w, lw.o_b)
+        out = F.linear(attn.reshape(T, s.num_heads * s.head_dim), lw.o_w, lw.o_b)
         return ops.rmsnorm(out, lw.post_norm, s.rms_norm_eps, residual)
 
     def route(self, layer: int, x: torch.Tensor):
