@@ -79,7 +79,8 @@ def load_tokenizer(model_path: str):
 
 
 class LLMEngine:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, build_moe=None):
+        """`build_moe(spec, source, dtype, device) -> MoEExchange` replaces the local experts (runtime ranks)."""
         self.config = config
         rt = config.runtime
         self.device = torch.device("cuda" if config.topology.device == "cuda" else "cpu")
@@ -92,15 +93,17 @@ class LLMEngine:
                 f"{config.source}: runtime.max_num_batched_tokens: {rt.max_num_batched_tokens} < max_model_len "
                 f"{self.max_model_len}; with chunked_prefill off it must hold a whole prompt")
         attn_w = load_attention_weights(source, spec, self.dtype, self.device)
-        expert_w = load_expert_weights(source, spec, self.dtype, self.device)
         self.model = AttentionModel(spec, attn_w, self.max_model_len)
-        self.experts = ExpertModel(expert_w)
+        if build_moe is None:
+            moe = LocalMoE(ExpertModel(load_expert_weights(source, spec, self.dtype, self.device)))
+        else:
+            moe = build_moe(spec, source, self.dtype, self.device)
         num_blocks = rt.num_kv_blocks or self._blocks_from_memory()
         self.kv = KVCacheManager(num_blocks, rt.block_size)
         self.kv_cache = KVCache(spec.num_layers, num_blocks, rt.block_size, spec.num_kv_heads, spec.head_dim,
                                 self.dtype, self.device)
         self.scheduler = Scheduler(self.kv, rt.max_num_seqs, rt.max_num_batched_tokens, rt.chunked_prefill)
-        self.runner = ModelRunner(self.model, self.kv_cache, rt.block_size, LocalMoE(self.experts), self.device,
+        self.runner = ModelRunner(self.model, self.kv_cache, rt.block_size, moe, self.device,
                                   micro_batches=1 if rt.micro_batches == "auto" else int(rt.micro_batches))
         self.tokenizer = load_tokenizer(config.model.path)
         self._next_id = 0
@@ -128,6 +131,12 @@ class LLMEngine:
 
     def add_request(self, prompt, params: SamplingParams) -> Sequence:
         """Validate and queue one request; raises RequestError (naming the problem) if it is bad."""
+        seq = self.make_sequence(prompt, params)
+        self.scheduler.add(seq)
+        return seq
+
+    def make_sequence(self, prompt, params: SamplingParams) -> Sequence:
+        """Validate and tokenize one request into a Sequence (not queued); raises RequestError."""
         request_id = self._next_id
         self._next_id += 1
         where = f"request {request_id}"
@@ -146,16 +155,18 @@ class LLMEngine:
                 f"{where}: needs up to {worst} KV blocks but the cache has {self.kv.allocator.num_blocks}; "
                 "lower max_tokens or raise runtime.num_kv_blocks")
         seed = params.seed if params.seed is not None else hash((self.config.runtime.seed, request_id))
-        seq = Sequence(request_id, ids, params, seed, prompt_text=text)
-        self.scheduler.add(seq)
-        return seq
+        return Sequence(request_id, ids, params, seed, prompt_text=text)
 
     # -- the engine step -----------------------------------------------------------------------
 
-    def step(self) -> list[Sequence]:
-        """One forward pass: schedule -> run -> postprocess. Returns the sequences that finished."""
+    def step(self, lockstep: bool = False) -> list[Sequence]:
+        """One forward pass: schedule -> run -> postprocess. Returns the sequences that finished.
+
+        With `lockstep` (a runtime attention rank) the forward runs even with nothing scheduled, so
+        this rank joins every MoE collective of the step with zero tokens.
+        """
         batch = self.scheduler.schedule()
-        if not batch.seqs:
+        if not batch.seqs and not lockstep:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress (KV cache too small for any waiting request)")
             return []
@@ -184,6 +195,12 @@ class LLMEngine:
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
 
+    def request_output(self, seq: Sequence) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id, prompt=seq.prompt_text, prompt_token_ids=seq.prompt_token_ids,
+            outputs=[CompletionOutput(0, self.detokenize(seq.output_token_ids), list(seq.output_token_ids),
+                                      seq.finish_reason)])
+
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams], use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; a bad request gets `.error` set and the others complete."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
@@ -205,10 +222,7 @@ class LLMEngine:
         while self.scheduler.has_work():
             for seq in self.step():
                 i, _ = live[seq.request_id]
-                results[i] = RequestOutput(
-                    request_id=seq.request_id, prompt=seq.prompt_text, prompt_token_ids=seq.prompt_token_ids,
-                    outputs=[CompletionOutput(0, self.detokenize(seq.output_token_ids), list(seq.output_token_ids),
-                                              seq.finish_reason)])
+                results[i] = self.request_output(seq)
                 if bar:
                     bar.update(1)
         if bar:
