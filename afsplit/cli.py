@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from afsplit.errors import AfsplitError, RequestError
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
-            return cmd_generate(args)
+            return cmd_generate(args, argv)
         if args.command == "check-config":
             return cmd_check_config(args)
         if args.command == "make-tiny":
@@ -148,32 +149,69 @@ def read_requests(path: str, defaults: dict) -> list[tuple[dict | None, str | No
     return out
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args, argv: list[str]) -> int:
+    """Single process when the topology has one rank; otherwise one rank of the runtime under torchrun,
+    or (started plainly) launch every rank on this host through the cluster simulation."""
     from afsplit.config import load_config
-    from afsplit.engine import LLMEngine
-    from afsplit.sampling_params import SamplingParams
 
+    config = load_config(args.config, args.overrides)
+    topology = config.topology.topology
+    under_torchrun = "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+    if topology.world_size > 1 and not under_torchrun:
+        return _launch_ranks(config, argv)
+    requests = _read_cli_requests(args)
+    prompts, params, index = _to_engine_requests(requests)
+    if topology.world_size == 1 and not under_torchrun:
+        from afsplit.engine import LLMEngine
+
+        outs = LLMEngine(config).generate(prompts, params, use_tqdm=not args.no_progress)
+        return _write_results(args, requests, index, outs)
+    from afsplit.runtime.worker import RankRuntime
+
+    runtime = RankRuntime(config)
+    try:
+        if runtime.rank != runtime.coordinator:
+            runtime.serve()
+            return 0
+        outs = runtime.generate(prompts, params, use_tqdm=not args.no_progress)
+        return _write_results(args, requests, index, outs)
+    finally:
+        runtime.shutdown()
+
+
+def _launch_ranks(config, argv: list[str]) -> int:
+    from afsplit.engine import resolve_model
+    from launch.local_cluster import launch_local_cluster
+
+    resolve_model(config)  # write a tiny checkpoint once, before the ranks race to do it
+    return launch_local_cluster(config.topology.topology, [sys.executable, "-m", "afsplit.cli", *argv],
+                                device=config.topology.device, out=sys.stderr)
+
+
+def _read_cli_requests(args) -> list[tuple[dict | None, str | None]]:
     defaults = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed, ignore_eos=args.ignore_eos)
     if args.prompt is not None:
-        requests = [({**defaults, "prompt": args.prompt}, None)]
-    else:
-        requests = read_requests(args.prompts_file, defaults)
-    config = load_config(args.config, args.overrides)
-    engine = LLMEngine(config)
+        return [({**defaults, "prompt": args.prompt}, None)]
+    return read_requests(args.prompts_file, defaults)
+
+
+def _to_engine_requests(requests):
+    from afsplit.sampling_params import SamplingParams
 
     prompts, params, index = [], [], []
-    results: list[dict] = [{"error": err} for _, err in requests]
-    for i, (req, err) in enumerate(requests):
+    for i, (req, _) in enumerate(requests):
         if req is None:
             continue
-        prompt = {"prompt_token_ids": req["prompt_token_ids"]} if "prompt_token_ids" in req else req["prompt"]
-        sp = {k: req[k] for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop_token_ids")
-              if k in req}
-        prompts.append(prompt)
-        params.append(SamplingParams(**sp))
+        prompts.append({"prompt_token_ids": req["prompt_token_ids"]} if "prompt_token_ids" in req else req["prompt"])
+        params.append(SamplingParams(**{k: req[k] for k in REQUEST_KEYS - {"prompt", "prompt_token_ids"} if k in req}))
         index.append(i)
-    for i, out in zip(index, engine.generate(prompts, params, use_tqdm=not args.no_progress)):
+    return prompts, params, index
+
+
+def _write_results(args, requests, index, outs) -> int:
+    results: list[dict] = [{"error": err} for _, err in requests]
+    for i, out in zip(index, outs):
         if out.error:
             results[i] = {"error": out.error}
         else:

@@ -79,13 +79,15 @@ def load_tokenizer(model_path: str):
 
 
 class LLMEngine:
-    def __init__(self, config: Config, build_moe=None):
-        """`build_moe(spec, source, dtype, device) -> MoEExchange` replaces the local experts (runtime ranks)."""
+    def __init__(self, config: Config, build_moe=None, device=None, micro_batches: int | None = None,
+                 spec_and_source=None):
+        """A runtime attention rank passes `build_moe(spec, source, dtype, device) -> MoEExchange` (instead
+        of loading every expert locally), its device, its micro-batch count and the model it resolved."""
         self.config = config
         rt = config.runtime
-        self.device = torch.device("cuda" if config.topology.device == "cuda" else "cpu")
+        self.device = torch.device(device or ("cuda" if config.topology.device == "cuda" else "cpu"))
         self.dtype = DTYPES[config.model.dtype]
-        self.spec, source = resolve_model(config)
+        self.spec, source = spec_and_source or resolve_model(config)
         spec = self.spec
         self.max_model_len = config.model.max_model_len or spec.max_position_embeddings
         if not rt.chunked_prefill and rt.max_num_batched_tokens < self.max_model_len:
@@ -104,7 +106,7 @@ class LLMEngine:
                                 self.dtype, self.device)
         self.scheduler = Scheduler(self.kv, rt.max_num_seqs, rt.max_num_batched_tokens, rt.chunked_prefill)
         self.runner = ModelRunner(self.model, self.kv_cache, rt.block_size, moe, self.device,
-                                  micro_batches=1 if rt.micro_batches == "auto" else int(rt.micro_batches))
+                                  micro_batches=micro_batches or (1 if rt.micro_batches == "auto" else int(rt.micro_batches)))
         self.tokenizer = load_tokenizer(config.model.path)
         self._next_id = 0
 

@@ -72,7 +72,8 @@ class RemoteMoE(MoEExchange):
             self._dispatches.append(self.comm.dispatch_async(x, dest, slot, weights, layer))
             self._dispatched.append(layer)
             return
-        batch = self.comm.dispatch(x, dest, slot, weights, layer)
+        # through the communicator's queue, behind the previous micro-batch's combine (one channel, one order)
+        batch = self.comm.dispatch_async(x, dest, slot, weights, layer).wait()
         partial = self.local_experts(layer, batch.x, batch.topk_ids, batch.topk_weights)
         self._combines.append(self.comm.combine_async(partial, layer))
 
