@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.add_argument("--stats-json", help="runtime: write the run's measurements (throughput, TPOT, time split) here")
 
     c = sub.add_parser("check-config", help="validate a config and print the rank -> node/role map")
     c.add_argument("config")
@@ -174,6 +175,9 @@ def cmd_generate(args, argv: list[str]) -> int:
             runtime.serve()
             return 0
         outs = runtime.generate(prompts, params, use_tqdm=not args.no_progress)
+        if args.stats_json:
+            with open(args.stats_json, "w", encoding="utf-8") as f:
+                json.dump({"config": args.config, "overrides": args.overrides, **runtime.stats.summary()}, f, indent=1)
         return _write_results(args, requests, index, outs)
     finally:
         runtime.shutdown()

@@ -68,6 +68,7 @@ class RuntimeConfig:
     chunked_prefill: bool = True
     micro_batches: str = "1"  # an integer >= 1, or "auto"
     seed: int = 0
+    profile: bool = False  # synchronise the device at phase boundaries for an exact time split
 
 
 @dataclass(frozen=True)

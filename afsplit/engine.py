@@ -7,6 +7,7 @@ one GPU. The disaggregated runtime is checked token-for-token against it.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,7 +96,7 @@ class LLMEngine:
                 f"{config.source}: runtime.max_num_batched_tokens: {rt.max_num_batched_tokens} < max_model_len "
                 f"{self.max_model_len}; with chunked_prefill off it must hold a whole prompt")
         attn_w = load_attention_weights(source, spec, self.dtype, self.device)
-        self.model = AttentionModel(spec, attn_w, self.max_model_len)
+        self.model = AttentionModel(spec, attn_w, self.max_model_len, config.model.routing_skew)
         if build_moe is None:
             moe = LocalMoE(ExpertModel(load_expert_weights(source, spec, self.dtype, self.device)))
         else:
@@ -109,6 +110,7 @@ class LLMEngine:
                                   micro_batches=micro_batches or (1 if rt.micro_batches == "auto" else int(rt.micro_batches)))
         self.tokenizer = load_tokenizer(config.model.path)
         self._next_id = 0
+        self.last_step = (0, 0)
 
     def _blocks_from_memory(self) -> int:
         s, rt = self.spec, self.config.runtime
@@ -157,7 +159,7 @@ class LLMEngine:
                 f"{where}: needs up to {worst} KV blocks but the cache has {self.kv.allocator.num_blocks}; "
                 "lower max_tokens or raise runtime.num_kv_blocks")
         seed = params.seed if params.seed is not None else hash((self.config.runtime.seed, request_id))
-        return Sequence(request_id, ids, params, seed, prompt_text=text)
+        return Sequence(request_id, ids, params, seed, prompt_text=text, arrival_time=time.time())
 
     # -- the engine step -----------------------------------------------------------------------
 
@@ -172,14 +174,17 @@ class LLMEngine:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress (KV cache too small for any waiting request)")
             return []
+        self.last_step = (batch.total_tokens, sum(1 for n in batch.num_tokens if n == 1))  # tokens, decodes
         logits, sampling = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
         new_tokens = sample(logits, [batch.seqs[i] for i in sampling])
+        now = time.time()
         finished = []
         for i, token in zip(sampling, new_tokens):
             seq = batch.seqs[i]
             seq.output_token_ids.append(token)
+            seq.token_times.append(now)
             reason = self._finish_reason(seq, token)
             if reason:
                 self.scheduler.finish(seq, reason)

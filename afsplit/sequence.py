@@ -27,6 +27,17 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     prompt_text: str | None = None
+    arrival_time: float = 0.0  # time.time() when the request entered (coordinator)
+    token_times: list[float] = field(default_factory=list)  # time.time() at each generated token
+
+    def latency_metrics(self) -> dict:
+        """vLLM's per-request metrics, in milliseconds."""
+        t = self.token_times
+        itl = [1e3 * (b - a) for a, b in zip(t, t[1:])]
+        return {"ttft_ms": 1e3 * (t[0] - self.arrival_time) if t else None,
+                "tpot_ms": 1e3 * (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None,
+                "itl_ms": itl, "e2el_ms": 1e3 * (t[-1] - self.arrival_time) if t else None,
+                "prompt_tokens": len(self.prompt_token_ids), "output_tokens": len(self.output_token_ids)}
 
     @property
     def token_ids(self) -> list[int]:

@@ -53,7 +53,8 @@ class CheckpointReader:
     def has(self, name: str) -> bool:
         return name in self._files
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], device=None) -> torch.Tensor:
+        """The tensor `name` (on the CPU; `device` is a hint that file readers ignore)."""
         if name not in self._files:
             raise CheckpointError(f"{self.dir}: tensor {name} is missing; the checkpoint does not match config.json")
         path = self._files[name]
@@ -83,10 +84,16 @@ class RandomWeights:
     def has(self, name: str) -> bool:
         return True
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    def get(self, name: str, shape: tuple[int, ...], device=None) -> torch.Tensor:
+        """Generated directly on `device` (real-shaped presets have tens of GB of experts).
+
+        Values depend on the device's generator: a CPU and a GPU rank agree only with themselves.
+        """
+        device = torch.device(device or "cpu")
+        gen = torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+        x = torch.randn(shape, generator=gen, device=device)
         if name.endswith("norm.weight") or "layernorm" in name:
-            return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            return 1.0 + 0.1 * x
         if name.endswith(".bias"):
-            return 0.1 * torch.randn(shape, generator=gen)
-        return self.std * torch.randn(shape, generator=gen)
+            return 0.1 * x
+        return self.std * x

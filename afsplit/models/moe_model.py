@@ -25,11 +25,21 @@ from afsplit.models.weights import AttentionWeights, ExpertWeights
 class AttentionModel:
     """Everything but the routed experts: embedding, attention, router, shared expert, dense MLPs, lm_head."""
 
-    def __init__(self, spec: ModelSpec, weights: AttentionWeights, max_positions: int):
+    def __init__(self, spec: ModelSpec, weights: AttentionWeights, max_positions: int, routing_skew: float = 0.0):
         self.spec = spec
         self.w = weights
         self.scale = spec.head_dim ** -0.5
         self.cos_sin = ops.rotary_cache(max_positions, spec.head_dim, spec.rope_theta, weights.embed.device)
+        self.router_bias = self._zipf_router_bias(routing_skew) if routing_skew else None
+
+    def _zipf_router_bias(self, s: float) -> dict[int, torch.Tensor]:
+        """Benchmarks with random weights: a bias of -s * log(1 + rank) on the router logits makes expert
+        popularity Zipf(s)-like, with a different expert ranking per layer (as in real models)."""
+        bias = {}
+        for layer in self.spec.moe_layer_ids:
+            rank = torch.randperm(self.spec.num_experts, generator=torch.Generator().manual_seed(layer))
+            bias[layer] = (-s * torch.log1p(rank.float())).to(self.w.embed.device)
+        return bias
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.w.embed)
@@ -44,7 +54,8 @@ class AttentionModel:
             x, residual = ops.rmsnorm(h, lw.input_norm, s.rms_norm_eps, residual)
         T = x.shape[0]
         qkv = F.linear(x, lw.qkv_w, lw.qkv_b)
-        q, k, v = qkv.split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], -1)
+        q, k, v = (t.contiguous() for t in
+                   qkv.split([s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], -1))
         if s.qk_norm == QK_NORM_FULL:  # OLMoE: norm over the whole projection
             q, k = ops.rmsnorm(q, lw.q_norm, s.rms_norm_eps), ops.rmsnorm(k, lw.k_norm, s.rms_norm_eps)
         q = q.reshape(T, s.num_heads, s.head_dim)
@@ -64,6 +75,8 @@ class AttentionModel:
     def route(self, layer: int, x: torch.Tensor):
         """Router: (weights float32 [T, K], logical expert ids int32 [T, K])."""
         logits = F.linear(x, self.w.layers[layer].gate_w)
+        if self.router_bias is not None:
+            logits = logits.float() + self.router_bias[layer]
         return ops.topk_gating(logits, self.spec.top_k, self.spec.norm_topk_prob)
 
     def add_shared_expert(self, layer: int, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
@@ -137,4 +150,5 @@ class ExpertModel:
         self.w = weights
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return ops.fused_moe(x, self.w.w13[layer], self.w.w2[layer], ids, weights)
+        # received batches are views into packed comm rows: the kernels want dense tensors
+        return ops.fused_moe(x.contiguous(), self.w.w13[layer], self.w.w2[layer], ids.contiguous(), weights.contiguous())

@@ -73,7 +73,7 @@ def load_attention_weights(source, spec: ModelSpec, dtype: torch.dtype, device="
     Hq, Hkv = spec.num_heads, spec.num_kv_heads
 
     def get(name, shape):
-        return source.get(name, shape).to(device=device, dtype=dtype)
+        return source.get(name, shape, device).to(device=device, dtype=dtype)
 
     embed = get("model.embed_tokens.weight", (V, H))
     lm_head = embed if spec.tie_word_embeddings else get("lm_head.weight", (V, H))
@@ -130,9 +130,9 @@ def load_expert_weights(source, spec: ModelSpec, dtype: torch.dtype, device="cpu
         w2 = torch.empty((len(ids), H, I), dtype=dtype, device=device)
         for slot, e in enumerate(ids):
             g, u, d = expert_tensor_names(spec, layer, e)
-            w13[slot, :I] = source.get(g, (I, H))
-            w13[slot, I:] = source.get(u, (I, H))
-            w2[slot] = source.get(d, (H, I))
+            w13[slot, :I] = source.get(g, (I, H), device)
+            w13[slot, I:] = source.get(u, (I, H), device)
+            w2[slot] = source.get(d, (H, I), device)
         out.experts[layer], out.w13[layer], out.w2[layer] = ids, w13, w2
     return out
 
@@ -144,7 +144,7 @@ def all_tensor_names_and_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         def __init__(self):
             self.shapes = {}
 
-        def get(self, name, shape):
+        def get(self, name, shape, device=None):
             self.shapes[name] = tuple(shape)
             return torch.empty(shape, device="meta")
 

@@ -14,6 +14,7 @@ import torch
 
 from afsplit.models.moe_model import ExpertModel, MoEExchange
 from afsplit.models.spec import ModelSpec
+from afsplit.runtime.timing import PhaseTimes
 
 
 class RoutedExperts:
@@ -53,9 +54,10 @@ class RemoteMoE(MoEExchange):
     also serves its own expert share between its dispatch and its combine.
     """
 
-    def __init__(self, comm, routing: RoutedExperts, local_experts: ExpertModel | None):
+    def __init__(self, comm, routing: RoutedExperts, local_experts: ExpertModel | None, times: PhaseTimes):
         self.comm = comm
         self.routing = routing
+        self.times = times
         self.local_experts = local_experts  # colocated: this rank's own expert slots
         self._dispatched: list[int] = []  # layers dispatched whose combine is not issued yet (AF)
         self._dispatches: list = []  # dispatch handles (AF), waited on in recv to surface errors
@@ -66,33 +68,38 @@ class RemoteMoE(MoEExchange):
             self._combines.append(self.comm.combine_async(None, self._dispatched.pop(0)))
 
     def send(self, layer, micro_batch, x, ids, weights):
-        dest, slot = self.routing.assign(layer, ids)
-        if self.local_experts is None:
-            self._issue_combines()
-            self._dispatches.append(self.comm.dispatch_async(x, dest, slot, weights, layer))
-            self._dispatched.append(layer)
-            return
-        # through the communicator's queue, behind the previous micro-batch's combine (one channel, one order)
-        batch = self.comm.dispatch_async(x, dest, slot, weights, layer).wait()
-        partial = self.local_experts(layer, batch.x, batch.topk_ids, batch.topk_weights)
-        self._combines.append(self.comm.combine_async(partial, layer))
+        with self.times.phase("dispatch"):
+            dest, slot = self.routing.assign(layer, ids)
+            if self.local_experts is None:
+                self._issue_combines()
+                self._dispatches.append(self.comm.dispatch_async(x, dest, slot, weights, layer))
+                self._dispatched.append(layer)
+                return
+            # through the communicator's queue, behind the previous micro-batch's combine (one channel, one order)
+            batch = self.comm.dispatch_async(x, dest, slot, weights, layer).wait()
+        with self.times.phase("experts"):
+            partial = self.local_experts(layer, batch.x, batch.topk_ids, batch.topk_weights)
+        with self.times.phase("dispatch"):
+            self._combines.append(self.comm.combine_async(partial, layer))
 
     def recv(self, layer, micro_batch):
-        if not self._combines:
-            self._issue_combines()
-        if self._dispatches:
-            self._dispatches.pop(0).wait()
-        return self._combines.pop(0).wait()
+        with self.times.phase("combine"):
+            if not self._combines:
+                self._issue_combines()
+            if self._dispatches:
+                self._dispatches.pop(0).wait()
+            return self._combines.pop(0).wait()
 
 
 class ExpertServer:
     """Expert side (AF mode): serves every MoE layer's micro-batches of one engine step."""
 
-    def __init__(self, comm, spec: ModelSpec, experts: ExpertModel, micro_batches: int):
+    def __init__(self, comm, spec: ModelSpec, experts: ExpertModel, micro_batches: int, times: PhaseTimes):
         self.comm = comm
         self.spec = spec
         self.experts = experts
         self.micro_batches = micro_batches
+        self.times = times
 
     @torch.inference_mode()
     def serve_step(self) -> int:
@@ -100,8 +107,11 @@ class ExpertServer:
         served = 0
         for layer in self.spec.moe_layer_ids:
             for _ in range(self.micro_batches):
-                batch = self.comm.dispatch(None, None, None, None, layer)
-                y = self.experts(layer, batch.x, batch.topk_ids, batch.topk_weights)
-                self.comm.combine(y, layer)
+                with self.times.phase("dispatch"):
+                    batch = self.comm.dispatch(None, None, None, None, layer)
+                with self.times.phase("experts"):
+                    y = self.experts(layer, batch.x, batch.topk_ids, batch.topk_weights)
+                with self.times.phase("combine"):
+                    self.comm.combine(y, layer)
                 served += batch.x.shape[0]
         return served

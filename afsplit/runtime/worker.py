@@ -26,6 +26,7 @@ from afsplit.errors import RequestError
 from afsplit.models.moe_model import ExpertModel
 from afsplit.models.weights import load_expert_weights
 from afsplit.runtime.moe_exchange import ExpertServer, RemoteMoE, RoutedExperts
+from afsplit.runtime.timing import PhaseTimes
 from afsplit.sequence import Sequence
 
 log = logging.getLogger("afsplit.runtime")
@@ -35,6 +36,7 @@ log = logging.getLogger("afsplit.runtime")
 class StepPlan:
     stop: bool = False
     assign: dict[int, list[Sequence]] = field(default_factory=dict)  # attention rank -> new sequences
+    micro_batches: int = 1  # m for this step, the same on every rank
 
 
 @dataclass
@@ -43,13 +45,91 @@ class StepReport:
     free_blocks: int = 0
     demand_blocks: int = 0  # blocks the waiting prompts will need
     has_work: bool = False
-    scheduled_tokens: int = 0
+    tokens: int = 0  # tokens computed this step (attention ranks)
+    decodes: int = 0  # of which single-token decodes
     step_s: float = 0.0
+    phases: dict = field(default_factory=dict)  # seconds by phase (see RunStats)
+
+
+@dataclass
+class RunStats:
+    """What a run measured, as the coordinator saw it (also written by `afsplit generate --stats-json`)."""
+
+    world_size: int
+    steps: int = 0
+    wall_s: float = 0.0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    decode_step_s: list = field(default_factory=list)  # wall time of steps that only decoded
+    # seconds by role and phase, summed over ranks of that role and steps
+    phase_s: dict = field(default_factory=lambda: {"attention": {}, "expert": {}})
+    requests: list = field(default_factory=list)  # per finished request: Sequence.latency_metrics()
+    ranks: dict = field(default_factory=lambda: {"attention": 0, "expert": 0})
+    num_moe_layers: int = 0
+
+    def add_report(self, role: str, rep: StepReport) -> None:
+        acc = self.phase_s[role]
+        busy = 0.0
+        for name, sec in rep.phases.items():
+            acc[name] = acc.get(name, 0.0) + sec
+            busy += sec
+        rest = "attention" if role == "attention" else "idle"  # attention compute is what comm does not take
+        acc[rest] = acc.get(rest, 0.0) + max(0.0, rep.step_s - busy)
+
+    def summary(self) -> dict:
+        tpot = sorted(self.decode_step_s)
+        out = {
+            "steps": self.steps, "wall_s": self.wall_s, "generated_tokens": self.generated_tokens,
+            "output_throughput": self.generated_tokens / self.wall_s if self.wall_s else 0.0,
+            "tokens_per_s_per_gpu": self.generated_tokens / self.wall_s / self.world_size if self.wall_s else 0.0,
+            "decode_step_ms_mean": 1e3 * sum(tpot) / len(tpot) if tpot else None,
+            "decode_step_ms_median": 1e3 * tpot[len(tpot) // 2] if tpot else None,
+            "gpus": self.world_size,
+            "num_requests": len(self.requests),
+        }
+        out.update(aggregate_latency(self.requests))
+        per_layer = {}
+        for role, acc in self.phase_s.items():
+            n = self.ranks[role] * self.steps * max(1, self.num_moe_layers)
+            if n:
+                per_layer[role] = {k: 1e3 * v / n for k, v in sorted(acc.items())}
+        out["per_layer_ms"] = per_layer
+        return out
+
+
+def aggregate_latency(requests: list[dict]) -> dict:
+    """mean/median/p99 of ttft_ms, tpot_ms, itl_ms, e2el_ms over requests (vLLM's benchmark names)."""
+    out = {}
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        vals = sorted(v for r in requests for v in (r[name] if name == "itl_ms" else [r[name]]) if v is not None)
+        if vals:
+            out[f"mean_{name}"] = sum(vals) / len(vals)
+            out[f"median_{name}"] = vals[len(vals) // 2]
+            out[f"p99_{name}"] = vals[min(len(vals) - 1, int(0.99 * len(vals)))]
+    return out
+
+
+AUTO_PROBE_STEPS = 3  # steps measured with m = 2 before `micro_batches: auto` decides
+MAX_MICRO_BATCHES = 4
 
 
 def micro_batch_count(config: Config) -> int:
     m = config.runtime.micro_batches
     return 2 if m == "auto" else int(m)
+
+
+def choose_micro_batches(per_layer_ms: dict, m_probe: int) -> tuple[int, str]:
+    """MegaScale-Infer's ping-pong rule from measured per-layer times: m >= 2 (Tf + Tc) / Tf, with
+    Tf = the slower side's compute per micro-batch and Tc = one micro-batch's round trip beyond the
+    expert compute (what ping-pong has to hide); at most MAX_MICRO_BATCHES."""
+    att = per_layer_ms.get("attention", {})
+    exp = per_layer_ms.get("expert", {})
+    ta = att.get("attention", 0.0) / m_probe
+    te = exp.get("experts", att.get("experts", 0.0)) / m_probe
+    tf = max(ta, te, 1e-6)
+    tc = max(0.0, att.get("combine", 0.0) / m_probe - te)
+    m = max(1, min(MAX_MICRO_BATCHES, -(-2 * (tf + tc) // tf)))
+    return int(m), f"Ta={ta:.3f} ms, Te={te:.3f} ms, Tc={tc:.3f} ms per layer and micro-batch -> m={int(m)}"
 
 
 class RankRuntime:
@@ -85,14 +165,16 @@ class RankRuntime:
             experts = ExpertModel(load_expert_weights(source, spec, dtype, self.ctx.device, mine))
         self.engine = None
         self.server = None
+        self.times = PhaseTimes(self.ctx.device, sync=config.runtime.profile)
         if self.ctx.is_attention:
             routing = RoutedExperts(spec, self.placement, LeastLoadedBalancer(self.placement, self.ctx.device),
                                     topo.attention_index(self.rank), self.attention_group)
-            moe = RemoteMoE(self.comm, routing, experts)
+            moe = RemoteMoE(self.comm, routing, experts, self.times)
             self.engine = LLMEngine(config, build_moe=lambda *_: moe, device=self.ctx.device,
                                     micro_batches=self.m, spec_and_source=(spec, source))
         else:
-            self.server = ExpertServer(self.comm, spec, experts, self.m)
+            self.server = ExpertServer(self.comm, spec, experts, self.m, self.times)
+        self.stats = RunStats(world_size=self.ctx.world_size, num_moe_layers=spec.num_moe_layers)
         log.info("rank %d ready: %s, %d micro-batch(es), transport %s", self.rank, topo.role_of(self.rank),
                  self.m, config.comm.transport)
 
@@ -112,12 +194,22 @@ class RankRuntime:
         engine = self.engine
         for seq in plan.assign.get(self.rank, []):
             engine.scheduler.add(seq)
-        start = time.perf_counter()
+        engine.runner.micro_batches = plan.micro_batches
+        start = self.times._now()
         finished = engine.step(lockstep=True)
+        step_s = self.times._now() - start
         kv = engine.kv
         demand = sum(kv.blocks_for(s.num_tokens) for s in engine.scheduler.waiting)
+        tokens, decodes = engine.last_step
         return StepReport(finished=finished, free_blocks=kv.num_free_blocks, demand_blocks=demand,
-                          has_work=engine.scheduler.has_work(), step_s=time.perf_counter() - start)
+                          has_work=engine.scheduler.has_work(), tokens=tokens, decodes=decodes, step_s=step_s,
+                          phases=self.times.take())
+
+    def _expert_step(self, plan: StepPlan) -> StepReport:
+        self.server.micro_batches = plan.micro_batches
+        start = self.times._now()
+        self.server.serve_step()
+        return StepReport(step_s=self.times._now() - start, phases=self.times.take())
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -136,11 +228,7 @@ class RankRuntime:
             plan = self._broadcast(None)
             if plan.stop:
                 return
-            if self.engine is not None:
-                report = self._attention_step(plan)
-            else:
-                self.server.serve_step()
-                report = None
+            report = self._attention_step(plan) if self.engine is not None else self._expert_step(plan)
             self._gather(report)
 
     def generate(self, prompts: list, params: list, use_tqdm: bool = True) -> list[RequestOutput]:
@@ -166,8 +254,15 @@ class RankRuntime:
             from tqdm import tqdm
 
             bar = tqdm(total=len(pending), desc="generate", unit="req", dynamic_ncols=True)
+        stats = self.stats
+        for a in att:
+            stats.ranks["attention"] += 1
+        stats.ranks["expert"] = len([r for r in self.topo.expert_ranks if r not in att])
+        run_start = time.perf_counter()
+        auto = self.config.runtime.micro_batches == "auto"
+        probe = RunStats(world_size=stats.world_size, num_moe_layers=stats.num_moe_layers, ranks=stats.ranks)
         while True:
-            plan = StepPlan()
+            plan = StepPlan(micro_batches=self.m)
             for seq in pending:  # most free capacity first; a prompt's blocks are its demand
                 a = max(att, key=lambda r: (capacity[r], -att.index(r)))
                 plan.assign.setdefault(a, []).append(seq)
@@ -177,17 +272,38 @@ class RankRuntime:
             self._broadcast(plan)
             if plan.stop:
                 break
+            step_start = time.perf_counter()
             reports = self._gather(self._attention_step(plan))
+            step_s = time.perf_counter() - step_start
+            stats.steps += 1
+            measure = auto and any(reports[a].tokens for a in att)  # `auto` probes steps that did work
+            for r, rep in enumerate(reports):
+                for acc in (stats, probe) if measure else (stats,):
+                    acc.add_report("attention" if r in att else "expert", rep)
+            if measure:
+                probe.steps += 1
+                if probe.steps == AUTO_PROBE_STEPS:
+                    self.m, why = choose_micro_batches(probe.summary()["per_layer_ms"], self.m)
+                    auto = False
+                    log.info("micro_batches: auto: %s", why)
+            att_reports = [reports[a] for a in att]
+            if all(rep.tokens == rep.decodes for rep in att_reports) and any(rep.decodes for rep in att_reports):
+                stats.decode_step_s.append(step_s)
             for a in att:
                 rep = reports[a]
                 capacity[a] = rep.free_blocks - rep.demand_blocks
                 busy[a] = rep.has_work
                 for seq in rep.finished:
                     results[index[seq.request_id]] = engine.request_output(seq)
+                    stats.generated_tokens += len(seq.output_token_ids)
+                    stats.requests.append(seq.latency_metrics())
+                    stats.prompt_tokens += len(seq.prompt_token_ids)
                     if bar:
                         bar.update(1)
         if bar:
             bar.close()
+        stats.wall_s = time.perf_counter() - run_start
+        log.info("run stats: %s", stats.summary())
         return results
 
     def shutdown(self) -> None:

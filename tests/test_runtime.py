@@ -1,0 +1,103 @@
+"""The disaggregated runtime on CPU (gloo, real torchrun processes) against the single-process engine.
+
+Each case is a topology x model family x micro-batches x transport; greedy tokens must be identical
+to the reference engine's and logits must agree to fp32 tolerance.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from afsplit import LLM, SamplingParams
+from tests.helpers.runtime_case import record_logits
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CASES = {
+    # name: (family, nodes, micro_batches, transport, balancer)
+    "qwen3-1A2E-m2": ("qwen3_moe", [{"attention": 1, "expert": 2}], 2, "direct", {}),
+    "qwen2-2nodes-2A|2E-two_phase": ("qwen2_moe", [{"attention": 2}, {"expert": 2}], 1, "two_phase", {}),
+    "mixtral-3A1E-m3": ("mixtral", [{"attention": 3, "expert": 1}], 3, "direct", {}),
+    "olmoe-colocated3-m2": ("olmoe", [{"colocated": 3}], 2, "direct", {}),
+    "qwen3-2nodes-mixed-replicas-adaptive": ("qwen3_moe", [{"attention": 1, "expert": 1}, {"attention": 1, "expert": 2}],
+                                             2, "adaptive", {"replicas": "auto", "spare_slots_per_rank": 2}),
+    "qwen3-2nodes-colocated-two_phase-auto_m": ("qwen3_moe", [{"colocated": 2}, {"colocated": 1}], "auto", "two_phase", {}),
+}
+
+PROMPT_LENS = [3, 17, 1, 9, 24]
+
+
+def reference(model_dir, prompts):
+    llm = LLM(model=model_dir, num_kv_blocks=256, block_size=4)
+    logits: dict = {}
+    record_logits(llm.engine, logits)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], logits
+
+
+def run_env(**extra):
+    """The ranks import afsplit from this checkout, installed or not."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def launch(cfg_path, args, timeout=240):
+    cmd = [sys.executable, "-m", "launch.local_cluster", "--config", str(cfg_path), "--", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=run_env())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_runtime_matches_single_process_engine(case, tmp_path):
+    from afsplit.models.tiny import make_tiny
+
+    family, nodes, m, transport, balancer = CASES[case]
+    model_dir = str(make_tiny(family, tmp_path / "model", seed=5))
+    g = torch.Generator().manual_seed(len(case))
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    cfg = {"model": {"path": model_dir}, "topology": {"nodes": nodes},
+           "runtime": {"num_kv_blocks": 256, "block_size": 4, "micro_batches": m, "max_num_batched_tokens": 32},
+           "comm": {"transport": transport, "timeout_s": 60}, "balancer": balancer}
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    proc = launch(cfg_path, ["tests/helpers/runtime_case.py", str(cfg_path), str(tmp_path / "prompts.json"), str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    ref_tokens, ref_logits = reference(model_dir, prompts)
+    got = json.loads((tmp_path / "tokens.json").read_text())
+    assert [got[str(i)] for i in range(len(prompts))] == ref_tokens
+    logits: dict = {}
+    for f in tmp_path.glob("logits-rank*.pt"):
+        logits.update(torch.load(f))
+    for rid, steps in ref_logits.items():
+        a, b = torch.stack(logits[rid]).double(), torch.stack(steps).double()
+        err = ((a - b).norm() / b.norm()).item()
+        assert err < 1e-5, f"request {rid}: logits relative error {err:.2e}"
+
+
+@pytest.mark.slow
+def test_killed_expert_rank_fails_the_job_naming_it(tmp_path):
+    from afsplit.models.tiny import make_tiny
+
+    model_dir = str(make_tiny("qwen3_moe", tmp_path / "model", seed=5))
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump({"model": {"path": model_dir}, "topology": {"nodes": [{"attention": 1}, {"expert": 2}]},
+                                        "runtime": {"num_kv_blocks": 64}, "comm": {"timeout_s": 15}}))
+    start = time.monotonic()
+    cmd = [sys.executable, "-m", "afsplit.cli", "generate", "--config", str(cfg_path), "--prompt", "hello",
+           "--max-tokens", "64", "--ignore-eos", "--no-progress"]
+    env = run_env(AFSPLIT_FAULT_EXIT_RANK="2", AFSPLIT_FAULT_AFTER_STEPS="3")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "rank 2" in proc.stderr, proc.stderr[-3000:]
+    assert elapsed < 120
