@@ -156,9 +156,9 @@ def test_roles_read_only_their_own_tensors(tiny_dir):
             super().__init__(d)
             self.read = []
 
-        def get(self, name, shape):
+        def get(self, name, shape, device=None):
             self.read.append(name)
-            return super().get(name, shape)
+            return super().get(name, shape, device)
 
     spec = read_model_spec(tiny_dir)
     src = Recording(tiny_dir)
