@@ -169,6 +169,8 @@ def cmd_generate(args, argv: list[str]) -> int:
         return _write_results(args, requests, index, outs)
     from afsplit.runtime.worker import RankRuntime
 
+    from comm.groups import CommError
+
     runtime = RankRuntime(config)
     try:
         if runtime.rank != runtime.coordinator:
@@ -179,6 +181,10 @@ def cmd_generate(args, argv: list[str]) -> int:
             with open(args.stats_json, "w", encoding="utf-8") as f:
                 json.dump({"config": args.config, "overrides": args.overrides, **runtime.stats.summary()}, f, indent=1)
         return _write_results(args, requests, index, outs)
+    except CommError as e:  # a peer died or went silent: one line naming it, no traceback
+        print(f"afsplit: error: rank {runtime.rank}: {e}", file=sys.stderr)
+        runtime.shutdown(abort=True)
+        return 1
     finally:
         runtime.shutdown()
 

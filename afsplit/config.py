@@ -78,6 +78,9 @@ class CommConfig:
     transport: str = field(default="direct", metadata=_choices("direct", "two_phase", "adaptive"))
     timeout_s: float = 120.0
     backend: str = field(default="auto", metadata=_choices("auto", "nccl", "gloo"))
+    # counts: row counts travel as headers, exact-sized payloads; padded (direct only): fixed regions
+    # sized by one token-count vote per step, no headers (fewer round trips, more bytes)
+    metadata: str = field(default="counts", metadata=_choices("counts", "padded"))
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,9 @@ def validate(config: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"{where}: runtime.num_kv_blocks: must be >= 0 (0 = derive from memory)")
     if r.micro_batches != "auto" and not (r.micro_batches.isdigit() and int(r.micro_batches) >= 1):
         raise ConfigError(f"{where}: runtime.micro_batches: expected an integer >= 1 or 'auto', got {r.micro_batches!r}")
+    if config.comm.metadata == "padded" and config.comm.transport != "direct":
+        raise ConfigError(f"{where}: comm.metadata: padded works with comm.transport: direct only, "
+                          f"got {config.comm.transport}")
     if config.comm.timeout_s <= 0:
         raise ConfigError(f"{where}: comm.timeout_s: must be > 0")
     _validate_topology(t, where, world_size)

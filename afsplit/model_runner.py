@@ -97,5 +97,6 @@ class ModelRunner:
             inputs.append((token_ids, meta))
             rows.append(torch.tensor([r for r in sample_rows if r >= 0], dtype=torch.int64, device=self.device))
             sampling += [position[id(part.seqs[i])] for i, r in enumerate(sample_rows) if r >= 0]
+        self.moe.begin_step([len(ids) for ids, _ in inputs])
         logits = self.model.forward(inputs, self.kv_cache.layers, self.moe, rows)
         return logits, sampling

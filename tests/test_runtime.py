@@ -24,7 +24,7 @@ CASES = {
     # name: (family, nodes, micro_batches, transport, balancer)
     "qwen3-1A2E-m2": ("qwen3_moe", [{"attention": 1, "expert": 2}], 2, "direct", {}),
     "qwen2-2nodes-2A|2E-two_phase": ("qwen2_moe", [{"attention": 2}, {"expert": 2}], 1, "two_phase", {}),
-    "mixtral-3A1E-m3": ("mixtral", [{"attention": 3, "expert": 1}], 3, "direct", {}),
+    "mixtral-3A1E-m3-padded": ("mixtral", [{"attention": 3, "expert": 1}], 3, "direct_padded", {}),
     "olmoe-colocated3-m2": ("olmoe", [{"colocated": 3}], 2, "direct", {}),
     "qwen3-2nodes-mixed-replicas-adaptive": ("qwen3_moe", [{"attention": 1, "expert": 1}, {"attention": 1, "expert": 2}],
                                              2, "adaptive", {"replicas": "auto", "spare_slots_per_rank": 2}),
@@ -66,7 +66,9 @@ def test_runtime_matches_single_process_engine(case, tmp_path):
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     cfg = {"model": {"path": model_dir}, "topology": {"nodes": nodes},
            "runtime": {"num_kv_blocks": 256, "block_size": 4, "micro_batches": m, "max_num_batched_tokens": 32},
-           "comm": {"transport": transport, "timeout_s": 60}, "balancer": balancer}
+           "comm": {"transport": transport.replace("_padded", ""), "timeout_s": 60,
+                    "metadata": "padded" if transport.endswith("_padded") else "counts"},
+           "balancer": balancer}
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     proc = launch(cfg_path, ["tests/helpers/runtime_case.py", str(cfg_path), str(tmp_path / "prompts.json"), str(tmp_path)])

@@ -122,6 +122,9 @@ class AttentionModel:
 class MoEExchange:
     """Where routed-expert work goes: `send` a micro-batch's tokens, later `recv` their outputs, in order."""
 
+    def begin_step(self, tokens_per_micro_batch: list[int]) -> None:
+        """Called once per forward before any layer (distributed exchanges agree on sizes here)."""
+
     def send(self, layer: int, micro_batch: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
         raise NotImplementedError
 

@@ -17,6 +17,11 @@ from afsplit.models.spec import ModelSpec
 from afsplit.runtime.timing import PhaseTimes
 
 
+def needs_token_vote(comm) -> bool:
+    """Adaptive transport choice and padded buffers need every rank's largest micro-batch, agreed once per step."""
+    return comm.transport == "adaptive" or comm.metadata == "padded"
+
+
 class RoutedExperts:
     """Maps logical expert ids to (expert rank, slot) with the balancer, and records statistics."""
 
@@ -62,6 +67,11 @@ class RemoteMoE(MoEExchange):
         self._dispatched: list[int] = []  # layers dispatched whose combine is not issued yet (AF)
         self._dispatches: list = []  # dispatch handles (AF), waited on in recv to surface errors
         self._combines: list = []  # combine handles, in micro-batch order
+        self.tokens_hint: int | None = None
+
+    def begin_step(self, tokens_per_micro_batch):
+        if needs_token_vote(self.comm):
+            self.tokens_hint = self.comm.agree_tokens(max(tokens_per_micro_batch, default=0))
 
     def _issue_combines(self) -> None:
         while self._dispatched:
@@ -72,11 +82,12 @@ class RemoteMoE(MoEExchange):
             dest, slot = self.routing.assign(layer, ids)
             if self.local_experts is None:
                 self._issue_combines()
-                self._dispatches.append(self.comm.dispatch_async(x, dest, slot, weights, layer))
+                self._dispatches.append(self.comm.dispatch_async(x, dest, slot, weights, layer,
+                                                                 tokens_hint=self.tokens_hint))
                 self._dispatched.append(layer)
                 return
             # through the communicator's queue, behind the previous micro-batch's combine (one channel, one order)
-            batch = self.comm.dispatch_async(x, dest, slot, weights, layer).wait()
+            batch = self.comm.dispatch_async(x, dest, slot, weights, layer, tokens_hint=self.tokens_hint).wait()
         with self.times.phase("experts"):
             partial = self.local_experts(layer, batch.x, batch.topk_ids, batch.topk_weights)
         with self.times.phase("dispatch"):
@@ -105,10 +116,11 @@ class ExpertServer:
     def serve_step(self) -> int:
         """Run one engine step's worth of MoE layers; returns the number of tokens served."""
         served = 0
+        hint = self.comm.agree_tokens(0) if needs_token_vote(self.comm) else None
         for layer in self.spec.moe_layer_ids:
             for _ in range(self.micro_batches):
                 with self.times.phase("dispatch"):
-                    batch = self.comm.dispatch(None, None, None, None, layer)
+                    batch = self.comm.dispatch(None, None, None, None, layer, tokens_hint=hint)
                 with self.times.phase("experts"):
                     y = self.experts(layer, batch.x, batch.topk_ids, batch.topk_weights)
                 with self.times.phase("combine"):

@@ -157,7 +157,8 @@ class RankRuntime:
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[config.model.dtype]
         self.comm = MoECommunicator(self.ctx, spec.hidden_size, spec.top_k, dtype,
                                     max_tokens_per_rank=config.runtime.max_num_batched_tokens,
-                                    transport=config.comm.transport, timeout_s=config.comm.timeout_s)
+                                    transport=config.comm.transport, timeout_s=config.comm.timeout_s,
+                                    metadata=config.comm.metadata)
         experts = None
         if self.ctx.is_expert:
             j = topo.expert_index(self.rank)
@@ -306,8 +307,10 @@ class RankRuntime:
         log.info("run stats: %s", stats.summary())
         return results
 
-    def shutdown(self) -> None:
-        close = getattr(self.comm, "close", None)
-        if close:
-            close()
-        self.ctx.shutdown()
+    def shutdown(self, abort: bool = False) -> None:
+        """Idempotent; `abort` after a failure: do not wait for peers."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        self.comm.close()
+        self.ctx.shutdown(abort=abort)
