@@ -2,10 +2,13 @@
 
     python launch/gpu_parity.py --out parity.json [--layouts "1A+1E" "2C"]
 
-For each family: the fp32 CPU engine is the reference; the bf16 GPU single-process engine and the
-runtime (AF and colocated layouts, launched as a simulated cluster) must give prefill logits within
-bf16 tolerance (relative Frobenius error < 2e-2) and mostly the same greedy tokens (bf16 rounding
-may flip near-ties, so the token match rate is reported, not required to be 1).
+For each family: the fp32 CPU engine is the reference. bf16 error on these tiny random models is
+large by nature (their routing flips on small perturbations), so the yardstick is transformers
+itself: its bf16-vs-fp32 prefill-logit error on the same prompts (on the GPU). The bf16 GPU
+single-process engine and the runtime (AF and colocated layouts, as a simulated cluster) pass when
+their prefill-logit error is within 1.5x that yardstick + 1e-2. The runtime is also compared with
+the single-GPU engine directly (same kernels and dtype: only batching and summation order differ),
+and greedy-token match rates are reported.
 """
 
 import argparse
@@ -57,13 +60,35 @@ def run_runtime(model_dir, prompts, nodes, work: Path):
     return tokens, logits
 
 
-def compare(ref, got):
-    (rt, rl), (gt, gl) = ref, got
-    errs = [((gl[r][0].double().cpu() - rl[r][0].double()).norm() / rl[r][0].double().norm()).item() for r in rl]
+def prefill_err(ref, got) -> float:
+    (_, rl), (_, gl) = ref, got
+    return max(((gl[r][0].double().cpu() - rl[r][0].double().cpu()).norm() / rl[r][0].double().norm()).item()
+               for r in rl)
+
+
+def compare(ref, got, yardstick: float):
+    (rt, _), (gt, _) = ref, got
+    err = prefill_err(ref, got)
     match = sum(a == b for r in rt for a, b in zip(rt[r], gt[r])) / sum(len(v) for v in rt.values())
     first = sum(rt[r][0] == gt[r][0] for r in rt) / len(rt)
-    return {"prefill_logits_rel_err_max": max(errs), "first_token_match": first, "greedy_token_match": match,
-            "pass": max(errs) < 2e-2}
+    return {"prefill_logits_rel_err_max": err, "hf_bf16_err": yardstick, "first_token_match": first,
+            "greedy_token_match": match, "pass": err <= 1.5 * yardstick + 1e-2}
+
+
+def transformers_bf16_error(model_dir, prompts) -> float:
+    """transformers' own bf16 (GPU) vs fp32 (CPU) error on the last prompt position's logits."""
+    from transformers import AutoModelForCausalLM
+
+    f32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    b16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+    errs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            a = f32(ids).logits[0, -1].double()
+            b = b16(ids.cuda()).logits[0, -1].double().cpu()
+            errs.append(((b - a).norm() / a.norm()).item())
+    return max(errs)
 
 
 def main():
@@ -81,22 +106,30 @@ def main():
             g = torch.Generator().manual_seed(0)
             prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
             ref = run_single(model_dir, prompts, "float32", "cpu")
+            yardstick = transformers_bf16_error(model_dir, prompts)
+            single_gpu = None
             for name, nodes in layouts.items():
                 work = Path(tmp) / f"{family}-{len(rows)}"
                 work.mkdir()
                 try:
                     got = run_single(model_dir, prompts, "bfloat16", "cuda") if nodes is None else \
                         run_runtime(model_dir, prompts, nodes, work)
-                    row = {"family": family, "layout": name, **compare(ref, got)}
+                    row = {"family": family, "layout": name, **compare(ref, got, yardstick)}
+                    if nodes is None:
+                        single_gpu = got
+                    elif single_gpu is not None:
+                        row["vs_single_gpu_err"] = prefill_err(single_gpu, got)
                 except Exception as e:  # report and go on: one layout failing must not hide the others
                     row = {"family": family, "layout": name, "pass": False, "error": str(e)[-1500:]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
-    print(f"{'family':<10} {'layout':<18} {'pass':<5} {'logit err':>9} {'1st tok':>8} {'tokens':>7}")
+    nan = float("nan")
+    print(f"{'family':<10} {'layout':<18} {'pass':<5} {'logit err':>9} {'HF bf16':>8} {'vs 1GPU':>8} {'1st tok':>8} {'tokens':>7}")
     for r in rows:
-        print(f"{r['family']:<10} {r['layout']:<18} {str(r['pass']):<5} {r.get('prefill_logits_rel_err_max', float('nan')):>9.2e} "
-              f"{r.get('first_token_match', float('nan')):>8.2f} {r.get('greedy_token_match', float('nan')):>7.2f}")
+        print(f"{r['family']:<10} {r['layout']:<18} {str(r['pass']):<5} {r.get('prefill_logits_rel_err_max', nan):>9.2e} "
+              f"{r.get('hf_bf16_err', nan):>8.2e} {r.get('vs_single_gpu_err', nan):>8.2e} "
+              f"{r.get('first_token_match', nan):>8.2f} {r.get('greedy_token_match', nan):>7.2f}")
     return 0 if all(r["pass"] for r in rows) else 1
 
 

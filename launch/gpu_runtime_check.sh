@@ -18,7 +18,7 @@ if [ "$NGPU" -ge 4 ]; then layouts="2a2e colocated4"; else layouts="1a1e colocat
 for layout in $layouts; do
   for profile in false true; do
     name="qwen3-30b-a3b-$layout-b$BATCH-profile_$profile"
-    timeout 300 python3 -m afsplit.cli generate --config "configs/qwen3-30b-a3b-$layout.yaml" \
+    timeout 110 python3 -m afsplit.cli generate --config "configs/qwen3-30b-a3b-$layout.yaml" \
       --set runtime.profile=$profile --prompts-file /tmp/prompts.jsonl --output /dev/null --no-progress \
       --stats-json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
     echo "$name rc=$?"; grep "run stats" "$OUT/$name.log" | tail -1 | cut -c1-600
