@@ -1,0 +1,395 @@
+"""CPU tests of kernels/: each Triton kernel (under TRITON_INTERPRET=1) against its torch
+reference and both against a straightforward float64 computation, on fresh random inputs with
+poisoned outputs. float32 / float16 only (the interpreter mishandles bf16; bf16 is tested in
+tests/test_kernels_gpu.py).
+"""
+
+import os
+import sys
+
+# The interpreter must be chosen before triton is imported anywhere in this process.
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels import _testing as kt  # noqa: E402
+from kernels._testing import TOL, poisoned_alloc, randn, rel_err  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16]
+
+
+def _module(name):
+    import importlib
+
+    return importlib.import_module(f"kernels.{name}")
+
+
+def _need_interpreted(mod, kernel_name):
+    """Skip unless `mod.kernel_name` is a Triton kernel built for the interpreter."""
+    if not getattr(mod, "HAS_TRITON", False):
+        pytest.skip("triton not importable")
+    k = getattr(mod, kernel_name)
+    if type(k).__name__ != "InterpretedFunction":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file in its own process")
+
+
+@pytest.fixture
+def gen():
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(os.urandom(4), "little"))  # fresh inputs every run
+    return g
+
+
+# ----------------------------------------------------------------------------- store_kv
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H,D", [(1, 1, 16), (9, 2, 24), (20, 4, 64)])
+def test_store_kv(dtype, T, H, D, gen):
+    mod = _module("store_kv")
+    _need_interpreted(mod, "_store_kv_kernel")
+    nb, page = 6, 4
+    k = randn(T, H, D, dtype=dtype, gen=gen)
+    v = randn(T, H, D, dtype=dtype, gen=gen)
+    slots = torch.randperm(nb * page, generator=gen)[:T]
+    if T > 2:
+        slots[1] = -1
+    kc = torch.full((nb, page, H, D), float("nan"), dtype=dtype)
+    vc = kc.clone()
+    kc2, vc2 = kc.clone(), vc.clone()
+    mod.store_kv(k, v, kc, vc, slots, backend="triton")
+    mod.store_kv_ref(k, v, kc2, vc2, slots)
+    # straightforward check: slot by slot
+    flat_k, flat_v = kc.view(nb * page, H, D), vc.view(nb * page, H, D)
+    for t in range(T):
+        s = int(slots[t])
+        if s >= 0:
+            assert torch.equal(flat_k[s], k[t]) and torch.equal(flat_v[s], v[t])
+    untouched = torch.ones(nb * page, dtype=torch.bool)
+    untouched[slots[slots >= 0]] = False
+    assert torch.isnan(flat_k[untouched]).all() and torch.isnan(flat_v[untouched]).all()
+    assert torch.equal(kc.nan_to_num(7.0), kc2.nan_to_num(7.0))
+    assert torch.equal(vc.nan_to_num(7.0), vc2.nan_to_num(7.0))
+
+
+def test_store_kv_strided_input(gen):
+    mod = _module("store_kv")
+    _need_interpreted(mod, "_store_kv_kernel")
+    qkv = randn(5, 3, 2, 16, gen=gen)  # [T, q/k/v, H, D]
+    k, v = qkv[:, 1], qkv[:, 2]
+    kc = torch.full((2, 4, 2, 16), float("nan"))
+    vc = kc.clone()
+    mod.store_kv(k, v, kc, vc, torch.tensor([7, 0, 1, 2, 3]), backend="triton")
+    assert torch.equal(kc.view(8, 2, 16)[7], k[0]) and torch.equal(vc.view(8, 2, 16)[3], v[4])
+
+
+# ----------------------------------------------------------------------------- rmsnorm
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 16), (3, 5, 40), (7, 64)])
+@pytest.mark.parametrize("with_res", [False, True])
+def test_rmsnorm(dtype, shape, with_res, gen):
+    mod = _module("rmsnorm")
+    _need_interpreted(mod, "_rmsnorm_kernel")
+    x = randn(*shape, dtype=dtype, gen=gen)
+    w = randn(shape[-1], dtype=dtype, gen=gen)
+    r = randn(*shape, dtype=dtype, gen=gen) if with_res else None
+    with poisoned_alloc():
+        out = mod.rmsnorm(x, w, 1e-6, r, backend="triton")
+    ref = mod.rmsnorm_ref(x, w, 1e-6, r)
+    f64, s64 = kt.rmsnorm_f64(x, w, 1e-6, r)
+    if with_res:
+        out, res = out
+        ref, rref = ref
+        assert rel_err(res, s64) < TOL[dtype] and rel_err(rref, s64) < TOL[dtype]
+        assert torch.equal(res, rref)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel_err(out, f64) < TOL[dtype]
+    assert rel_err(ref, f64) < TOL[dtype]
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- rotary
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,HQ,HK,D", [(1, 2, 1, 16), (11, 4, 1, 64), (6, 3, 3, 24)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rotary(dtype, T, HQ, HK, D, inplace, gen):
+    mod = _module("rotary")
+    _need_interpreted(mod, "_rotary_kernel")
+    base = 10000.0
+    cache = mod.rotary_cos_sin_cache(100, D, base)
+    assert cache.dtype == torch.float32 and cache.shape == (100, D)
+    q = randn(T, HQ, D, dtype=dtype, gen=gen)
+    k = randn(T, HK, D, dtype=dtype, gen=gen)
+    pos = torch.randint(0, 100, (T,), generator=gen)
+    q64, k64 = kt.rotary_f64(q, pos, D, base), kt.rotary_f64(k, pos, D, base)
+    qr, kr = mod.apply_rotary_ref(q, k, pos, cache)
+    if inplace:
+        qo, ko = mod.apply_rotary(q, k, pos, cache, inplace=True, backend="triton")
+        assert qo.data_ptr() == q.data_ptr() and ko.data_ptr() == k.data_ptr()
+    else:
+        with poisoned_alloc():
+            qo, ko = mod.apply_rotary(q, k, pos, cache, backend="triton")
+    for out, ref, f64 in ((qo, qr, q64), (ko, kr, k64)):
+        assert rel_err(out, f64) < TOL[dtype]
+        assert rel_err(ref, f64) < TOL[dtype]
+        assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_rotary_cache_matches_hf_formula():
+    from kernels.rotary import rotary_cos_sin_cache
+
+    D, base = 32, 500000.0
+    c = rotary_cos_sin_cache(50, D, base)
+    inv = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    ang = torch.arange(50, dtype=torch.float64)[:, None] * inv[None]
+    assert rel_err(c[:, : D // 2], ang.cos()) < 1e-5 and rel_err(c[:, D // 2 :], ang.sin()) < 1e-5
+
+
+# ----------------------------------------------------------------------------- topk gating
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E,K", [(8, 1), (8, 2), (6, 6), (60, 8)])
+@pytest.mark.parametrize("renorm", [False, True])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_topk_gating(dtype, E, K, renorm, scoring, gen):
+    mod = _module("topk_gating")
+    _need_interpreted(mod, "_topk_kernel")
+    T = 13
+    logits = randn(T, E, dtype=dtype, gen=gen)
+    logits[0, 1] = logits[0, 3] = logits[0, 5] = logits[0].max() + 1  # ties -> lower id first
+    with poisoned_alloc():
+        w, ids = mod.topk_gating(logits, K, renorm, scoring, backend="triton")
+    wr, idr = mod.topk_gating_ref(logits, K, renorm, scoring)
+    w64, id64 = kt.topk_f64(logits, K, renorm, scoring)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32 and w.shape == (T, K)
+    assert torch.equal(ids.long(), id64) and torch.equal(idr.long(), id64)
+    assert ids[0, 0] == 1 and (K < 2 or ids[0, 1] == 3)
+    assert rel_err(w, w64) < 1e-5 and rel_err(wr, w64) < 1e-5
+
+
+# ----------------------------------------------------------------------------- paged decode
+
+DECODE_CASES = [
+    # HQ, HK, D, page, seq_lens, window
+    (4, 1, 16, 16, [1, 16, 17, 70], None),  # MQA; length 1, one block, one block + 1
+    (4, 2, 64, 16, [33, 5], None),
+    (2, 2, 24, 8, [40, 9], 12),  # sliding window shorter than the context, non-pow2 D
+    (8, 2, 16, 16, [70, 3, 16], 20),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", DECODE_CASES)
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_paged_decode(dtype, case, splits, gen):
+    mod = _module("paged_decode_attention")
+    _need_interpreted(mod, "_decode_split_kernel")
+    HQ, HK, D, page, lens, window = case
+    B = len(lens)
+    kc, vc, bt = kt.make_paged_cache(lens, page, HK, D, dtype, gen=gen)
+    q = randn(B, HQ, D, dtype=dtype, gen=gen)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    scale = D ** -0.5
+    with poisoned_alloc():
+        out = mod.paged_decode_attention(q, kc, vc, bt, sl, scale, window, num_splits=splits, backend="triton")
+    ref = mod.paged_decode_attention_ref(q, kc, vc, bt, sl, scale, window)
+    f64 = kt.decode_f64(q, kc, vc, bt, sl, scale, window)
+    assert out.shape == (B, HQ, D) and out.dtype == dtype
+    assert rel_err(out, f64) < TOL[dtype]
+    assert rel_err(ref, f64) < TOL[dtype]
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- prefill flash attention
+
+PREFILL_CASES = [
+    # HQ, HK, D, page, chunk lens, prefix lens, window
+    (4, 1, 16, 16, [1, 40, 17], [0, 0, 0], None),  # MQA, empty prefixes, no cache at all
+    (4, 2, 64, 16, [16, 9], [16, 17], None),  # exactly one block of prefix, one block + 1
+    (2, 2, 24, 8, [21, 1, 30], [13, 0, 35], None),  # prefix + chunk crossing block boundaries
+    (4, 2, 16, 8, [30, 12], [25, 3], 10),  # sliding window shorter than the context
+    (2, 1, 16, 16, [37], [0], 7),  # window, no prefix
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_flash_attention(dtype, case, gen):
+    mod = _module("flash_attention")
+    _need_interpreted(mod, "_flash_fwd_kernel")
+    HQ, HK, D, page, lens, pls, window = case
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    T = int(cu[-1])
+    q = randn(T, HQ, D, dtype=dtype, gen=gen)
+    k = randn(T, HK, D, dtype=dtype, gen=gen)
+    v = randn(T, HK, D, dtype=dtype, gen=gen)
+    pl = torch.tensor(pls, dtype=torch.int32)
+    if any(pls):
+        kc, vc, bt = kt.make_paged_cache(pls, page, HK, D, dtype, gen=gen)
+    else:
+        kc = vc = bt = None
+    scale = D ** -0.5
+    with poisoned_alloc():
+        out = mod.flash_attention(q, k, v, cu, kc, vc, bt, pl, scale, window, backend="triton")
+    ref = mod.flash_attention_ref(q, k, v, cu, kc, vc, bt, pl, scale, window)
+    f64 = kt.prefill_f64(q, k, v, cu, kc, vc, bt, pl, scale, window)
+    assert out.shape == (T, HQ, D) and out.dtype == dtype
+    assert rel_err(out, f64) < TOL[dtype]
+    assert rel_err(ref, f64) < TOL[dtype]
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_flash_attention_strided_qkv(gen):
+    """q/k/v as views of a fused projection output."""
+    mod = _module("flash_attention")
+    _need_interpreted(mod, "_flash_fwd_kernel")
+    T, HQ, HK, D = 20, 4, 2, 16
+    qkv = randn(T, (HQ + 2 * HK) * D, gen=gen)
+    q = qkv[:, : HQ * D].view(T, HQ, D)
+    k = qkv[:, HQ * D : (HQ + HK) * D].view(T, HK, D)
+    v = qkv[:, (HQ + HK) * D :].view(T, HK, D)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    pl = torch.zeros(2, dtype=torch.int32)
+    out = mod.flash_attention(q, k, v, cu, None, None, None, pl, 0.25, backend="triton")
+    f64 = kt.prefill_f64(q, k, v, cu, None, None, None, pl, 0.25)
+    assert rel_err(out, f64) < 1e-5
+
+
+# ----------------------------------------------------------------------------- fused MoE
+
+def _moe_ids(T, E, K, gen, mode):
+    if mode == "random":
+        return torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(torch.int32)
+    if mode == "one_expert":  # all tokens on expert 1 (K = 1)
+        return torch.full((T, K), 1, dtype=torch.int32)
+    if mode == "with_skips":  # -1 = not on this rank; one token entirely skipped; expert E-1 unused
+        ids = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(T)]).to(torch.int32)
+        ids[::3, 0] = -1
+        ids[1, :] = -1
+        return ids
+    raise ValueError(mode)
+
+
+MOE_CASES = [
+    # T, E, K, H, I, mode
+    (1, 4, 2, 32, 16, "random"),
+    (19, 6, 2, 48, 40, "with_skips"),  # ids = -1, an expert with no tokens
+    (17, 5, 1, 32, 24, "one_expert"),  # all tokens on one expert, others empty
+    (9, 4, 4, 16, 32, "random"),  # K == E
+    (40, 8, 3, 64, 32, "random"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_fused_moe(dtype, case, gen):
+    mod = _module("fused_moe")
+    _need_interpreted(mod, "_moe_gate_up_kernel")
+    T, E, K, H, I, mode = case
+    x = randn(T, H, dtype=dtype, gen=gen)
+    w13 = randn(E, 2 * I, H, dtype=dtype, gen=gen, scale=H ** -0.5)
+    w2 = randn(E, H, I, dtype=dtype, gen=gen, scale=I ** -0.5)
+    ids = _moe_ids(T, E, K, gen, mode)
+    wts = torch.rand(T, K, generator=gen) + 0.05
+    with poisoned_alloc():
+        out = mod.fused_moe(x, w13, w2, ids, wts, backend="triton")
+    ref = mod.fused_moe_ref(x, w13, w2, ids, wts)
+    f64 = kt.moe_f64(x, w13, w2, ids, wts)
+    assert out.shape == (T, H) and out.dtype == dtype
+    assert rel_err(out, f64) < TOL[dtype]
+    assert rel_err(ref, f64) < TOL[dtype]
+    assert rel_err(out, ref) < TOL[dtype]
+    if mode == "with_skips":
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_fused_moe_empty_and_int64_ids(gen):
+    mod = _module("fused_moe")
+    _need_interpreted(mod, "_moe_gate_up_kernel")
+    E, H, I = 3, 16, 16
+    w13 = randn(E, 2 * I, H, gen=gen)
+    w2 = randn(E, H, I, gen=gen)
+    out = mod.fused_moe(randn(0, H), w13, w2, torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, 2),
+                        backend="triton")
+    assert out.shape == (0, H)
+    x = randn(3, H, gen=gen)
+    ids = torch.tensor([[0, 2], [1, -1], [2, 0]], dtype=torch.int64)
+    wts = torch.rand(3, 2, generator=gen)
+    assert rel_err(mod.fused_moe(x, w13, w2, ids, wts, backend="triton"), kt.moe_f64(x, w13, w2, ids, wts)) < 1e-5
+
+
+def test_grouped_mm_baseline(gen):
+    mod = _module("fused_moe")
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("no torch._grouped_mm")
+    T, E, K, H, I = 12, 5, 2, 32, 16
+    x = randn(T, H, gen=gen)
+    w13 = randn(E, 2 * I, H, gen=gen, scale=H ** -0.5)
+    w2 = randn(E, H, I, gen=gen, scale=I ** -0.5)
+    ids = _moe_ids(T, E, K, gen, "with_skips")
+    wts = torch.rand(T, K, generator=gen)
+    try:
+        out = mod.grouped_mm_moe(x, w13, w2, ids, wts)
+    except RuntimeError as e:  # CPU builds without a grouped_mm kernel for this dtype
+        pytest.skip(f"torch._grouped_mm unavailable here: {e}")
+    assert rel_err(out, kt.moe_f64(x, w13, w2, ids, wts)) < 1e-5
+
+
+def test_moe_align(gen):
+    from kernels.fused_moe import moe_align
+
+    ids = torch.tensor([[2, 0], [2, -1], [0, 2], [5, 2]], dtype=torch.int32)  # 5 >= E: skipped
+    sorted_ids, bexp, seg_end = moe_align(ids, 4, 4)
+    # expert 0: pairs 1, 4; expert 2: pairs 0, 2, 5, 7; experts 1, 3: none
+    assert seg_end.tolist() == [4, 4, 8, 8]
+    assert sorted_ids[:8].tolist() == [1, 4, 8, 8, 0, 2, 5, 7]
+    assert (sorted_ids[8:] == 8).all()
+    assert bexp[:2].tolist() == [0, 2] and (bexp[2:] == -1).all()
+
+
+# ----------------------------------------------------------------------------- validation
+
+def test_validation_messages():
+    import kernels
+
+    with pytest.raises(ValueError, match="k_cache"):
+        kernels.store_kv(torch.randn(2, 1, 8), torch.randn(2, 1, 8), torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 8),
+                         torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        kernels.store_kv(torch.randn(2, 1, 8), torch.randn(2, 1, 8), torch.randn(2, 4, 1, 8), torch.randn(2, 4, 1, 8),
+                         torch.zeros(2, dtype=torch.float32))
+    with pytest.raises(ValueError, match="weight"):
+        kernels.rmsnorm(torch.randn(3, 8), torch.randn(7), 1e-6)
+    with pytest.raises(ValueError, match="top_k"):
+        kernels.topk_gating(torch.randn(3, 4), 5, True)
+    with pytest.raises(ValueError, match="seq_lens"):
+        kernels.paged_decode_attention(torch.randn(2, 4, 16), torch.randn(3, 4, 2, 16), torch.randn(3, 4, 2, 16),
+                                       torch.zeros(2, 2, dtype=torch.int32), torch.ones(3, dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="q heads"):
+        kernels.flash_attention(torch.randn(4, 3, 16), torch.randn(4, 2, 16), torch.randn(4, 2, 16),
+                                torch.tensor([0, 4], dtype=torch.int32), None, None, None,
+                                torch.zeros(1, dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="prefix_lens"):
+        kernels.flash_attention(torch.randn(4, 2, 16), torch.randn(4, 2, 16), torch.randn(4, 2, 16),
+                                torch.tensor([0, 4], dtype=torch.int32), None, None, None,
+                                torch.ones(1, dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="w2"):
+        kernels.fused_moe(torch.randn(3, 16), torch.randn(2, 8, 16), torch.randn(2, 16, 5),
+                          torch.zeros(3, 1, dtype=torch.int32), torch.ones(3, 1))
+    with pytest.raises(ValueError, match="topk_weights"):
+        kernels.fused_moe(torch.randn(3, 16), torch.randn(2, 8, 16), torch.randn(2, 16, 4),
+                          torch.zeros(3, 1, dtype=torch.int32), torch.ones(3, 1, dtype=torch.float16))
+    with pytest.raises(ValueError, match="backend"):
+        kernels.rmsnorm(torch.randn(3, 8), torch.randn(8), 1e-6, backend="cuda")
+
+
+def test_auto_backend_on_cpu_is_reference(gen):
+    """backend=None on CPU tensors runs the torch reference (engine CPU runs stay fast)."""
+    import kernels
+
+    x = randn(4, 32, gen=gen)
+    w = randn(32, gen=gen)
+    assert torch.equal(kernels.rmsnorm(x, w, 1e-6), kernels.rmsnorm_ref(x, w, 1e-6))
