@@ -171,22 +171,20 @@ def run(args) -> int:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if not cuda:  # DeepSpeed JIT-builds a shared-memory allreduce op for CPU (~80 s the first time); the MoE
+        import deepspeed.comm.torch as ds_torch  # all-to-all does not use it
+
+        ds_torch.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     ctrl = dist.new_group(backend="gloo") if cuda else dist.group.WORLD  # flags and results travel on the CPU
 
     spec, source = resolve_model(config)
     dtype = DTYPES[config.model.dtype]
     times = PhaseTimes(device, sync=config.runtime.profile)
-    holder = {}
-
-    def build(spec_, source_, dtype_, device_):
-        holder["exchange"] = make_exchange({}, times)  # filled below, once the attention weights exist
-        return holder["exchange"]
-
-    engine = LLMEngine(config, build_moe=build, device=device, micro_batches=1, spec_and_source=(spec, source))
-    layers = build_moe_layers(spec, source, engine.model.w, engine.model.router_bias, dtype, device, rank, world)
-    ex = make_exchange(layers, times)
-    engine.runner.moe = ex
+    layers = {}  # filled once the engine has loaded the attention weights (the routers live there)
+    engine = LLMEngine(config, build_moe=lambda *_: make_exchange(layers, times), device=device, micro_batches=1,
+                       spec_and_source=(spec, source))
+    layers.update(build_moe_layers(spec, source, engine.model.w, engine.model.router_bias, dtype, device, rank, world))
 
     requests = read_requests(args.prompts_file, dict(max_tokens=32, temperature=1.0))
     mine = [i for i, (req, err) in enumerate(requests) if req is not None and i % world == rank]

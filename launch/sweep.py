@@ -204,8 +204,12 @@ def grid(sw: dict) -> list[Point]:
     return points
 
 
+def _yaml_value(v) -> str:
+    return json.dumps(v) if isinstance(v, bool) or v is None else str(v)
+
+
 def point_overrides(sw: dict, p: Point, concurrency: int) -> list[str]:
-    sets = [f"{k}={v}" for k, v in sw["overrides"].items()]
+    sets = [f"{k}={_yaml_value(v)}" for k, v in sw["overrides"].items()]
     sets.append(f"topology.nodes={p.split.nodes_yaml()}")
     sets.append(f"runtime.max_num_seqs={math.ceil(concurrency / p.split.attention_ranks)}")
     sets += [f"{ENGINE_AXES[k]}={v}" for k, v in p.engine.items()]
@@ -241,14 +245,25 @@ def model_info(base_config: str, overrides: dict) -> dict:
     from afsplit.config import load_config
     from afsplit.engine import resolve_model
 
-    cfg = load_config(base_config, [f"{k}={v}" for k, v in overrides.items()])
+    cfg = load_config(base_config, [f"{k}={_yaml_value(v)}" for k, v in overrides.items()])
     spec, _ = resolve_model(cfg)
     m = cfg.model
-    name = m.preset if (m.weights == "random" and m.preset and not m.path) else (m.path or "?")
+    name = m.preset if (m.weights == "random" and m.preset and not m.path) else (Path(m.path).name if m.path else "?")
     return {"model": f"{name} ({m.weights} weights)" if m.weights == "random" else name,
             "family": spec.family, "num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
             "num_experts": spec.num_experts, "top_k": spec.top_k, "dtype": m.dtype, "vocab_size": spec.vocab_size,
-            "device_type": cfg.topology.device}
+            "device_type": cfg.topology.device, "kv_bytes_per_token": 2 * spec.num_layers * spec.num_kv_heads
+            * spec.head_dim * {"float32": 4}.get(m.dtype, 2)}
+
+
+def kv_capacity_seqs(sw: dict, p: Point) -> int:
+    """How many sequences of input_len + output_len tokens one attention rank's KV cache holds at once."""
+    from afsplit.config import load_config
+
+    rt = load_config(sw["base_config"], point_overrides(sw, p, p.batch_size)).runtime
+    per_block = sw["model"]["kv_bytes_per_token"] * rt.block_size
+    blocks = rt.num_kv_blocks or int(rt.kv_cache_memory_gb * 2**30) // per_block
+    return blocks // math.ceil((p.input_len + p.output_len) / rt.block_size)
 
 
 def validate_point(sw: dict, p: Point) -> None:
@@ -347,6 +362,10 @@ def run_point(sw: dict, p: Point, idx: int, workdir: Path, log_dir: Path) -> dic
            "topology": p.split.nodes, "params": p.params(), "model": sw["model"]["model"],
            "model_info": {k: v for k, v in sw["model"].items() if k != "model"}, "device": sw["device"],
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": sw["git_commit"]}
+    rec["kv_capacity_seqs"] = kv_capacity_seqs(sw, p)  # per attention rank
+    if rec["kv_capacity_seqs"] < math.ceil(b / p.split.attention_ranks):
+        rec["warning"] = (f"batch {b} needs {math.ceil(b / p.split.attention_ranks)} sequences per attention rank, "
+                          f"the KV cache holds {rec['kv_capacity_seqs']}: the rest queue")
     tag = f"p{idx:03d}"
     off = one_run(sw, p, "offline", b, b * int(sw["offline"]["requests_per_batch"]), workdir, log_dir, tag)
     rec["offline_command"] = off.pop("command")
@@ -378,7 +397,7 @@ def run_sweep(sweep_path: str, output: str, dry_run: bool = False, log_dir: str 
     if dry_run:
         from afsplit.config import load_config
 
-        cfg = load_config(sw["base_config"], [f"{k}={v}" for k, v in sw["overrides"].items()])
+        cfg = load_config(sw["base_config"], [f"{k}={_yaml_value(v)}" for k, v in sw["overrides"].items()])
         sw["model"] = {"device_type": cfg.topology.device, "vocab_size": 0}
         for i, p in enumerate(points):
             print(f"[{i}] {json.dumps(p.params())}\n    " + " ".join(run_command(sw, p, p.batch_size, "P.jsonl", "O.jsonl",
