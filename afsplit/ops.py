@@ -36,8 +36,13 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32 prefix + chunk
     block_tables: torch.Tensor  # [B, max_blocks] int32
     decode_only: bool  # every chunk has length 1
-    cu_seqlens_list: list[int]  # host copies, to avoid device syncs in the reference path
+    cu_seqlens_list: list[int]  # host copies, so no op needs a device -> host sync
     prefix_lens_list: list[int]
+
+    @property
+    def max_seqlen_q(self) -> int:
+        cu = self.cu_seqlens_list
+        return max((b - a for a, b in zip(cu, cu[1:])), default=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,7 +89,7 @@ def attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, 
         return kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, window,
                                               backend=_backend())
     return kernels.flash_attention(q, k, v, meta.cu_seqlens_q, k_cache, v_cache, meta.block_tables, meta.prefix_lens,
-                                   scale, window, backend=_backend())
+                                   scale, window, max_seqlen_q=meta.max_seqlen_q, backend=_backend())
 
 
 # ----------------------------------------------------------------------------------------------
