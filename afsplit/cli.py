@@ -172,6 +172,7 @@ def cmd_generate(args, argv: list[str]) -> int:
     from comm.groups import CommError
 
     runtime = RankRuntime(config)
+    profiler = _host_profiler()
     try:
         if runtime.rank != runtime.coordinator:
             runtime.serve()
@@ -186,7 +187,34 @@ def cmd_generate(args, argv: list[str]) -> int:
         runtime.shutdown(abort=True)
         return 1
     finally:
+        if profiler:
+            _dump_host_profile(profiler, runtime.rank)
         runtime.shutdown()
+
+
+def _host_profiler():
+    """AFSPLIT_HOST_PROFILE=DIR: profile this rank's host (Python) time with cProfile (diagnostics)."""
+    if not os.environ.get("AFSPLIT_HOST_PROFILE"):
+        return None
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    return profiler
+
+
+def _dump_host_profile(profiler, rank: int) -> None:
+    import io
+    import pstats
+
+    profiler.disable()
+    out_dir = os.environ["AFSPLIT_HOST_PROFILE"]
+    os.makedirs(out_dir, exist_ok=True)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(text.getvalue())
 
 
 def _launch_ranks(config, argv: list[str]) -> int:
