@@ -97,8 +97,14 @@ class LLMEngine:
                 f"{self.max_model_len}; with chunked_prefill off it must hold a whole prompt")
         attn_w = load_attention_weights(source, spec, self.dtype, self.device)
         self.model = AttentionModel(spec, attn_w, self.max_model_len, config.model.routing_skew)
+        self.stats = None
         if build_moe is None:
-            moe = LocalMoE(ExpertModel(load_expert_weights(source, spec, self.dtype, self.device)))
+            if config.balancer.stats_path:
+                from comm.expert_stats import ExpertStatsRecorder
+
+                self.stats = ExpertStatsRecorder(spec.num_moe_layers, spec.num_experts, 1, self.device)
+            moe = LocalMoE(ExpertModel(load_expert_weights(source, spec, self.dtype, self.device)), self.stats,
+                           {layer: i for i, layer in enumerate(spec.moe_layer_ids)})
         else:
             moe = build_moe(spec, source, self.dtype, self.device)
         num_blocks = rt.num_kv_blocks or self._blocks_from_memory()
@@ -234,4 +240,7 @@ class LLMEngine:
                     bar.update(1)
         if bar:
             bar.close()
+        if self.stats is not None:
+            self.stats.dump(self.config.balancer.stats_path)
+            log.info("expert activation counts appended to %s", self.config.balancer.stats_path)
         return results

@@ -103,3 +103,52 @@ def test_killed_expert_rank_fails_the_job_naming_it(tmp_path):
     assert proc.returncode != 0
     assert "rank 2" in proc.stderr, proc.stderr[-3000:]
     assert elapsed < 120
+
+
+@pytest.mark.slow
+def test_stats_plan_and_replicas_round_trip(tmp_path):
+    """The runtime records expert activations, plan-experts turns them into replicas, and a run served
+    by that placement gives the reference engine's tokens; the single-process engine records too."""
+    from afsplit.models.tiny import make_tiny
+
+    model_dir = str(make_tiny("qwen3_moe", tmp_path / "model", seed=7))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt_token_ids": p, "max_tokens": 12, "ignore_eos": True,
+                                       "temperature": 0}) + "\n" for p in prompts))
+    stats = tmp_path / "stats.jsonl"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"path": model_dir}, "topology": {"nodes": [{"attention": 2}, {"expert": 2}]},
+        "runtime": {"num_kv_blocks": 256, "block_size": 4, "micro_batches": 2},
+        "comm": {"timeout_s": 60}, "balancer": {"stats_path": str(stats), "spare_slots_per_rank": 2}}))
+
+    def generate(*extra):
+        out = tmp_path / "out.jsonl"
+        cmd = [sys.executable, "-m", "afsplit.cli", "generate", "--config", str(cfg), "--prompts-file", str(src),
+               "--output", str(out), "--no-progress", *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=run_env())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(l)["token_ids"] for l in out.read_text().splitlines()]
+
+    ref_tokens, _ = reference(model_dir, prompts)
+    assert generate() == ref_tokens
+    lines = [json.loads(l) for l in stats.read_text().splitlines()]
+    assert len(lines) == 2  # one per MoE layer
+    total = sum(len(p) + 11 for p in prompts)  # every computed token, prefill and decode
+    assert all(sum(l["expert_counts"]) == 2 * total and sum(l["rank_counts"]) == 2 * total for l in lines)
+
+    placement = tmp_path / "placement.yaml"
+    proc = subprocess.run([sys.executable, "-m", "afsplit.cli", "plan-experts", "--stats", str(stats),
+                           "--topology", str(cfg), "--out", str(placement)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, env=run_env())
+    assert proc.returncode == 0, proc.stderr
+    assert generate("--set", f"balancer.replicas={placement}", "--set", "balancer.stats_path=") == ref_tokens
+
+    single_stats = tmp_path / "single.jsonl"
+    llm = LLM(config=str(cfg), overrides=[f"balancer.stats_path={single_stats}"])
+    llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=12,
+                                                                           ignore_eos=True), use_tqdm=False)
+    assert [json.loads(l)["expert_counts"] for l in single_stats.read_text().splitlines()] == \
+        [l["expert_counts"] for l in lines]

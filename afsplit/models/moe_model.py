@@ -135,11 +135,15 @@ class MoEExchange:
 class LocalMoE(MoEExchange):
     """Single process: every routed expert is here, indexed by its logical id."""
 
-    def __init__(self, experts: "ExpertModel"):
+    def __init__(self, experts: "ExpertModel", stats=None, moe_index: dict[int, int] | None = None):
         self.experts = experts
+        self.stats = stats  # optional comm.expert_stats.ExpertStatsRecorder (MoE-layer numbering)
+        self.moe_index = moe_index or {}
         self._out: dict[int, torch.Tensor] = {}
 
     def send(self, layer, micro_batch, x, ids, weights):
+        if self.stats is not None:
+            self.stats.record(self.moe_index[layer], ids)
         self._out[micro_batch] = self.experts(layer, x, ids, weights)
 
     def recv(self, layer, micro_batch):

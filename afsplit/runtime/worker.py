@@ -168,8 +168,14 @@ class RankRuntime:
         self.server = None
         self.times = PhaseTimes(self.ctx.device, sync=config.runtime.profile)
         if self.ctx.is_attention:
+            self.expert_stats = None
+            if config.balancer.stats_path:
+                from comm.expert_stats import ExpertStatsRecorder
+
+                self.expert_stats = ExpertStatsRecorder(spec.num_moe_layers, spec.num_experts,
+                                                        len(topo.expert_ranks), self.ctx.device)
             routing = RoutedExperts(spec, self.placement, LeastLoadedBalancer(self.placement, self.ctx.device),
-                                    topo.attention_index(self.rank), self.attention_group)
+                                    topo.attention_index(self.rank), self.attention_group, self.expert_stats)
             moe = RemoteMoE(self.comm, routing, experts, self.times)
             self.engine = LLMEngine(config, build_moe=lambda *_: moe, device=self.ctx.device,
                                     micro_batches=self.m, spec_and_source=(spec, source))
@@ -228,6 +234,7 @@ class RankRuntime:
             steps += 1
             plan = self._broadcast(None)
             if plan.stop:
+                self._dump_expert_stats()
                 return
             report = self._attention_step(plan) if self.engine is not None else self._expert_step(plan)
             self._gather(report)
@@ -272,6 +279,7 @@ class RankRuntime:
             plan.stop = not plan.assign and not any(busy.values())
             self._broadcast(plan)
             if plan.stop:
+                self._dump_expert_stats()
                 break
             step_start = time.perf_counter()
             reports = self._gather(self._attention_step(plan))
@@ -306,6 +314,20 @@ class RankRuntime:
         stats.wall_s = time.perf_counter() - run_start
         log.info("run stats: %s", stats.summary())
         return results
+
+    def _dump_expert_stats(self) -> None:
+        """Attention ranks sum their activation counts; the coordinator appends them to balancer.stats_path."""
+        rec = getattr(self, "expert_stats", None)
+        if rec is None:
+            return
+        dist.all_reduce(rec.expert_counts_LE, group=self.attention_group)
+        dist.all_reduce(rec.rank_counts_LR, group=self.attention_group)
+        tokens = torch.tensor(rec.tokens_L, dtype=torch.int64, device=rec.expert_counts_LE.device)
+        dist.all_reduce(tokens, group=self.attention_group)
+        rec.tokens_L = tokens.tolist()
+        if self.rank == self.coordinator:
+            rec.dump(self.config.balancer.stats_path)
+            log.info("expert activation counts appended to %s", self.config.balancer.stats_path)
 
     def shutdown(self, abort: bool = False) -> None:
         """Idempotent; `abort` after a failure: do not wait for peers."""
