@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # under torchrun only rank 0 (normally the coordinator) narrates; the others speak up on warnings
+    quiet = os.environ.get("RANK", "0") != "0"
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "plan-experts":
         return _plan_experts(argv[1:])
     args = build_parser().parse_args(argv)
@@ -223,7 +225,8 @@ def _launch_ranks(config, argv: list[str]) -> int:
 
     resolve_model(config)  # write a tiny checkpoint once, before the ranks race to do it
     return launch_local_cluster(config.topology.topology, [sys.executable, "-m", "afsplit.cli", *argv],
-                                device=config.topology.device, out=sys.stderr)
+                                device=config.topology.device, out=sys.stderr,
+                                env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
 
 
 def _read_cli_requests(args) -> list[tuple[dict | None, str | None]]:
