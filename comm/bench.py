@@ -27,7 +27,7 @@ import time
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from afsplit.engine import DTYPES
 
 
 def _sync(dev: torch.device) -> None:

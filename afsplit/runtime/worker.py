@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from afsplit.config import Config, validate
-from afsplit.engine import LLMEngine, RequestOutput, resolve_model
+from afsplit.engine import DTYPES, LLMEngine, RequestOutput, resolve_model
 from afsplit.errors import RequestError
 from afsplit.models.moe_model import ExpertModel
 from afsplit.models.weights import load_expert_weights
@@ -154,7 +154,7 @@ class RankRuntime:
         self.spec = spec
         self.m = micro_batch_count(config)
         self.placement = resolve_placement(config.balancer, spec.num_moe_layers, spec.num_experts, topo)
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[config.model.dtype]
+        dtype = DTYPES[config.model.dtype]
         self.comm = MoECommunicator(self.ctx, spec.hidden_size, spec.top_k, dtype,
                                     max_tokens_per_rank=config.runtime.max_num_batched_tokens,
                                     transport=config.comm.transport, timeout_s=config.comm.timeout_s,
