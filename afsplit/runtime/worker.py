@@ -109,6 +109,7 @@ def aggregate_latency(requests: list[dict]) -> dict:
     return out
 
 
+MAX_IDLE_STEPS = 100  # steps in a row with work queued but nothing scheduled before the run is stopped
 AUTO_PROBE_STEPS = 3  # steps measured with m = 2 before `micro_batches: auto` decides
 MAX_MICRO_BATCHES = 4
 
@@ -267,6 +268,7 @@ class RankRuntime:
             stats.ranks["attention"] += 1
         stats.ranks["expert"] = len([r for r in self.topo.expert_ranks if r not in att])
         run_start = time.perf_counter()
+        idle_steps = 0
         auto = self.config.runtime.micro_batches == "auto"
         probe = RunStats(world_size=stats.world_size, num_moe_layers=stats.num_moe_layers, ranks=stats.ranks)
         while True:
@@ -276,10 +278,15 @@ class RankRuntime:
                 plan.assign.setdefault(a, []).append(seq)
                 capacity[a] -= engine.kv.blocks_for(seq.num_tokens)
             pending = []
-            plan.stop = not plan.assign and not any(busy.values())
+            stuck = idle_steps >= MAX_IDLE_STEPS
+            plan.stop = stuck or (not plan.assign and not any(busy.values()))
             self._broadcast(plan)
             if plan.stop:
                 self._dump_expert_stats()
+                if stuck:
+                    ranks = [a for a in att if busy[a]]
+                    raise RuntimeError(f"no progress for {MAX_IDLE_STEPS} steps: attention rank(s) {ranks} have "
+                                       "requests but cannot schedule any (KV cache too small?); stopped all ranks")
                 break
             step_start = time.perf_counter()
             reports = self._gather(self._attention_step(plan))
@@ -296,6 +303,7 @@ class RankRuntime:
                     auto = False
                     log.info("micro_batches: auto: %s", why)
             att_reports = [reports[a] for a in att]
+            idle_steps = 0 if any(rep.tokens for rep in att_reports) else idle_steps + 1
             if all(rep.tokens == rep.decodes for rep in att_reports) and any(rep.decodes for rep in att_reports):
                 stats.decode_step_s.append(step_s)
             for a in att:
