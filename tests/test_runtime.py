@@ -152,3 +152,16 @@ def test_stats_plan_and_replicas_round_trip(tmp_path):
                                                                            ignore_eos=True), use_tqdm=False)
     assert [json.loads(l)["expert_counts"] for l in single_stats.read_text().splitlines()] == \
         [l["expert_counts"] for l in lines]
+
+
+def test_choose_micro_batches_follows_the_ping_pong_rule():
+    from afsplit.runtime.worker import MAX_MICRO_BATCHES, choose_micro_batches
+
+    # per layer, summed over the m=2 probe micro-batches: Ta = 2, Te = 1, round trip 1.5 -> Tc = 0.5 per mb
+    m, why = choose_micro_batches({"attention": {"attention": 4.0, "combine": 3.0},
+                                   "expert": {"experts": 2.0}}, m_probe=2)
+    assert m == 3 and "m=3" in why  # ceil(2 * (2 + 0.5) / 2) = 3
+    m, _ = choose_micro_batches({"attention": {"attention": 2.0, "combine": 2.0}, "expert": {"experts": 2.0}}, 2)
+    assert m == 2  # no communication to hide beyond compute: the minimum ping-pong
+    m, _ = choose_micro_batches({"attention": {"attention": 1.0, "combine": 40.0}, "expert": {"experts": 1.0}}, 2)
+    assert m == MAX_MICRO_BATCHES
