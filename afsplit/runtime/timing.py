@@ -20,18 +20,18 @@ class PhaseTimes:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
 
-    def _now(self) -> float:
+    def now(self) -> float:
         if self.sync:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
     @contextmanager
     def phase(self, name: str):
-        start = self._now()
+        start = self.now()
         try:
             yield
         finally:
-            self.seconds[name] += self._now() - start
+            self.seconds[name] += self.now() - start
 
     def take(self) -> dict[str, float]:
         """The seconds accumulated since the last take, by phase."""

@@ -203,9 +203,9 @@ class RankRuntime:
         for seq in plan.assign.get(self.rank, []):
             engine.scheduler.add(seq)
         engine.runner.micro_batches = plan.micro_batches
-        start = self.times._now()
+        start = self.times.now()
         finished = engine.step(lockstep=True)
-        step_s = self.times._now() - start
+        step_s = self.times.now() - start
         kv = engine.kv
         demand = sum(kv.blocks_for(s.num_tokens) for s in engine.scheduler.waiting)
         tokens, decodes = engine.last_step
@@ -215,9 +215,9 @@ class RankRuntime:
 
     def _expert_step(self, plan: StepPlan) -> StepReport:
         self.server.micro_batches = plan.micro_batches
-        start = self.times._now()
+        start = self.times.now()
         self.server.serve_step()
-        return StepReport(step_s=self.times._now() - start, phases=self.times.take())
+        return StepReport(step_s=self.times.now() - start, phases=self.times.take())
 
     # -- the loop ------------------------------------------------------------------------------
 
