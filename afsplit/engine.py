@@ -49,6 +49,15 @@ class RequestOutput:
     error: str | None = None  # set when this request was rejected; the others still complete
 
 
+def progress_bar(total: int, enabled: bool):
+    """A tqdm bar over requests, or None when disabled or there is nothing to show."""
+    if not (enabled and total):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="generate", unit="req", dynamic_ncols=True)
+
+
 def resolve_model(config: Config) -> tuple[ModelSpec, object]:
     """The model spec and a tensor source (checkpoint reader or random weights) for `config.model`."""
     m = config.model
@@ -214,28 +223,32 @@ class LLMEngine:
             outputs=[CompletionOutput(0, self.detokenize(seq.output_token_ids), list(seq.output_token_ids),
                                       seq.finish_reason)])
 
-    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams], use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion; a bad request gets `.error` set and the others complete."""
+    def admit(self, prompts: list, params: SamplingParams | list[SamplingParams]):
+        """Validate every request: (results with the bad ones' errors filled in, good Sequences, request id -> position)."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         results: list[RequestOutput | None] = [None] * len(prompts)
-        live: dict[int, tuple[int, Sequence]] = {}
+        seqs, index = [], {}
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             try:
-                seq = self.add_request(prompt, p)
-                live[seq.request_id] = (i, seq)
+                seq = self.make_sequence(prompt, p)
             except RequestError as e:
                 results[i] = RequestOutput(request_id=-1, prompt=prompt if isinstance(prompt, str) else None,
                                            prompt_token_ids=[], error=str(e))
                 log.error("%s", e)
-        bar = None
-        if use_tqdm and live:
-            from tqdm import tqdm
+                continue
+            seqs.append(seq)
+            index[seq.request_id] = i
+        return results, seqs, index
 
-            bar = tqdm(total=len(live), desc="generate", unit="req", dynamic_ncols=True)
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams], use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; a bad request gets `.error` set and the others complete."""
+        results, seqs, index = self.admit(prompts, params)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        bar = progress_bar(len(seqs), use_tqdm)
         while self.scheduler.has_work():
             for seq in self.step():
-                i, _ = live[seq.request_id]
-                results[i] = self.request_output(seq)
+                results[index[seq.request_id]] = self.request_output(seq)
                 if bar:
                     bar.update(1)
         if bar:

@@ -21,8 +21,7 @@ import torch
 import torch.distributed as dist
 
 from afsplit.config import Config, validate
-from afsplit.engine import DTYPES, LLMEngine, RequestOutput, resolve_model
-from afsplit.errors import RequestError
+from afsplit.engine import DTYPES, LLMEngine, RequestOutput, progress_bar, resolve_model
 from afsplit.models.moe_model import ExpertModel
 from afsplit.models.weights import load_expert_weights
 from afsplit.runtime.moe_exchange import ExpertServer, RemoteMoE, RoutedExperts
@@ -243,26 +242,11 @@ class RankRuntime:
     def generate(self, prompts: list, params: list, use_tqdm: bool = True) -> list[RequestOutput]:
         """Coordinator: spread requests over attention ranks by free KV capacity, step until all finish."""
         engine = self.engine
-        results: list[RequestOutput | None] = [None] * len(prompts)
-        index: dict[int, int] = {}
-        pending: list[Sequence] = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            try:
-                seq = engine.make_sequence(prompt, p)
-                index[seq.request_id] = i
-                pending.append(seq)
-            except RequestError as e:
-                results[i] = RequestOutput(request_id=-1, prompt=prompt if isinstance(prompt, str) else None,
-                                           prompt_token_ids=[], error=str(e))
-                log.error("%s", e)
+        results, pending, index = engine.admit(prompts, params)
         att = list(self.topo.attention_ranks)
         capacity = {a: engine.kv.allocator.num_blocks for a in att}
         busy = {a: False for a in att}
-        bar = None
-        if use_tqdm and pending:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(pending), desc="generate", unit="req", dynamic_ncols=True)
+        bar = progress_bar(len(pending), use_tqdm)
         stats = self.stats
         for a in att:
             stats.ranks["attention"] += 1
