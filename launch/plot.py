@@ -73,6 +73,13 @@ def _panels(n: int, title: str, width: float = 6.5, height: float = 4.8):
     return fig, axes[0]
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _title(recs) -> str:
     ok = [r for r in recs if r.get("status") == "ok"]
     bad = len(recs) - len(ok)
@@ -112,11 +119,7 @@ def plot_pareto(recs, out: Path) -> Path:
         ax.set_title(w)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "pareto.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "pareto.png")
 
 
 def plot_tpot(recs, out: Path, tpot_line: float | None = None) -> Path:
@@ -135,11 +138,7 @@ def plot_tpot(recs, out: Path, tpot_line: float | None = None) -> Path:
         ax.set_title(w)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "tpot_vs_batch.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "tpot_vs_batch.png")
 
 
 def plot_time_split(recs, out: Path, max_bars: int = 24) -> Path:
@@ -168,11 +167,7 @@ def plot_time_split(recs, out: Path, max_bars: int = 24) -> Path:
         ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
         ax.legend(fontsize=7, loc="upper left")
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = out / "time_split.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "time_split.png")
 
 
 def plot_all(paths, out_dir, tpot_line: float | None = None) -> list[Path]:

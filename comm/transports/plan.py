@@ -30,22 +30,24 @@ NUM_STAGES = 3
 Key = tuple[int, int]  # (attention rank, expert rank), global ranks
 
 
+def _spread(topo: Topology, node: int, peer_node: int, prefer_attention: bool) -> int:
+    """The rank on `node` that handles traffic with `peer_node`: peers are spread round-robin over the
+    node's ranks of the preferred role (any rank if it has none)."""
+    local = topo.ranks_on_node(node)
+    cands = [r for r in local if (topo.ranks[r].is_attention if prefer_attention else topo.ranks[r].is_expert)]
+    cands = cands or list(local)
+    others = [n for n in range(topo.num_nodes) if n != node]
+    return cands[others.index(peer_node) % len(cands)]
+
+
 def gateway(topo: Topology, src_node: int, dst_node: int) -> int:
     """Rank on `src_node` that gathers the rows of src_node bound for dst_node."""
-    local = topo.ranks_on_node(src_node)
-    cands = [r for r in local if topo.ranks[r].is_attention] or list(local)
-    others = [n for n in range(topo.num_nodes) if n != src_node]
-    j = others.index(dst_node)
-    return cands[j % len(cands)]
+    return _spread(topo, src_node, dst_node, prefer_attention=True)
 
 
 def entry(topo: Topology, src_node: int, dst_node: int) -> int:
     """Rank on `dst_node` that receives node src_node's packet and forwards it locally."""
-    local = topo.ranks_on_node(dst_node)
-    cands = [r for r in local if topo.ranks[r].is_expert] or list(local)
-    others = [n for n in range(topo.num_nodes) if n != dst_node]
-    j = others.index(src_node)
-    return cands[j % len(cands)]
+    return _spread(topo, dst_node, src_node, prefer_attention=False)
 
 
 @dataclass
