@@ -69,6 +69,7 @@ class RuntimeConfig:
     micro_batches: str = "1"  # an integer >= 1, or "auto"
     seed: int = 0
     profile: bool = False  # synchronise the device at phase boundaries for an exact time split
+    cuda_graphs: bool = True  # decode steps as CUDA graphs (padded to batch buckets); off while profiling
 
 
 @dataclass(frozen=True)

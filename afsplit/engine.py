@@ -15,7 +15,9 @@ import torch
 
 from afsplit.block_manager import KVCacheManager
 from afsplit.config import Config
+from afsplit.cuda_graphs import graph_buckets, graphs_wanted
 from afsplit.errors import ConfigError, RequestError
+from afsplit.graph_runner import StaticDecode
 from afsplit.model_runner import KVCache, ModelRunner
 from afsplit.models.checkpoint import CheckpointReader, RandomWeights
 from afsplit.models.moe_model import AttentionModel, ExpertModel, LocalMoE
@@ -121,8 +123,18 @@ class LLMEngine:
         self.kv_cache = KVCache(spec.num_layers, num_blocks, rt.block_size, spec.num_kv_heads, spec.head_dim,
                                 self.dtype, self.device)
         self.scheduler = Scheduler(self.kv, rt.max_num_seqs, rt.max_num_batched_tokens, rt.chunked_prefill)
+        static = None
+        use_graphs, capture = graphs_wanted(rt.cuda_graphs and not rt.profile, self.device)
+        if use_graphs and moe.graph_safe:
+            static = StaticDecode(self.model, self.kv_cache, rt.block_size, self.max_model_len,
+                                  graph_buckets(rt.max_num_seqs)[-1], moe, self.device, capture)
+        elif use_graphs:
+            log.info("cuda_graphs: off for this run (needs comm.metadata: padded on NCCL, no balancer.stats_path "
+                     "and no expert replicas)")
         self.runner = ModelRunner(self.model, self.kv_cache, rt.block_size, moe, self.device,
-                                  micro_batches=micro_batches or (1 if rt.micro_batches == "auto" else int(rt.micro_batches)))
+                                  micro_batches=micro_batches or (1 if rt.micro_batches == "auto" else int(rt.micro_batches)),
+                                  max_batch=rt.max_num_seqs, max_tokens_per_rank=rt.max_num_batched_tokens,
+                                  static=static)
         self.tokenizer = load_tokenizer(config.model.path)
         self._next_id = 0
         self.last_step = (0, 0)

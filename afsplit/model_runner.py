@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from afsplit import ops
+from afsplit.cuda_graphs import step_tokens_hint
+from afsplit.graph_runner import StaticDecode
 from afsplit.models.moe_model import AttentionModel, MoEExchange
 from afsplit.scheduler import ScheduledBatch
 
@@ -74,16 +76,23 @@ def split_micro_batches(batch: ScheduledBatch, m: int) -> list[ScheduledBatch]:
 
 
 class ModelRunner:
-    """Runs the attention model over one scheduled batch; routed experts go through `moe`."""
+    """Runs the attention model over one scheduled batch; routed experts go through `moe`.
+
+    Decode steps whose micro-batches fit a bucket go through `static` (padded inputs, CUDA graphs)
+    when given; everything else (prefill, mixed steps, larger batches) runs eagerly.
+    """
 
     def __init__(self, model: AttentionModel, kv_cache: KVCache, block_size: int, moe: MoEExchange, device,
-                 micro_batches: int = 1):
+                 micro_batches: int = 1, max_batch: int = 1, max_tokens_per_rank: int = 1,
+                 static: StaticDecode | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.moe = moe
         self.device = device
         self.micro_batches = micro_batches
+        self.max_batch, self.max_tokens_per_rank = max_batch, max_tokens_per_rank  # the bucket rule's bounds
+        self.static = static
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
@@ -91,12 +100,20 @@ class ModelRunner:
         self.kv_cache.copy_blocks(batch.block_copies)
         parts = split_micro_batches(batch, self.micro_batches)
         position = {id(seq): i for i, seq in enumerate(batch.seqs)}
-        inputs, rows, sampling = [], [], []
-        for part in parts:
-            token_ids, meta, sample_rows = build_metadata(part, self.block_size, self.device)
-            inputs.append((token_ids, meta))
-            rows.append(torch.tensor([r for r in sample_rows if r >= 0], dtype=torch.int64, device=self.device))
-            sampling += [position[id(part.seqs[i])] for i, r in enumerate(sample_rows) if r >= 0]
-        self.moe.begin_step([len(ids) for ids, _ in inputs])
-        logits = self.model.forward(inputs, self.kv_cache.layers, self.moe, rows)
+        max_tokens, all_decode = self.moe.agree_step(max((p.total_tokens for p in parts), default=0),
+                                                     all(n == 1 for n in batch.num_tokens))
+        hint, graphable = step_tokens_hint(max_tokens, all_decode, self.max_batch, self.max_tokens_per_rank)
+        self.moe.begin_step(hint)
+        if graphable and self.static is not None:  # every sequence decodes one token and samples
+            logits = self.static.run(parts, hint)
+            sampling = [position[id(seq)] for part in parts for seq in part.seqs]
+        else:
+            inputs, rows, sampling = [], [], []
+            for part in parts:
+                token_ids, meta, sample_rows = build_metadata(part, self.block_size, self.device)
+                inputs.append((token_ids, meta))
+                rows.append(torch.tensor([r for r in sample_rows if r >= 0], dtype=torch.int64, device=self.device))
+                sampling += [position[id(part.seqs[i])] for i, r in enumerate(sample_rows) if r >= 0]
+            logits = self.model.forward(inputs, self.kv_cache.layers, self.moe, rows)
+        self.moe.end_step()
         return logits, sampling

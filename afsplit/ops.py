@@ -38,6 +38,7 @@ class AttentionMetadata:
     decode_only: bool  # every chunk has length 1
     cu_seqlens_list: list[int]  # host copies, so no op needs a device -> host sync
     prefix_lens_list: list[int]
+    valid_rows: torch.Tensor | None = None  # [T] bool; False = padding (CUDA-graph buckets): routed nowhere
 
     @property
     def max_seqlen_q(self) -> int:

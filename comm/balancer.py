@@ -91,8 +91,11 @@ class _Tables:
         j_n = torch.arange(n)
         last = torch.where(held, j_n, -1).amax(-1)
         self.past_last_LEn = (j_n[None, None] >= last[..., None]).to(device)
-        self.first_dest_LE = first.to(device)
-        self.first_slot_LE = torch.gather(slot, 2, first[..., None].long())[..., 0].to(device)
+        # one extra column of -1: a masked token (id -1, e.g. a CUDA-graph padding row) indexes it and
+        # gets dest = slot = -1, so the communicator sends it nowhere -- without an extra op per layer
+        none = torch.full((L, 1), -1, dtype=torch.int32)
+        self.first_dest_LE = torch.cat([first, none], 1).to(device)
+        self.first_slot_LE = torch.cat([torch.gather(slot, 2, first[..., None].long())[..., 0], none], 1).to(device)
         self.replicated = [bool(multi[l].any()) for l in range(L)]
         self.before_nn = (j_n[None, :] < j_n[:, None]).to(device)  # [j, j']: j' < j (tie break)
 

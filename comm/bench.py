@@ -99,8 +99,10 @@ def worker(ns) -> None:
         if not sizes:
             continue
         comm = MoECommunicator(ctx, hidden, ns.top_k, dtype, max(sizes), "adaptive", 300.0, link_model=model)
-        padded = (MoECommunicator(ctx, hidden, ns.top_k, dtype, max(sizes), "direct", 300.0, metadata="padded")
-                  if "direct_padded" in transports else None)
+        # direct_padded: the default padded path (one all_to_all_single on NCCL); _p2p: per-peer P2P ops
+        padded = {name: MoECommunicator(ctx, hidden, ns.top_k, dtype, max(sizes), "direct", 300.0,
+                                        metadata="padded", collective=name != "direct_padded_p2p")
+                  for name in transports if name.startswith("direct_padded")}
         for T in sizes:
             iters = ns.iters if T * hidden <= 256 * 4096 else max(5, ns.iters // 3)
             # a few routings, reused cyclically (same on every rank of a given seed; each rank its own tokens)
@@ -117,14 +119,14 @@ def worker(ns) -> None:
             for it in range(ns.warmup + iters):
                 x, dest, slot, w = routings[it % len(routings)]
                 for name in transports:
-                    c = padded if name == "direct_padded" else comm
+                    c = padded.get(name, comm)
                     if c is comm:
                         comm.transport = name
                     b0, h0 = c.bytes_sent["inter"], c.header_time_s
                     # adaptive (and padded, which pads to it) get the step's token count as the runtime
                     # would pass it (agree_tokens once per step, amortised over all MoE layers); the vote
                     # itself is timed below
-                    hint = T if name in ("adaptive", "direct_padded") else None
+                    hint = T if name == "adaptive" or name in padded else None
                     _sync(dev)
                     t0 = time.perf_counter()
                     if ctx.is_attention:
@@ -170,7 +172,8 @@ def worker(ns) -> None:
                           f"inter {inter_total / 1e6:8.2f} MB  {bw / 1e9:6.2f} GB/s"
                           + (f" ({100 * bw / ceiling:5.1f}% of ceiling)" if ceiling else "")
                           + (f"  choice {choices}" if name == "adaptive" else ""), flush=True)
-        comm.close()
+        for c in (comm, *padded.values()):
+            c.close()
         del comm, padded
     if ctx.rank == 0:
         info = {
@@ -218,7 +221,8 @@ def render_md(info: dict) -> str:
              "'vs best' = median / the better of direct and two_phase. 'header us' = time the slowest rank spent in "
              "header (row count) exchanges per iteration, including waiting for its peer to get there. "
              "direct_padded = direct with fixed-capacity regions of tokens_hint rows per pair instead of count "
-             "headers (no header round, no host sync on the data path, more bytes).", "",
+             "headers (no header round, no host sync on the data path, more bytes), moved by one all_to_all_single "
+             "on NCCL; direct_padded_p2p = the same regions as per-peer P2P ops.", "",
              "| hidden | tokens/rank | transport | median us | p99 us | inter MB | inter GB/s | % ceiling | vs best | header us | vote us |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = info["rows"]
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, choices=tuple(DTYPES))
     ap.add_argument("--tokens", default="1,8,64,256,1024,4096")
     ap.add_argument("--hidden", default="2048,4096,7168")
-    ap.add_argument("--transports", default="direct,two_phase,adaptive,direct_padded")
+    ap.add_argument("--transports", default="direct,two_phase,adaptive,direct_padded,direct_padded_p2p")
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--iters", type=int, default=30)

@@ -35,13 +35,21 @@ transport only) gives every (attention, expert) pair a fixed region of P rows, P
 step's max T over attention ranks) or max_tokens_per_rank: no header round and no host sync on the
 data path, at the price of padding bytes; the ExpertBatch then has N = #attention ranks * P rows and
 padding rows have all topk_ids == -1 (and weight 0), which fused MoE kernels skip anyway.
-Measured trade-off: docs/benchmarks/comm-*.md.
+Measured trade-off: docs/benchmarks/comm-*.md. On NCCL a padded call is one ``all_to_all_single``
+over the data group with split sizes fixed by P (one C++ group call instead of a Python list of
+P2P ops, and the shape a CUDA graph can capture); nothing on that path waits for the GPU, so the
+async calls run inline on the communicator's CUDA stream instead of on a worker thread, and their
+completion is checked lazily (see Faults).
 
 Faults: every wait has a deadline of timeout_s from the start of the call. On gloo each receive is
 waited on with that timeout, so a dead or silent peer raises CommError naming the rank and layer,
 e.g. ``layer 3 dispatch: no data from rank 2 (expert) within 10.0 s``. On NCCL the headers still
 travel over gloo (same check); the data transfers are polled (``is_completed``) until the deadline,
-and a timeout names the peers of the unfinished transfer.
+and a timeout names the peers of the unfinished transfer. Padded calls on NCCL are not polled one by
+one (that would make the host wait for the GPU every call): each records a CUDA event; finished
+ones are retired cheaply at the next call, the oldest unfinished one past its deadline raises, and
+``drain()`` -- which the runtime calls once per step, before it reads anything back from the GPU --
+waits for all of them with the same deadline.
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ from comm.transports.plan import TRANSPORTS, Key, RoutePlan, build_plan
 log = logging.getLogger(__name__)
 
 NUM_BUFFER_SETS = 2
+MAX_INFLIGHT = 4096  # padded NCCL calls in flight before the host waits for the oldest (bounds the event queue)
 
 
 @dataclass
@@ -142,11 +151,13 @@ class MoECommunicator:
 
     def __init__(self, ctx: DistContext, hidden: int, top_k: int, dtype: torch.dtype, max_tokens_per_rank: int,
                  transport: str = "direct", timeout_s: float = 120.0, link_model: LinkModel | None = None,
-                 metadata: str = "counts"):
+                 metadata: str = "counts", collective: bool | None = None):
         """metadata: "counts" (row counts travel as headers, payloads are exact-sized) or "padded"
         (direct transport only: every (attention, expert) pair exchanges a fixed region of P rows,
         P = tokens_hint or max_tokens_per_rank, with topk_ids = -1 marking padding rows: no headers,
-        no host sync on the data path, more bytes). link_model: skip the start-up calibration (adaptive)."""
+        no host sync on the data path, more bytes). link_model: skip the start-up calibration (adaptive).
+        collective: padded calls as one all_to_all_single (default: on NCCL; gloo keeps per-peer P2P,
+        whose waits name a dead peer -- tests force the collective there to check it on CPU)."""
         if transport not in TRANSPORTS:
             raise ValueError(f"comm.transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
         if metadata not in ("counts", "padded"):
@@ -189,6 +200,12 @@ class MoECommunicator:
         self.bytes_sent = {"intra": 0, "inter": 0}
         self.header_time_s = 0.0
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.collective = metadata == "padded" and (self.nccl if collective is None else collective)
+        # padded + NCCL: no host sync anywhere on the data path, so async calls need no worker thread
+        self.inline = self.collective and self.nccl
+        self._inflight: collections.deque[tuple] = collections.deque()  # (event, layer, what, start, peers)
+        self._splits: dict[int, tuple[list[int], list[int]]] = {}
+        self._empty = torch.empty(0, self.row_bytes, dtype=torch.uint8, device=self.device)
 
     # ------------------------------------------------------------------------------------------
     # public API
@@ -305,6 +322,7 @@ class MoECommunicator:
         return self._submit(self.combine, (y_ND, layer), [y_ND] if y_ND is not None else [])
 
     def close(self) -> None:
+        self._inflight.clear()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -343,7 +361,7 @@ class MoECommunicator:
             wgt = weight_TK.to(device=self.device, dtype=torch.float32)[:, None, :].expand(T, E, K)
             send.w.index_copy_(0, flat, torch.where(match_TEK, wgt, 0.0).reshape(T * E, K))
             me_a = self.topo.attention_index(self.rank)
-            for e, er in enumerate(exp_ranks):
+            for e, er in enumerate(exp_ranks if not self.collective else ()):
                 region = send.raw[e * P:(e + 1) * P]
                 if er == self.rank:
                     recv.raw[me_a * P:(me_a + 1) * P].copy_(region)
@@ -351,13 +369,20 @@ class MoECommunicator:
                     ops.append(dist.P2POp(dist.isend, region, er, group=self.ctx.data_group))
                     peers.append((er, "send"))
                     self._count(er, region.numel())
-        if self.is_expert and P:
-            for i, ar in enumerate(att_ranks):
-                if ar != self.rank:
-                    ops.append(dist.P2POp(dist.irecv, recv.raw[i * P:(i + 1) * P], ar, group=self.ctx.data_group))
-                    peers.append((ar, "recv"))
-        self._run_data(ops, peers, layer, "dispatch", start)
-        self._finish(layer, "dispatch", start)
+        if self.collective:
+            if P:
+                send_rows = send.raw[:E * P] if self.is_attention else self._empty
+                recv_rows = recv.raw[:A * P] if self.is_expert else self._empty
+                self._all_to_all(recv_rows, send_rows, P, forward=True, layer=layer, what="dispatch", start=start)
+        else:
+            if self.is_expert and P:
+                for i, ar in enumerate(att_ranks):
+                    if ar != self.rank:
+                        ops.append(dist.P2POp(dist.irecv, recv.raw[i * P:(i + 1) * P], ar,
+                                              group=self.ctx.data_group))
+                        peers.append((ar, "recv"))
+            self._run_data(ops, peers, layer, "dispatch", start)
+            self._finish(layer, "dispatch", start)
         N = A * P if self.is_expert else 0
         self._pending.append(_Call(layer, self.plans["direct"], set_idx, [], T, rows_TE, [], N, pad=P))
         if not self.is_expert:
@@ -369,7 +394,13 @@ class MoECommunicator:
         ops, peers = [], []
         y_raw = y.view(torch.uint8)
         self_seg = None
-        if self.is_expert and P:
+        ys = self._buf(call.set_idx, "pad_ys", E * self.max_tokens, meta=False) if self.is_attention else None
+        if self.collective:
+            if P:
+                self._all_to_all(ys.raw[:E * P] if self.is_attention else self._empty,
+                                 y_raw if self.is_expert else self._empty, P,
+                                 forward=False, layer=layer, what="combine", start=start)
+        elif self.is_expert and P:
             for i, ar in enumerate(self.topo.attention_ranks):
                 seg = y_raw[i * P:(i + 1) * P]
                 if ar == self.rank:
@@ -378,17 +409,16 @@ class MoECommunicator:
                     ops.append(dist.P2POp(dist.isend, seg, ar, group=self.ctx.data_group))
                     peers.append((ar, "send"))
                     self._count(ar, seg.numel())
-        ys = None
-        if self.is_attention and P:
-            ys = self._buf(call.set_idx, "pad_ys", E * self.max_tokens, meta=False)
+        if self.is_attention and P and not self.collective:
             for e, er in enumerate(self.topo.expert_ranks):
                 if er == self.rank:
                     ys.raw[e * P:(e + 1) * P].copy_(self_seg)
                 else:
                     ops.append(dist.P2POp(dist.irecv, ys.raw[e * P:(e + 1) * P], er, group=self.ctx.data_group))
                     peers.append((er, "recv"))
-        self._run_data(ops, peers, layer, "combine", start)
-        self._finish(layer, "combine", start)
+        if not self.collective:
+            self._run_data(ops, peers, layer, "combine", start)
+            self._finish(layer, "combine", start)
         if not self.is_attention:
             return None
         out = torch.zeros(call.T, self.hidden, dtype=self.dtype, device=self.device)
@@ -401,10 +431,82 @@ class MoECommunicator:
                 out = torch.where(hit[:, None], out + ysv[rows.clamp(max=scratch - 1)], out)
         return out
 
+    def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, P: int, forward: bool, layer: int, what: str,
+                     start: float) -> None:
+        """One padded exchange: P rows to/from every (attention, expert) peer as one all_to_all_single."""
+        splits = self._splits.get(P)
+        if splits is None:
+            att, exp = set(self.topo.attention_ranks), set(self.topo.expert_ranks)
+            to_experts = [P if self.is_attention and r in exp else 0 for r in range(self.topo.world_size)]
+            from_attention = [P if self.is_expert and r in att else 0 for r in range(self.topo.world_size)]
+            splits = self._splits[P] = (to_experts, from_attention)
+        send_splits, recv_splits = splits if forward else splits[::-1]
+        peers = [r for r, n in enumerate(recv_splits) if n and r != self.rank]
+        for r, n in enumerate(send_splits):
+            if n and r != self.rank:
+                self._count(r, n * inp.shape[1])
+        if not self.nccl:  # gloo: a blocking wait with the deadline (peer unknown inside a collective)
+            work = dist.all_to_all_single(out, inp, recv_splits, send_splits, group=self.ctx.data_group,
+                                          async_op=True)
+            try:
+                ok = work.wait(timeout=timedelta(seconds=self._deadline_left(start)))
+            except RuntimeError as e:
+                raise self._silent_peers(layer, what, peers, e) from None
+            if ok is False:
+                raise self._silent_peers(layer, what, peers, None)
+            return
+        # NCCL: enqueued, the current stream waits for it, the host goes on (and a CUDA graph can capture it)
+        dist.all_to_all_single(out, inp, recv_splits, send_splits, group=self.ctx.data_group)
+        if torch.cuda.is_current_stream_capturing():  # a CUDA graph: drain() checks its replays as a whole
+            return
+        self._track(layer, what, start, peers)
+
+    def _track(self, layer, what: str, start: float, peers: list[int]) -> None:
+        done = torch.cuda.Event()
+        done.record()
+        self._inflight.append((done, layer, what, start, peers))
+        self._retire(block=len(self._inflight) > MAX_INFLIGHT)
+
+    def _retire(self, block: bool = False) -> None:
+        """Drop finished padded NCCL calls; raise if the oldest unfinished one is past its deadline."""
+        while self._inflight:
+            done, layer, what, start, peers = self._inflight[0]
+            if done.query():
+                self._inflight.popleft()
+                continue
+            if time.monotonic() - start > self.timeout_s:
+                raise self._silent_peers(layer, what, peers, None)
+            if not block:
+                return
+            time.sleep(5e-5)
+
+    def drain(self) -> None:
+        """Wait (with the deadline) until every padded NCCL call issued so far has finished.
+
+        Call it before the host reads GPU results that depend on them (the runtime does, once per
+        step): a dead peer then raises CommError naming it and the layer instead of hanging the read.
+        Work this rank queued on the current stream since (e.g. a CUDA graph replay) is covered too.
+        """
+        if not self.inline:
+            return
+        peers = [r for r in (self.topo.expert_ranks if self.is_attention else ()) if r != self.rank]
+        peers += [r for r in (self.topo.attention_ranks if self.is_expert else ()) if r != self.rank and r not in peers]
+        self._track("(this step's last)", "exchange", time.monotonic(), peers)
+        while self._inflight:
+            self._retire(block=True)
+
+    def _silent_peers(self, layer: int, what: str, peers: list[int], e: Exception | None) -> CommError:
+        names = ", ".join(f"rank {q} ({self.topo.role_of(q)})" for q in peers) or "its peers"
+        detail = f": {str(e).strip().splitlines()[0]}" if e is not None and str(e).strip() else ""
+        return CommError(f"layer {layer} {what}: no data from {names} within {self.timeout_s} s "
+                         f"(rank {self.rank} waiting){detail}")
+
     # ------------------------------------------------------------------------------------------
     # internals
 
     def _submit(self, fn, args, inputs: list[torch.Tensor]) -> Handle:
+        if self.inline:
+            return self._run_inline(fn, args, inputs)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="afsplit-comm")
         if self._stream is None:
@@ -427,6 +529,26 @@ class MoECommunicator:
 
         return Handle(self._executor.submit(run), done)
 
+    def _run_inline(self, fn, args, inputs: list[torch.Tensor]) -> Handle:
+        """Async call without a thread: enqueue it on the communicator's stream now, return a finished Handle."""
+        caller = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(caller)
+        for t in inputs:
+            t.record_stream(self._stream)
+        future: Future = Future()
+        with torch.cuda.stream(self._stream):
+            try:
+                result = fn(*args)
+            except BaseException as e:  # noqa: BLE001 -- surfaces at .wait(), as from the worker thread
+                future.set_exception(e)
+                return Handle(future)
+            for t in _tensors_of(result):
+                t.record_stream(caller)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        future.set_result(result)
+        return Handle(future, done)
+
     def _buf(self, set_idx: int, name: str, cap: int, meta: bool) -> _Rows:
         key = (set_idx, name, meta)
         b = self._bufs.get(key)
@@ -437,14 +559,18 @@ class MoECommunicator:
 
     def agree_tokens(self, T: int, layer: int = -1) -> int:
         """Collective (control group): the largest T over all ranks; pass it as dispatch's tokens_hint."""
-        t = torch.tensor([T], dtype=torch.int64)
+        return self.agree_step(T, True, layer)[0]
+
+    def agree_step(self, T: int, decode_only: bool, layer: int = -1) -> tuple[int, bool]:
+        """Collective (control group): (largest T, whether every rank only decodes) over all ranks."""
+        t = torch.tensor([T, 0 if decode_only else 1], dtype=torch.int64)
         work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctx.control_group, async_op=True)
         try:
             work.wait(timeout=timedelta(seconds=self.timeout_s))
         except RuntimeError as e:
             raise CommError(f"layer {layer} dispatch: token-count vote did not complete within {self.timeout_s} s "
                             f"(a rank is dead or stuck): {e}") from None
-        return int(t.item())
+        return int(t[0]), not bool(t[1])
 
     def _choose(self, T: int, layer: int, hint: int | None) -> str:
         if self.transport != "adaptive":

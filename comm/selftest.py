@@ -145,10 +145,11 @@ def check_topologies(specs: list[str], transports: list[str], scenarios: list[st
             else:
                 model = calibrate(ctx, iters=3, large_bytes=1 << 16)
             for transport in transports:
-                padded = transport == "direct_padded"
+                padded = transport.startswith("direct_padded")
                 comm = MoECommunicator(ctx, hidden, top_k, torch.float32, max_tokens,
                                        "direct" if padded else transport, timeout_s, link_model=model,
-                                       metadata="padded" if padded else "counts")
+                                       metadata="padded" if padded else "counts",
+                                       collective=transport == "direct_padded_a2a")
                 use_async = transport == "two_phase"
                 for si, scenario in enumerate(scenarios):
                     for layer in range(layers):

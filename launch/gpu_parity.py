@@ -33,8 +33,8 @@ PROMPT_LENS = [5, 17, 33, 64, 1]
 NEW = 12
 
 
-def run_single(model_dir, prompts, dtype, device):
-    llm = LLM(model=model_dir, dtype=dtype, device=device, num_kv_blocks=256, block_size=16)
+def run_single(model_dir, prompts, dtype, device, cuda_graphs=True):
+    llm = LLM(model=model_dir, dtype=dtype, device=device, num_kv_blocks=256, block_size=16, cuda_graphs=cuda_graphs)
     logits = {}
     record_logits(llm.engine, logits)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -42,9 +42,9 @@ def run_single(model_dir, prompts, dtype, device):
     return {o.request_id: o.outputs[0].token_ids for o in outs}, logits
 
 
-def run_runtime(model_dir, prompts, nodes, work: Path):
+def run_runtime(model_dir, prompts, nodes, work: Path, metadata="counts"):
     cfg = {"model": {"path": model_dir, "dtype": "bfloat16"}, "topology": {"device": "cuda", "nodes": nodes},
-           "runtime": {"num_kv_blocks": 256, "micro_batches": 2}, "comm": {"timeout_s": 120}}
+           "runtime": {"num_kv_blocks": 256, "micro_batches": 2}, "comm": {"timeout_s": 120, "metadata": metadata}}
     (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     (work / "prompts.json").write_text(json.dumps(prompts))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -64,6 +64,18 @@ def prefill_err(ref, got) -> float:
     (_, rl), (_, gl) = ref, got
     return max(((gl[r][0].double().cpu() - rl[r][0].double().cpu()).norm() / rl[r][0].double().norm()).item()
                for r in rl)
+
+
+def steps_err(base, got) -> float:
+    """Largest relative logit error over every step (prefill and decodes) up to the first token that differs."""
+    (bt, bl), (gt, gl) = base, got
+    errs = []
+    for r in bl:
+        for i, (a, b) in enumerate(zip(bl[r], gl[r])):
+            errs.append(((b.double().cpu() - a.double().cpu()).norm() / a.double().norm()).item())
+            if bt[r][i] != gt[r][i]:
+                break
+    return max(errs)
 
 
 def compare(ref, got, yardstick: float):
@@ -96,9 +108,15 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--families", nargs="+", default=["qwen3_moe", "mixtral"])
     args = ap.parse_args()
-    layouts = {"single-gpu": None, "AF 1A+1E": [{"attention": 1, "expert": 1}], "colocated 2": [{"colocated": 2}]}
+    # (nodes, comm.metadata); None = the single-process engine. "graphs": padded metadata, so decode steps
+    # are CUDA graphs on every rank (the single-process engine uses them by default; "eager" turns them off)
+    layouts = {"single-gpu eager": (None, "eager"), "single-gpu graphs": (None, "graphs"),
+               "AF 1A+1E": ([{"attention": 1, "expert": 1}], "counts"), "colocated 2": ([{"colocated": 2}], "counts"),
+               "AF 1A+1E graphs": ([{"attention": 1, "expert": 1}], "padded"),
+               "colocated 2 graphs": ([{"colocated": 2}], "padded")}
     if torch.cuda.device_count() >= 4:
-        layouts["AF 2 nodes 2A|2E"] = [{"attention": 2}, {"expert": 2}]
+        layouts["AF 2 nodes 2A|2E"] = ([{"attention": 2}, {"expert": 2}], "counts")
+        layouts["AF 2 nodes 2A|2E graphs"] = ([{"attention": 2}, {"expert": 2}], "padded")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
@@ -108,27 +126,31 @@ def main():
             ref = run_single(model_dir, prompts, "float32", "cpu")
             yardstick = transformers_bf16_error(model_dir, prompts)
             single_gpu = None
-            for name, nodes in layouts.items():
+            for name, (nodes, mode) in layouts.items():
                 work = Path(tmp) / f"{family}-{len(rows)}"
                 work.mkdir()
                 try:
-                    got = run_single(model_dir, prompts, "bfloat16", "cuda") if nodes is None else \
-                        run_runtime(model_dir, prompts, nodes, work)
+                    got = run_single(model_dir, prompts, "bfloat16", "cuda", mode != "eager") if nodes is None else \
+                        run_runtime(model_dir, prompts, nodes, work, mode)
                     row = {"family": family, "layout": name, **compare(ref, got, yardstick)}
-                    if nodes is None:
+                    if nodes is None and mode == "eager":
                         single_gpu = got
                     elif single_gpu is not None:
                         row["vs_single_gpu_err"] = prefill_err(single_gpu, got)
+                        # decode steps too (graphs pad batches, so GEMM shapes differ from the eager run)
+                        row["all_steps_vs_single_gpu_err"] = steps_err(single_gpu, got)
                 except Exception as e:  # report and go on: one layout failing must not hide the others
                     row = {"family": family, "layout": name, "pass": False, "error": str(e)[-1500:]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
     nan = float("nan")
-    print(f"{'family':<10} {'layout':<18} {'pass':<5} {'logit err':>9} {'HF bf16':>8} {'vs 1GPU':>8} {'1st tok':>8} {'tokens':>7}")
+    print(f"{'family':<10} {'layout':<24} {'pass':<5} {'logit err':>9} {'HF bf16':>8} {'vs 1GPU':>8} {'steps vs':>8} "
+          f"{'1st tok':>8} {'tokens':>7}")
     for r in rows:
-        print(f"{r['family']:<10} {r['layout']:<18} {str(r['pass']):<5} {r.get('prefill_logits_rel_err_max', nan):>9.2e} "
+        print(f"{r['family']:<10} {r['layout']:<24} {str(r['pass']):<5} {r.get('prefill_logits_rel_err_max', nan):>9.2e} "
               f"{r.get('hf_bf16_err', nan):>8.2e} {r.get('vs_single_gpu_err', nan):>8.2e} "
+              f"{r.get('all_steps_vs_single_gpu_err', nan):>8.2e} "
               f"{r.get('first_token_match', nan):>8.2f} {r.get('greedy_token_match', nan):>7.2f}")
     return 0 if all(r["pass"] for r in rows) else 1
 

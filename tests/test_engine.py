@@ -43,6 +43,33 @@ def test_outputs_identical_with_preemption_and_chunked_prefill(tiny_dir):
     assert micro == base
 
 
+def test_bucket_rule():
+    from afsplit.cuda_graphs import bucket_for, graph_buckets, step_tokens_hint
+
+    assert graph_buckets(20) == [1, 2, 4, 8, 16, 24]
+    assert [bucket_for(n, 64) for n in (1, 3, 8, 9, 17, 64, 65)] == [1, 4, 8, 16, 24, 64, None]
+    assert step_tokens_hint(5, True, 64, 4096) == (8, True)
+    assert step_tokens_hint(5, False, 64, 4096) == (5, False)  # a prefill somewhere: exact size, eager
+    assert step_tokens_hint(0, True, 64, 4096) == (0, False)  # nobody has work
+    assert step_tokens_hint(70, True, 64, 4096) == (70, False)  # beyond the largest bucket
+    assert step_tokens_hint(5, True, 64, 6) == (5, False)  # bucket larger than the comm buffers
+
+
+def test_static_decode_path_matches_eager(tiny_dir, monkeypatch):
+    """The CUDA-graph code path (bucket-padded static inputs, padding rows masked), run uncaptured on CPU,
+    gives the eager engine's tokens, with and without micro-batches and with preemption."""
+    from afsplit.cuda_graphs import STATIC_ON_CPU_ENV
+
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    base, _ = run(tiny_dir, greedy, num_kv_blocks=512, max_num_batched_tokens=64)
+    monkeypatch.setenv(STATIC_ON_CPU_ENV, "1")
+    for kw in ({}, {"micro_batches": 2}, {"num_kv_blocks": 20}):
+        llm = LLM(model=tiny_dir, block_size=4, **{"num_kv_blocks": 512, "max_num_batched_tokens": 64, **kw})
+        outs = llm.generate(prompts(), greedy, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == base, kw
+        assert llm.engine.runner.static.graphs.calls > 0
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_batching(tiny_dir):
     params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=7, max_tokens=16, ignore_eos=True)
     a, _ = run(tiny_dir, params, num_kv_blocks=512)

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from afsplit import LLM, SamplingParams
+from afsplit.cuda_graphs import STATIC_ON_CPU_ENV
 from tests.helpers.runtime_case import record_logits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +30,9 @@ CASES = {
     "qwen3-2nodes-mixed-replicas-adaptive": ("qwen3_moe", [{"attention": 1, "expert": 1}, {"attention": 1, "expert": 2}],
                                              2, "adaptive", {"replicas": "auto", "spare_slots_per_rank": 2}),
     "qwen3-2nodes-colocated-two_phase-auto_m": ("qwen3_moe", [{"colocated": 2}, {"colocated": 1}], "auto", "two_phase", {}),
+    # the CUDA-graph decode path (bucket-padded static inputs, masked padding rows), run uncaptured on CPU
+    "qwen3-2A2E-m2-padded-static": ("qwen3_moe", [{"attention": 2, "expert": 2}], 2, "direct_padded", {}, True),
+    "olmoe-colocated2-padded-static": ("olmoe", [{"colocated": 2}], 1, "direct_padded", {}, True),
 }
 
 PROMPT_LENS = [3, 17, 1, 9, 24]
@@ -49,9 +53,9 @@ def run_env(**extra):
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def launch(cfg_path, args, timeout=240):
+def launch(cfg_path, args, timeout=240, **env):
     cmd = [sys.executable, "-m", "launch.local_cluster", "--config", str(cfg_path), "--", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=run_env())
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=run_env(**env))
 
 
 @pytest.mark.slow
@@ -59,7 +63,7 @@ def launch(cfg_path, args, timeout=240):
 def test_runtime_matches_single_process_engine(case, tmp_path):
     from afsplit.models.tiny import make_tiny
 
-    family, nodes, m, transport, balancer = CASES[case]
+    family, nodes, m, transport, balancer, *static = CASES[case]
     model_dir = str(make_tiny(family, tmp_path / "model", seed=5))
     g = torch.Generator().manual_seed(len(case))
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
@@ -71,9 +75,13 @@ def test_runtime_matches_single_process_engine(case, tmp_path):
            "balancer": balancer}
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    proc = launch(cfg_path, ["tests/helpers/runtime_case.py", str(cfg_path), str(tmp_path / "prompts.json"), str(tmp_path)])
+    env = {STATIC_ON_CPU_ENV: "1"} if static else {}
+    proc = launch(cfg_path, ["tests/helpers/runtime_case.py", str(cfg_path), str(tmp_path / "prompts.json"), str(tmp_path)],
+                  **env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
+    static_steps = [json.loads(f.read_text()) for f in tmp_path.glob("static-steps-rank*.json")]
+    assert static_steps and all(n > 0 if static else n == 0 for n in static_steps), static_steps
     ref_tokens, ref_logits = reference(model_dir, prompts)
     got = json.loads((tmp_path / "tokens.json").read_text())
     assert [got[str(i)] for i in range(len(prompts))] == ref_tokens

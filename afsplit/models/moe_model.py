@@ -111,6 +111,8 @@ class AttentionModel:
                 xs.append(x)
                 if self.spec.moe_layers[layer]:
                     weights, ids = self.route(layer, x)
+                    if meta.valid_rows is not None:  # padding rows go to no expert (id -1 is skipped everywhere)
+                        ids = torch.where(meta.valid_rows[:, None], ids, -1)
                     moe.send(layer, u, x, ids, weights)
             if self.spec.moe_layers[layer]:
                 hs = [self.add_shared_expert(layer, x, moe.recv(layer, u)) for u, x in enumerate(xs)]
@@ -122,8 +124,20 @@ class AttentionModel:
 class MoEExchange:
     """Where routed-expert work goes: `send` a micro-batch's tokens, later `recv` their outputs, in order."""
 
-    def begin_step(self, tokens_per_micro_batch: list[int]) -> None:
-        """Called once per forward before any layer (distributed exchanges agree on sizes here)."""
+    def agree_step(self, max_tokens: int, decode_only: bool) -> tuple[int, bool]:
+        """(largest micro-batch, every rank only decodes) over all ranks; one vote per step where distributed."""
+        return max_tokens, decode_only
+
+    def begin_step(self, tokens_hint: int) -> None:
+        """Called once per forward before any layer with the step's padded region size (same on all ranks)."""
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a forward through this exchange may be captured in a CUDA graph (no host syncs/counters)."""
+        return False
+
+    def end_step(self) -> None:
+        """Called once per forward after the last layer, before the host reads results back."""
 
     def send(self, layer: int, micro_batch: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
         raise NotImplementedError
@@ -140,6 +154,10 @@ class LocalMoE(MoEExchange):
         self.stats = stats  # optional comm.expert_stats.ExpertStatsRecorder (MoE-layer numbering)
         self.moe_index = moe_index or {}
         self._out: dict[int, torch.Tensor] = {}
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.stats is None  # the recorder counts tokens on the host
 
     def send(self, layer, micro_batch, x, ids, weights):
         if self.stats is not None:

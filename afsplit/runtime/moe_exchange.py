@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from afsplit.cuda_graphs import GraphCache, step_tokens_hint
 from afsplit.models.moe_model import ExpertModel, MoEExchange
 from afsplit.models.spec import ModelSpec
 from afsplit.runtime.timing import PhaseTimes
@@ -33,6 +34,8 @@ class RoutedExperts:
         self.counts_group = counts_group  # attention ranks' group, for the per-micro-batch count exchange
         self.stats = stats
         self.moe_index = {layer: i for i, layer in enumerate(spec.moe_layer_ids)}
+        # replicated layers exchange per-micro-batch counts and split tokens by them (not masked-row safe)
+        self.placement_replicated = placement.has_replicas()
 
     def assign(self, layer: int, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(dest expert index [T, K], local slot [T, K]) for logical ids of one micro-batch."""
@@ -69,9 +72,24 @@ class RemoteMoE(MoEExchange):
         self._combines: list = []  # combine handles, in micro-batch order
         self.tokens_hint: int | None = None
 
-    def begin_step(self, tokens_per_micro_batch):
+    def agree_step(self, max_tokens, decode_only):
         if needs_token_vote(self.comm):
-            self.tokens_hint = self.comm.agree_tokens(max(tokens_per_micro_batch, default=0))
+            return self.comm.agree_step(max_tokens, decode_only)
+        return max_tokens, False  # no vote: no rank may pad to a bucket (they would not agree)
+
+    def begin_step(self, tokens_hint):
+        self.tokens_hint = tokens_hint if needs_token_vote(self.comm) else None
+
+    @property
+    def graph_safe(self) -> bool:
+        """A forward through this exchange can be captured: no host sync, no statistics on the host."""
+        # padded regions (bucket-sized, masked rows routed nowhere); captured only on NCCL's inline path
+        capturable = self.comm.inline or not self.comm.nccl
+        return (self.comm.metadata == "padded" and capturable and self.routing.stats is None
+                and not self.routing.placement_replicated)
+
+    def end_step(self):
+        self.comm.drain()  # a dead peer fails here, by name, before sampling reads the logits
 
     def _issue_combines(self) -> None:
         while self._dispatched:
@@ -103,20 +121,39 @@ class RemoteMoE(MoEExchange):
 
 
 class ExpertServer:
-    """Expert side (AF mode): serves every MoE layer's micro-batches of one engine step."""
+    """Expert side (AF mode): serves every MoE layer's micro-batches of one engine step.
 
-    def __init__(self, comm, spec: ModelSpec, experts: ExpertModel, micro_batches: int, times: PhaseTimes):
+    Decode steps padded to a bucket (afsplit/cuda_graphs.py) replay one CUDA graph of the whole
+    step per (micro-batches, bucket): the region sizes are all the expert side needs to know.
+    """
+
+    def __init__(self, comm, spec: ModelSpec, experts: ExpertModel, micro_batches: int, times: PhaseTimes,
+                 max_batch: int, graphs: GraphCache | None = None):
         self.comm = comm
         self.spec = spec
         self.experts = experts
         self.micro_batches = micro_batches
         self.times = times
+        self.max_batch = max_batch  # runtime.max_num_seqs: the bucket rule's bound, as on attention ranks
+        self.graphs = graphs if comm.inline else None
 
     @torch.inference_mode()
     def serve_step(self) -> int:
-        """Run one engine step's worth of MoE layers; returns the number of tokens served."""
+        """Run one engine step's worth of MoE layers; returns the number of rows served (padding included)."""
+        hint, graphable = None, False
+        if needs_token_vote(self.comm):
+            max_tokens, all_decode = self.comm.agree_step(0, True)
+            hint, graphable = step_tokens_hint(max_tokens, all_decode, self.max_batch, self.comm.max_tokens)
+        if graphable and self.graphs is not None:
+            self.graphs.run((self.micro_batches, hint), lambda: self._serve(hint))
+            served = hint * len(self.comm.topo.attention_ranks) * self.micro_batches * len(self.spec.moe_layer_ids)
+        else:
+            served = self._serve(hint)
+        self.comm.drain()
+        return served
+
+    def _serve(self, hint: int | None) -> int:
         served = 0
-        hint = self.comm.agree_tokens(0) if needs_token_vote(self.comm) else None
         for layer in self.spec.moe_layer_ids:
             for _ in range(self.micro_batches):
                 with self.times.phase("dispatch"):

@@ -24,6 +24,7 @@ from afsplit.config import Config, validate
 from afsplit.engine import DTYPES, LLMEngine, RequestOutput, progress_bar, resolve_model
 from afsplit.models.moe_model import ExpertModel
 from afsplit.models.weights import load_expert_weights
+from afsplit.cuda_graphs import GraphCache, graphs_wanted
 from afsplit.runtime.moe_exchange import ExpertServer, RemoteMoE, RoutedExperts
 from afsplit.runtime.timing import PhaseTimes
 from afsplit.sequence import Sequence
@@ -180,7 +181,10 @@ class RankRuntime:
             self.engine = LLMEngine(config, build_moe=lambda *_: moe, device=self.ctx.device,
                                     micro_batches=self.m, spec_and_source=(spec, source))
         else:
-            self.server = ExpertServer(self.comm, spec, experts, self.m, self.times)
+            use_graphs, capture = graphs_wanted(config.runtime.cuda_graphs and not config.runtime.profile,
+                                                self.ctx.device)
+            graphs = GraphCache(self.ctx.device, capture, name="expert step") if use_graphs else None
+            self.server = ExpertServer(self.comm, spec, experts, self.m, self.times, config.runtime.max_num_seqs, graphs)
         self.stats = RunStats(world_size=self.ctx.world_size, num_moe_layers=spec.num_moe_layers)
         log.info("rank %d ready: %s, %d micro-batch(es), transport %s", self.rank, topo.role_of(self.rank),
                  self.m, config.comm.transport)

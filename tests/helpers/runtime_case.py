@@ -45,6 +45,8 @@ def main(cfg_path, prompts_path, out_dir):
             runtime.serve()
         if runtime.engine is not None:
             torch.save(logits, out / f"logits-rank{runtime.rank}.pt")
+            static = runtime.engine.runner.static
+            (out / f"static-steps-rank{runtime.rank}.json").write_text(json.dumps(static.graphs.calls if static else 0))
     finally:
         runtime.shutdown()
 

@@ -1,0 +1,84 @@
+"""Decode steps on static, bucket-padded inputs, replayed as CUDA graphs (see afsplit/cuda_graphs.py).
+
+The eager path (ModelRunner) builds fresh tensors sized to the batch every step; a CUDA graph needs
+the same addresses and shapes every replay. So here every micro-batch of a decode step is written
+into preallocated inputs of the bucket's size: real sequences first, then padding rows (token 0,
+position 0, KV slot -1 so nothing is stored, context length 1, expert ids masked to -1). Block
+tables are as wide as ``max_model_len`` needs, so any decode fits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from afsplit import ops
+from afsplit.cuda_graphs import GraphCache
+from afsplit.scheduler import ScheduledBatch
+
+
+class StaticDecode:
+    """One forward of m decode micro-batches, each padded to a bucket, eager once, then a CUDA graph."""
+
+    def __init__(self, model, kv_cache, block_size: int, max_model_len: int, max_bucket: int, moe, device,
+                 capture: bool):
+        self.model, self.kv_cache, self.moe, self.device = model, kv_cache, moe, device
+        self.block_size = block_size
+        self.max_blocks = -(-max_model_len // block_size)
+        self.max_bucket = max_bucket
+        self.graphs = GraphCache(device, capture)
+        self._m = 0  # micro-batches the static inputs are allocated for
+
+    def _allocate(self, m: int) -> None:
+        if m <= self._m:
+            return
+        B, dev = self.max_bucket, self.device
+        self.scalars = torch.zeros(m, 4, B, dtype=torch.int64, device=dev)  # token, position, slot, context len
+        self.tables = torch.zeros(m, B, self.max_blocks, dtype=torch.int32, device=dev)
+        self.valid = torch.zeros(m, B, dtype=torch.bool, device=dev)
+        self.seq_lens = torch.ones(m, B, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(B, dtype=torch.int64, device=dev)
+        self.cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        pin = dev.type == "cuda"
+        self._host_scalars = torch.zeros(m, 4, B, dtype=torch.int64, pin_memory=pin)
+        self._host_tables = torch.zeros(m, B, self.max_blocks, dtype=torch.int32, pin_memory=pin)
+        self._m = m
+
+    def _fill(self, parts: list[ScheduledBatch], bucket: int) -> None:
+        m, bs = len(parts), self.block_size
+        hs, ht = self._host_scalars[:m, :, :bucket], self._host_tables[:m, :bucket]
+        hs.zero_()
+        hs[:, 2].fill_(-1)  # padding rows store no KV
+        hs[:, 3].fill_(1)  # and attend to one (never stored) key
+        ht.zero_()
+        for u, part in enumerate(parts):
+            for b, seq in enumerate(part.seqs):
+                p = seq.num_computed_tokens  # the one token this decode computes
+                hs[u, 0, b] = seq.token_ids[p]
+                hs[u, 1, b] = p
+                hs[u, 2, b] = seq.block_table[p // bs] * bs + p % bs
+                hs[u, 3, b] = p + 1
+                ht[u, b, :len(seq.block_table)] = torch.as_tensor(seq.block_table, dtype=torch.int32)
+        self.scalars[:m, :, :bucket].copy_(hs, non_blocking=True)
+        self.tables[:m, :bucket].copy_(ht, non_blocking=True)
+        torch.ge(self.scalars[:m, 2, :bucket], 0, out=self.valid[:m, :bucket])  # real rows have a KV slot
+        self.seq_lens[:m, :bucket].copy_(self.scalars[:m, 3, :bucket])
+
+    def _forward(self, m: int, bucket: int):
+        inputs = []
+        for u in range(m):
+            meta = ops.AttentionMetadata(
+                positions=self.scalars[u, 1, :bucket], slot_mapping=self.scalars[u, 2, :bucket],
+                cu_seqlens_q=self.cu[:bucket + 1], prefix_lens=self.seq_lens[u, :bucket] - 1,
+                seq_lens=self.seq_lens[u, :bucket], block_tables=self.tables[u, :bucket], decode_only=True,
+                cu_seqlens_list=list(range(bucket + 1)), prefix_lens_list=[], valid_rows=self.valid[u, :bucket])
+            inputs.append((self.scalars[u, 0, :bucket], meta))
+        return self.model.forward(inputs, self.kv_cache.layers, self.moe, [self.rows[:bucket]] * m)
+
+    def run(self, parts: list[ScheduledBatch], bucket: int) -> torch.Tensor:
+        """Logits [sum of part sizes, V] of every sequence, in part order."""
+        m = len(parts)
+        self._allocate(m)
+        self._fill(parts, bucket)
+        logits = self.graphs.run((m, bucket), lambda: self._forward(m, bucket))  # [m * bucket, V]
+        keep = torch.cat([u * bucket + torch.arange(len(p.seqs)) for u, p in enumerate(parts)])
+        return logits[keep.to(logits.device)]
