@@ -89,6 +89,16 @@ class GraphCache:
         self.replays = 0
         self.calls = 0
 
+    def reset(self) -> bool:
+        """Free every graph (before the process group goes: NCCL keeps resources of captured collectives
+        until their graph is destroyed, and tearing the communicator down first hangs). True if any existed."""
+        had = bool(self.graphs)
+        if had:
+            torch.cuda.synchronize(self.device)
+        self.graphs.clear()
+        self.warmed.clear()
+        return had
+
     def run(self, key: tuple, fn: Callable[[], object]):
         self.calls += 1
         entry = self.graphs.get(key)

@@ -331,4 +331,15 @@ class RankRuntime:
             return
         self._closed = True
         self.comm.close()
-        self.ctx.shutdown(abort=abort)
+        caches = [self.server.graphs if self.server is not None else None,
+                  self.engine.runner.static.graphs if self.engine is not None and self.engine.runner.static else None]
+        captured = False
+        for cache in filter(None, caches):
+            try:
+                captured |= cache.reset()
+            except Exception as e:  # noqa: BLE001 -- on the way out; the abort below still runs
+                log.warning("freeing CUDA graphs failed: %s", e)
+                captured = True
+        # captured NCCL collectives can make an orderly communicator teardown wait forever: abort instead
+        # (every step was drained, so nothing is in flight)
+        self.ctx.shutdown(abort=abort or captured)
