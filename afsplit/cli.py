@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.add_argument("--stats-json", help="runtime: write the run's measurements (throughput, TPOT, time split) here")
+    g.add_argument("--warmup", action="store_true",
+                   help="first run as many 1-token requests for 3 tokens (compiles kernels, captures the CUDA graphs "
+                        "of that batch size); measurements cover the real run only")
 
     c = sub.add_parser("check-config", help="validate a config and print the rank -> node/role map")
     c.add_argument("config")
@@ -156,6 +159,7 @@ def cmd_generate(args, argv: list[str]) -> int:
     """Single process when the topology has one rank; otherwise one rank of the runtime under torchrun,
     or (started plainly) launch every rank on this host through the cluster simulation."""
     from afsplit.config import load_config
+    from afsplit.cuda_graphs import warm_up_requests
 
     config = load_config(args.config, args.overrides)
     topology = config.topology.topology
@@ -167,7 +171,10 @@ def cmd_generate(args, argv: list[str]) -> int:
     if topology.world_size == 1 and not under_torchrun:
         from afsplit.engine import LLMEngine
 
-        outs = LLMEngine(config).generate(prompts, params, use_tqdm=not args.no_progress)
+        engine = LLMEngine(config)
+        if args.warmup:
+            engine.generate(*warm_up_requests(len(prompts)), use_tqdm=False)
+        outs = engine.generate(prompts, params, use_tqdm=not args.no_progress)
         return _write_results(args, requests, index, outs)
     from afsplit.runtime.worker import RankRuntime
 
@@ -179,6 +186,8 @@ def cmd_generate(args, argv: list[str]) -> int:
         if runtime.rank != runtime.coordinator:
             runtime.serve()
             return 0
+        if args.warmup:
+            runtime.warm_up(len(prompts))
         outs = runtime.generate(prompts, params, use_tqdm=not args.no_progress)
         if args.stats_json:
             with open(args.stats_json, "w", encoding="utf-8") as f:

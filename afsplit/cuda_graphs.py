@@ -62,6 +62,15 @@ def step_tokens_hint(max_tokens: int, all_decode: bool, max_batch: int, max_toke
     return max_tokens, False
 
 
+def warm_up_requests(n: int):
+    """n one-token prompts generating 3 tokens each, for a warm-up before a measured run of n requests:
+    step 1 (a one-token prefill is decode-shaped) warms the batch's bucket eagerly, step 2 captures it,
+    step 3 replays; every kernel gets compiled on the way."""
+    from afsplit.sampling_params import SamplingParams
+
+    return [{"prompt_token_ids": [0]}] * n, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+
 def graphs_wanted(enabled: bool, device: torch.device) -> tuple[bool, bool]:
     """(use the static decode path, capture it): captured on CUDA; uncaptured on CPU only for tests."""
     if not enabled:

@@ -104,9 +104,14 @@ class ModelRunner:
                                                      all(n == 1 for n in batch.num_tokens))
         hint, graphable = step_tokens_hint(max_tokens, all_decode, self.max_batch, self.max_tokens_per_rank)
         self.moe.begin_step(hint)
-        if graphable and self.static is not None:  # every sequence decodes one token and samples
+        if graphable and self.static is not None:  # one token per sequence: decodes (or 1-token chunks)
             logits = self.static.run(parts, hint)
-            sampling = [position[id(seq)] for part in parts for seq in part.seqs]
+            seqs = [seq for part in parts for seq in part.seqs]
+            # a 1-token chunk in the middle of a prompt computes KV but samples nothing
+            keep = [i for i, seq in enumerate(seqs) if seq.num_computed_tokens + 1 == seq.num_tokens]
+            if len(keep) < len(seqs):
+                logits = logits[torch.tensor(keep, dtype=torch.int64, device=logits.device)]
+            sampling = [position[id(seqs[i])] for i in keep]
         else:
             inputs, rows, sampling = [], [], []
             for part in parts:

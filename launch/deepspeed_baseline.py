@@ -58,6 +58,7 @@ def parse_args(argv):
     ap.add_argument("--output", help="results as JSON lines (rank 0)")
     ap.add_argument("--stats-json", help="run measurements (rank 0)")
     ap.add_argument("--no-progress", action="store_true", help="accepted for symmetry with afsplit generate")
+    ap.add_argument("--warmup", action="store_true", help="as afsplit generate --warmup (kernels compiled first)")
     return ap.parse_args(argv)
 
 
@@ -153,6 +154,30 @@ def make_exchange(layers: dict, times):
     return DeepSpeedExchange()
 
 
+def step_until_done(engine, ctrl):
+    """Step in lockstep with the other ranks until none has work: (step seconds, decode-only step
+    seconds, finished sequences) of this rank."""
+    import torch.distributed as dist
+
+    step_times, decode_step_s, finished = [], [], []
+    last = None  # (step seconds, had prefill, had decodes) of the previous step on this rank
+    while True:
+        prefill = int(last is not None and last[1])
+        decodes = int(last is not None and last[2])
+        flags = torch.tensor([int(engine.scheduler.has_work()), prefill, decodes], dtype=torch.int64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=ctrl)
+        if last is not None and not flags[1] and flags[2]:
+            decode_step_s.append(last[0])
+        if not flags[0]:
+            return step_times, decode_step_s, finished
+        t0 = time.perf_counter()
+        finished += engine.step(lockstep=True)
+        step_s = time.perf_counter() - t0
+        step_times.append(step_s)
+        tokens, dec = engine.last_step
+        last = (step_s, tokens != dec, dec > 0)
+
+
 def run(args) -> int:
     import deepspeed
     import torch.distributed as dist
@@ -187,6 +212,14 @@ def run(args) -> int:
     layers.update(build_moe_layers(spec, source, engine.model.w, engine.model.router_bias, dtype, device, rank, world))
 
     requests = read_requests(args.prompts_file, dict(max_tokens=32, temperature=1.0))
+    if args.warmup:  # as `afsplit generate --warmup`: compile kernels on this batch size, then forget it
+        from afsplit.cuda_graphs import warm_up_requests
+
+        warm, warm_params = warm_up_requests(len(requests))
+        for prompt in warm[rank::world]:
+            engine.add_request(prompt, warm_params)
+        step_until_done(engine, ctrl)
+        times.take()
     mine = [i for i, (req, err) in enumerate(requests) if req is not None and i % world == rank]
     dist.barrier(group=ctrl)
     seqs = {}
@@ -200,23 +233,7 @@ def run(args) -> int:
         except Exception as e:  # RequestError: reported, the others run
             failed[i] = str(e)
     start = time.perf_counter()
-    step_times, decode_step_s, moe_s, finished = [], [], 0.0, []
-    last = None  # (step seconds, had prefill, had decodes) of the previous step on this rank
-    while True:
-        prefill = int(last is not None and last[1])
-        decodes = int(last is not None and last[2])
-        flags = torch.tensor([int(engine.scheduler.has_work()), prefill, decodes], dtype=torch.int64)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=ctrl)
-        if last is not None and not flags[1] and flags[2]:
-            decode_step_s.append(last[0])
-        if not flags[0]:
-            break
-        t0 = time.perf_counter()
-        finished += engine.step(lockstep=True)
-        step_s = time.perf_counter() - t0
-        step_times.append(step_s)
-        tokens, dec = engine.last_step
-        last = (step_s, tokens != dec, dec > 0)
+    step_times, decode_step_s, finished = step_until_done(engine, ctrl)
     wall = time.perf_counter() - start
     moe_s = times.take().get("moe", 0.0)
     mine_out = [(seqs[s.request_id], engine.request_output(s), s.latency_metrics()) for s in finished]

@@ -281,7 +281,8 @@ def run_command(sw: dict, p: Point, concurrency: int, prompts: str, out: str, st
         prog = [str(REPO / "launch" / "deepspeed_baseline.py"), "--config", sw["base_config"], *sets]
     else:
         prog = ["-m", "afsplit.cli", "generate", "--config", sw["base_config"], *sets, "--no-progress"]
-    prog += ["--prompts-file", prompts, "--output", out, "--stats-json", stats]
+    # --warmup: kernel compilation and CUDA graph capture for this batch size happen before the clock starts
+    prog += ["--prompts-file", prompts, "--output", out, "--stats-json", stats, "--warmup"]
     return [sys.executable, "-m", "launch.local_cluster", "--nodes", p.split.node_spec(), "--device", device,
             "--timeout", str(int(timeout_s)), "--", *prog]
 

@@ -61,11 +61,14 @@ def test_static_decode_path_matches_eager(tiny_dir, monkeypatch):
     from afsplit.cuda_graphs import STATIC_ON_CPU_ENV
 
     greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    base, _ = run(tiny_dir, greedy, num_kv_blocks=512, max_num_batched_tokens=64)
+    reqs = prompts(n=8)
+    base = [o.outputs[0].token_ids for o in LLM(model=tiny_dir, block_size=4, num_kv_blocks=512).generate(
+        reqs, greedy, use_tqdm=False)]
     monkeypatch.setenv(STATIC_ON_CPU_ENV, "1")
-    for kw in ({}, {"micro_batches": 2}, {"num_kv_blocks": 20}):
+    # budget 4 with 8 prompts: decodes + a 1-token mid-prompt chunk (static path; that chunk must not sample)
+    for kw in ({}, {"micro_batches": 2}, {"num_kv_blocks": 20}, {"max_num_batched_tokens": 4}):
         llm = LLM(model=tiny_dir, block_size=4, **{"num_kv_blocks": 512, "max_num_batched_tokens": 64, **kw})
-        outs = llm.generate(prompts(), greedy, use_tqdm=False)
+        outs = llm.generate(reqs, greedy, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == base, kw
         assert llm.engine.runner.static.graphs.calls > 0
 

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from afsplit.config import Config, validate
+from afsplit.cuda_graphs import GraphCache, graphs_wanted, warm_up_requests
 from afsplit.engine import DTYPES, LLMEngine, RequestOutput, progress_bar, resolve_model
 from afsplit.models.moe_model import ExpertModel
 from afsplit.models.weights import load_expert_weights
-from afsplit.cuda_graphs import GraphCache, graphs_wanted
 from afsplit.runtime.moe_exchange import ExpertServer, RemoteMoE, RoutedExperts
 from afsplit.runtime.timing import PhaseTimes
 from afsplit.sequence import Sequence
@@ -243,8 +243,10 @@ class RankRuntime:
             report = self._attention_step(plan) if self.engine is not None else self._expert_step(plan)
             self._gather(report)
 
-    def generate(self, prompts: list, params: list, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Coordinator: spread requests over attention ranks by free KV capacity, step until all finish."""
+    def generate(self, prompts: list, params: list, use_tqdm: bool = True, last: bool = True) -> list[RequestOutput]:
+        """Coordinator: spread requests over attention ranks by free KV capacity, step until all finish.
+
+        `last=False` leaves the other ranks serving (no stop plan), so another generate can follow."""
         engine = self.engine
         results, pending, index = engine.admit(prompts, params)
         att = list(self.topo.attention_ranks)
@@ -268,6 +270,8 @@ class RankRuntime:
             pending = []
             stuck = idle_steps >= MAX_IDLE_STEPS
             plan.stop = stuck or (not plan.assign and not any(busy.values()))
+            if plan.stop and not stuck and not last:
+                break  # the other ranks wait for the next generate's first plan
             self._broadcast(plan)
             if plan.stop:
                 self._dump_expert_stats()
@@ -310,6 +314,14 @@ class RankRuntime:
         stats.wall_s = time.perf_counter() - run_start
         log.info("run stats: %s", stats.summary())
         return results
+
+    def warm_up(self, num_requests: int) -> None:
+        """Coordinator: run `num_requests` 1-token prompts for 3 tokens, then forget the run's statistics.
+
+        Decode steps of that batch size (its CUDA graph bucket) get their eager warm-up and their
+        capture here, and every kernel its compilation, so a measured run that follows pays neither."""
+        self.generate(*warm_up_requests(num_requests), use_tqdm=False, last=False)
+        self.stats = RunStats(world_size=self.ctx.world_size, num_moe_layers=self.spec.num_moe_layers)
 
     def _dump_expert_stats(self) -> None:
         """Attention ranks sum their activation counts; the coordinator appends them to balancer.stats_path."""
