@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.add_argument("--stats-json", help="runtime: write the run's measurements (throughput, TPOT, time split) here")
     g.add_argument("--warmup", action="store_true",
-                   help="first run as many 1-token requests for 3 tokens (compiles kernels, captures the CUDA graphs "
-                        "of that batch size); measurements cover the real run only")
+                   help="first run the same prompts for 3 tokens each (compiles kernels, captures the CUDA graphs of "
+                        "that batch size); measurements cover the real run only")
 
     c = sub.add_parser("check-config", help="validate a config and print the rank -> node/role map")
     c.add_argument("config")
@@ -173,7 +173,7 @@ def cmd_generate(args, argv: list[str]) -> int:
 
         engine = LLMEngine(config)
         if args.warmup:
-            engine.generate(*warm_up_requests(len(prompts)), use_tqdm=False)
+            engine.generate(*warm_up_requests(prompts), use_tqdm=False)
         outs = engine.generate(prompts, params, use_tqdm=not args.no_progress)
         return _write_results(args, requests, index, outs)
     from afsplit.runtime.worker import RankRuntime
@@ -187,7 +187,7 @@ def cmd_generate(args, argv: list[str]) -> int:
             runtime.serve()
             return 0
         if args.warmup:
-            runtime.warm_up(len(prompts))
+            runtime.warm_up(prompts)
         outs = runtime.generate(prompts, params, use_tqdm=not args.no_progress)
         if args.stats_json:
             with open(args.stats_json, "w", encoding="utf-8") as f:

@@ -62,13 +62,13 @@ def step_tokens_hint(max_tokens: int, all_decode: bool, max_batch: int, max_toke
     return max_tokens, False
 
 
-def warm_up_requests(n: int):
-    """n one-token prompts generating 3 tokens each, for a warm-up before a measured run of n requests:
-    step 1 (a one-token prefill is decode-shaped) warms the batch's bucket eagerly, step 2 captures it,
-    step 3 replays; every kernel gets compiled on the way."""
+def warm_up_requests(prompts: list):
+    """The measured run's prompts, 3 new tokens each: a warm-up that prefills the same lengths (every
+    prefill kernel shape gets compiled) and reaches the batch's decode bucket (eager warm-up, then
+    capture), so the measured run that follows pays neither compilation nor capture."""
     from afsplit.sampling_params import SamplingParams
 
-    return [{"prompt_token_ids": [0]}] * n, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    return list(prompts), SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
 
 
 def graphs_wanted(enabled: bool, device: torch.device) -> tuple[bool, bool]:

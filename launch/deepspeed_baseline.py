@@ -212,21 +212,25 @@ def run(args) -> int:
     layers.update(build_moe_layers(spec, source, engine.model.w, engine.model.router_bias, dtype, device, rank, world))
 
     requests = read_requests(args.prompts_file, dict(max_tokens=32, temperature=1.0))
-    if args.warmup:  # as `afsplit generate --warmup`: compile kernels on this batch size, then forget it
+    mine = [i for i, (req, err) in enumerate(requests) if req is not None and i % world == rank]
+    prompts = {i: {"prompt_token_ids": requests[i][0]["prompt_token_ids"]} if "prompt_token_ids" in requests[i][0]
+               else requests[i][0]["prompt"] for i in mine}
+    if args.warmup:  # as `afsplit generate --warmup`: the same prompts for 3 tokens, then forget the timings
         from afsplit.cuda_graphs import warm_up_requests
 
-        warm, warm_params = warm_up_requests(len(requests))
-        for prompt in warm[rank::world]:
-            engine.add_request(prompt, warm_params)
+        warm, warm_params = warm_up_requests(list(prompts.values()))
+        for prompt in warm:
+            try:
+                engine.add_request(prompt, warm_params)
+            except Exception:  # noqa: BLE001 -- a bad request fails (and is reported) in the real run
+                pass
         step_until_done(engine, ctrl)
         times.take()
-    mine = [i for i, (req, err) in enumerate(requests) if req is not None and i % world == rank]
     dist.barrier(group=ctrl)
     seqs = {}
     failed = {}
     for i in mine:
-        req = requests[i][0]
-        prompt = {"prompt_token_ids": req["prompt_token_ids"]} if "prompt_token_ids" in req else req["prompt"]
+        req, prompt = requests[i][0], prompts[i]
         params = SamplingParams(**{k: req[k] for k in REQUEST_KEYS - {"prompt", "prompt_token_ids"} if k in req})
         try:
             seqs[engine.add_request(prompt, params).request_id] = i

@@ -315,12 +315,10 @@ class RankRuntime:
         log.info("run stats: %s", stats.summary())
         return results
 
-    def warm_up(self, num_requests: int) -> None:
-        """Coordinator: run `num_requests` 1-token prompts for 3 tokens, then forget the run's statistics.
-
-        Decode steps of that batch size (its CUDA graph bucket) get their eager warm-up and their
-        capture here, and every kernel its compilation, so a measured run that follows pays neither."""
-        self.generate(*warm_up_requests(num_requests), use_tqdm=False, last=False)
+    def warm_up(self, prompts: list) -> None:
+        """Coordinator: run `prompts` for 3 tokens each (see cuda_graphs.warm_up_requests), then forget
+        the run's statistics; the other ranks keep serving."""
+        self.generate(*warm_up_requests(prompts), use_tqdm=False, last=False)
         self.stats = RunStats(world_size=self.ctx.world_size, num_moe_layers=self.spec.num_moe_layers)
 
     def _dump_expert_stats(self) -> None:
