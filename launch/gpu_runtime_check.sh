@@ -11,7 +11,9 @@ NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
 git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
 
-python3 launch/gpu_parity.py --out "$OUT/parity.json" 2>&1 | tee "$OUT/parity.log" | grep -v "^INFO"
+if [ "${PARITY:-1}" = 1 ]; then  # PARITY=0: only the decode runs
+  python3 launch/gpu_parity.py --out "$OUT/parity.json" 2>&1 | tee "$OUT/parity.log" | grep -v "^INFO"
+fi
 
 python3 -m launch.make_prompts --n "$BATCH" --input-len "$IN" --output-len "$OUTLEN" --vocab 151936 --out /tmp/prompts.jsonl
 if [ "$NGPU" -ge 4 ]; then layouts="2a2e colocated4"; else layouts="1a1e colocated2"; fi
