@@ -71,7 +71,9 @@ def test_sweep_writes_vllm_named_records(sweep_run):
     assert r["topology"] == [{"attention": 1, "expert": 2}]
     assert r["params"] == {"mode": "af", "split": "AF 1A+2E", "nodes": [{"attention": 1, "expert": 2}], "batch_size": 2,
                            "input_len": 8, "output_len": 4, "micro_batches": 2}
-    assert r["num_requests"] == 4 and r["generated_tokens"] == 16  # offline: 2 x batch requests of 4 tokens
+    # offline: 2 x batch requests of 4 tokens; the --warmup run before it (same prompts, 3 tokens) is not counted
+    assert "--warmup" in r["offline_command"]
+    assert r["num_requests"] == 4 and r["generated_tokens"] == 16
     assert r["total_token_throughput"] > r["output_throughput"] > 0
     assert r["tokens_per_s_per_gpu"] == pytest.approx(r["output_throughput"] / 3)
     assert {"attention", "expert"} <= set(r["per_layer_ms"])
