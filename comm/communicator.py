@@ -339,8 +339,6 @@ class MoECommunicator:
         set_idx = self._calls % NUM_BUFFER_SETS
         self._calls += 1
         E, A, D, K = self.n_experts, len(self.topo.attention_ranks), self.hidden, self.top_k
-        exp_ranks, att_ranks = self.topo.expert_ranks, self.topo.attention_ranks
-        ops, peers = [], []
         recv = self._buf(set_idx, "pad_recv", A * self.max_tokens, meta=True) if self.is_expert else None
         rows_TE = None
         if self.is_attention and P:
@@ -360,65 +358,22 @@ class MoECommunicator:
             send.ids.index_copy_(0, flat, torch.where(match_TEK, slot, -1).reshape(T * E, K))
             wgt = weight_TK.to(device=self.device, dtype=torch.float32)[:, None, :].expand(T, E, K)
             send.w.index_copy_(0, flat, torch.where(match_TEK, wgt, 0.0).reshape(T * E, K))
-            me_a = self.topo.attention_index(self.rank)
-            for e, er in enumerate(exp_ranks if not self.collective else ()):
-                region = send.raw[e * P:(e + 1) * P]
-                if er == self.rank:
-                    recv.raw[me_a * P:(me_a + 1) * P].copy_(region)
-                else:
-                    ops.append(dist.P2POp(dist.isend, region, er, group=self.ctx.data_group))
-                    peers.append((er, "send"))
-                    self._count(er, region.numel())
-        if self.collective:
-            if P:
-                send_rows = send.raw[:E * P] if self.is_attention else self._empty
-                recv_rows = recv.raw[:A * P] if self.is_expert else self._empty
-                self._all_to_all(recv_rows, send_rows, P, forward=True, layer=layer, what="dispatch", start=start)
-        else:
-            if self.is_expert and P:
-                for i, ar in enumerate(att_ranks):
-                    if ar != self.rank:
-                        ops.append(dist.P2POp(dist.irecv, recv.raw[i * P:(i + 1) * P], ar,
-                                              group=self.ctx.data_group))
-                        peers.append((ar, "recv"))
-            self._run_data(ops, peers, layer, "dispatch", start)
-            self._finish(layer, "dispatch", start)
+        if P:
+            self._exchange_regions(send.raw if self.is_attention else None, recv.raw if self.is_expert else None, P,
+                                   forward=True, layer=layer, what="dispatch", start=start)
         N = A * P if self.is_expert else 0
         self._pending.append(_Call(layer, self.plans["direct"], set_idx, [], T, rows_TE, [], N, pad=P))
         if not self.is_expert:
             return None
-        return ExpertBatch(recv.x[:N], recv.ids[:N], recv.w[:N], layer, {a: P for a in att_ranks})
+        return ExpertBatch(recv.x[:N], recv.ids[:N], recv.w[:N], layer, {a: P for a in self.topo.attention_ranks})
 
     def _combine_padded(self, call: _Call, y: torch.Tensor, layer: int, start: float) -> torch.Tensor | None:
         P, E = call.pad, self.n_experts
-        ops, peers = [], []
-        y_raw = y.view(torch.uint8)
-        self_seg = None
         ys = self._buf(call.set_idx, "pad_ys", E * self.max_tokens, meta=False) if self.is_attention else None
-        if self.collective:
-            if P:
-                self._all_to_all(ys.raw[:E * P] if self.is_attention else self._empty,
-                                 y_raw if self.is_expert else self._empty, P,
-                                 forward=False, layer=layer, what="combine", start=start)
-        elif self.is_expert and P:
-            for i, ar in enumerate(self.topo.attention_ranks):
-                seg = y_raw[i * P:(i + 1) * P]
-                if ar == self.rank:
-                    self_seg = seg
-                else:
-                    ops.append(dist.P2POp(dist.isend, seg, ar, group=self.ctx.data_group))
-                    peers.append((ar, "send"))
-                    self._count(ar, seg.numel())
-        if self.is_attention and P and not self.collective:
-            for e, er in enumerate(self.topo.expert_ranks):
-                if er == self.rank:
-                    ys.raw[e * P:(e + 1) * P].copy_(self_seg)
-                else:
-                    ops.append(dist.P2POp(dist.irecv, ys.raw[e * P:(e + 1) * P], er, group=self.ctx.data_group))
-                    peers.append((er, "recv"))
-        if not self.collective:
-            self._run_data(ops, peers, layer, "combine", start)
-            self._finish(layer, "combine", start)
+        if P:
+            src = y.view(torch.uint8) if self.is_expert else None
+            self._exchange_regions(src, ys.raw if self.is_attention else None, P, forward=False, layer=layer,
+                                   what="combine", start=start)
         if not self.is_attention:
             return None
         out = torch.zeros(call.T, self.hidden, dtype=self.dtype, device=self.device)
@@ -430,6 +385,42 @@ class MoECommunicator:
                 hit = rows != scratch
                 out = torch.where(hit[:, None], out + ysv[rows.clamp(max=scratch - 1)], out)
         return out
+
+    def _exchange_regions(self, src: torch.Tensor | None, dst: torch.Tensor | None, P: int, forward: bool, layer: int,
+                          what: str, start: float) -> None:
+        """Move P-row regions of uint8 row buffers between the two sides (None where this rank is not on one).
+
+        forward (dispatch): attention rank a's region e -> expert rank e's region a; backward (combine):
+        expert rank e's region a -> attention rank a's region e. In both, a sender's region j goes to its
+        j-th receiver and lands in the receiver's region i for the i-th sender.
+        """
+        if self.collective:
+            self._all_to_all(dst[:P * len(self._senders(forward))] if dst is not None else self._empty,
+                             src[:P * len(self._senders(not forward))] if src is not None else self._empty,
+                             P, forward, layer, what, start)
+            return
+        senders, receivers = self._senders(forward), self._senders(not forward)
+        ops, peers = [], []
+        if src is not None:
+            me = senders.index(self.rank)
+            for j, q in enumerate(receivers):
+                region = src[j * P:(j + 1) * P]
+                if q == self.rank:
+                    dst[me * P:(me + 1) * P].copy_(region)
+                else:
+                    ops.append(dist.P2POp(dist.isend, region, q, group=self.ctx.data_group))
+                    peers.append((q, "send"))
+                    self._count(q, region.numel())
+        if dst is not None:
+            for i, q in enumerate(senders):
+                if q != self.rank:
+                    ops.append(dist.P2POp(dist.irecv, dst[i * P:(i + 1) * P], q, group=self.ctx.data_group))
+                    peers.append((q, "recv"))
+        self._run_data(ops, peers, layer, what, start)
+        self._finish(layer, what, start)
+
+    def _senders(self, forward: bool) -> tuple[int, ...]:
+        return self.topo.attention_ranks if forward else self.topo.expert_ranks
 
     def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, P: int, forward: bool, layer: int, what: str,
                      start: float) -> None:
