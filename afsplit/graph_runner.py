@@ -75,10 +75,9 @@ class StaticDecode:
         return self.model.forward(inputs, self.kv_cache.layers, self.moe, [self.rows[:bucket]] * m)
 
     def run(self, parts: list[ScheduledBatch], bucket: int) -> torch.Tensor:
-        """Logits [sum of part sizes, V] of every sequence, in part order."""
+        """Logits [m * bucket, V]: row u * bucket + b is sequence b of micro-batch u (padding rows after
+        each micro-batch's sequences; overwritten by the next run of this bucket)."""
         m = len(parts)
         self._allocate(m)
         self._fill(parts, bucket)
-        logits = self.graphs.run((m, bucket), lambda: self._forward(m, bucket))  # [m * bucket, V]
-        keep = torch.cat([u * bucket + torch.arange(len(p.seqs)) for u, p in enumerate(parts)])
-        return logits[keep.to(logits.device)]
+        return self.graphs.run((m, bucket), lambda: self._forward(m, bucket))

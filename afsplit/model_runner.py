@@ -105,13 +105,15 @@ class ModelRunner:
         hint, graphable = step_tokens_hint(max_tokens, all_decode, self.max_batch, self.max_tokens_per_rank)
         self.moe.begin_step(hint)
         if graphable and self.static is not None:  # one token per sequence: decodes (or 1-token chunks)
+            # rows of the sequences that sample (a 1-token chunk inside a prompt computes KV, samples nothing)
+            rows, sampling = [], []
+            for u, part in enumerate(parts):
+                for b, seq in enumerate(part.seqs):
+                    if seq.num_computed_tokens + 1 == seq.num_tokens:
+                        rows.append(u * hint + b)
+                        sampling.append(position[id(seq)])
             logits = self.static.run(parts, hint)
-            seqs = [seq for part in parts for seq in part.seqs]
-            # a 1-token chunk in the middle of a prompt computes KV but samples nothing
-            keep = [i for i, seq in enumerate(seqs) if seq.num_computed_tokens + 1 == seq.num_tokens]
-            if len(keep) < len(seqs):
-                logits = logits[torch.tensor(keep, dtype=torch.int64, device=logits.device)]
-            sampling = [position[id(seqs[i])] for i in keep]
+            logits = logits[torch.tensor(rows, dtype=torch.int64, device=logits.device)]
         else:
             inputs, rows, sampling = [], [], []
             for part in parts:
