@@ -3,7 +3,7 @@
 #   comm     python -m comm.bench on 2 simulated nodes x 2 GPUs: attention node + expert node, then the mixed layout
 #   parity   launch/gpu_parity.py: tiny-model bf16 parity, eager and CUDA graphs, incl. 2 simulated nodes x 2 GPUs
 #   runtime  launch/gpu_decode_runs.sh: Qwen3-30B-A3B 2A+2E vs colocated 4, m = 1, 2, CUDA graphs on and off
-#   profile  launch/gpu_runtime_check.sh: the same layouts eagerly with runtime.profile (exact per-layer time split)
+#   profile  launch/gpu_decode_runs.sh: the same layouts eagerly with runtime.profile (exact per-layer time split)
 #   sweep    launch/sweep.py configs/sweeps/h200x4-qwen3.yaml (trim with SPLITS="AF 2A+2E|colocated 4")
 # Everything lands in $OUT/results.tar.gz (the device tool returns at most 8 files). The sweep needs DeepSpeed:
 # carry wheels in .whl (see docs/benchmarks/e2e-h200x2.md) and name .whl in the call's carry list.
@@ -25,9 +25,9 @@ case "${1:-runtime}" in
   parity)
     timeout 560 python3 launch/gpu_parity.py --out "$R/parity.json" 2>&1 | grep -v "^INFO" | tail -24 ;;
   runtime)
-    OUT="$R" timeout 560 bash launch/gpu_decode_runs.sh 128 1024 64 "2a2e colocated4" "1 2" "true false" ;;
+    OUT="$R" timeout 560 bash launch/gpu_decode_runs.sh 128 1024 64 "2a2e colocated4" "1 2" ;;
   profile)
-    OUT="$R" PARITY=0 bash launch/gpu_runtime_check.sh 128 1024 64 ;;
+    OUT="$R" timeout 560 bash launch/gpu_decode_runs.sh 128 1024 64 "2a2e colocated4" "1 2" "runtime.profile=true" ;;
   sweep)
     args=()
     IFS='|' read -ra splits <<< "${SPLITS:-}"

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# One device call: Qwen3-30B-A3B-shaped decode runs (random weights) with CUDA graphs on and off, per
-# layout and micro-batch count, each after a warm-up run (Triton compiles once per machine). Prints the
-# run stats line; JSON stats and logs land in $OUT/runs.tar.gz.
-# Usage: bash launch/gpu_decode_runs.sh [BATCH] [IN] [OUT_LEN] [LAYOUTS] [MS] [GRAPHS]
-#   LAYOUTS e.g. "1a1e colocated2" (configs/qwen3-30b-a3b-<layout>.yaml), MS e.g. "1 2", GRAPHS "true false"
+# One device call: Qwen3-30B-A3B-shaped decode runs (random weights) per layout, micro-batch count and variant
+# (a --set override: CUDA graphs on/off, or runtime.profile for the exact per-layer time split), each layout
+# after a warm-up run (Triton compiles once per machine). Prints each run's stats line; JSON stats and logs
+# land in $OUT/runs.tar.gz.
+# Usage: bash launch/gpu_decode_runs.sh [BATCH] [IN] [OUT_LEN] [LAYOUTS] [MS] [VARIANTS]
+#   LAYOUTS e.g. "1a1e colocated2" (configs/qwen3-30b-a3b-<layout>.yaml), MS e.g. "1 2",
+#   VARIANTS e.g. "runtime.cuda_graphs=true runtime.cuda_graphs=false" (default) or "runtime.profile=true"
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp/afsplit-out}; mkdir -p "$OUT/runs"
 BATCH=${1:-64}; IN=${2:-512}; OUTLEN=${3:-64}; LAYOUTS=${4:-"1a1e colocated2"}; MS=${5:-"1 2"}
-GRAPHS=${6:-"true false"}
+VARIANTS=${6:-"runtime.cuda_graphs=true runtime.cuda_graphs=false"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/runs/gpus.txt"
 git rev-parse --short HEAD 2>/dev/null | tee "$OUT/runs/commit.txt"
 python3 -m launch.make_prompts --n "$BATCH" --input-len "$IN" --output-len "$OUTLEN" --vocab 151936 --out /tmp/prompts.jsonl
@@ -19,10 +21,10 @@ for layout in $LAYOUTS; do
   timeout 120 python3 -m afsplit.cli generate --config "$cfg" --prompts-file /tmp/warm.jsonl --output /dev/null \
     --no-progress > "$OUT/runs/warmup-$layout.log" 2>&1; echo "warmup $layout rc=$?"
   for m in $MS; do
-    for g in $GRAPHS; do
-      name="qwen3-30b-a3b-$layout-b$BATCH-m$m-graphs_$g"
+    for v in $VARIANTS; do
+      tag=${v#runtime.}; name="qwen3-30b-a3b-$layout-b$BATCH-m$m-${tag//=/_}"
       timeout 150 python3 -m afsplit.cli generate --config "$cfg" --set runtime.micro_batches=$m \
-        --set runtime.cuda_graphs=$g --prompts-file /tmp/prompts.jsonl --output /dev/null --no-progress \
+        --set "$v" --prompts-file /tmp/prompts.jsonl --output /dev/null --no-progress \
         --stats-json "$OUT/runs/$name.json" > "$OUT/runs/$name.log" 2>&1
       echo "$name rc=$?"
       grep -h "run stats" "$OUT/runs/$name.log" | tail -1 | cut -c1-420
