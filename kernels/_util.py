@@ -1,7 +1,7 @@
 """Shared helpers for the kernels package: argument validation and backend choice.
 
-Kept free of a triton import so that `import kernels` stays cheap and works where triton is
-missing or broken; each kernel module imports triton itself, guarded.
+Kept free of a triton import; the kernel modules get triton (guarded: missing or broken is fine)
+from kernels/_triton.py.
 """
 
 from __future__ import annotations

@@ -23,16 +23,9 @@ from typing import Optional
 
 import torch
 
+from ._triton import HAS_TRITON, tl, triton
 from ._util import (FLOAT_DTYPES, INT_DTYPES, check, check_tensor, dot_precision, interpret_mode, next_pow2,
                     pick_backend)
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover
-    HAS_TRITON = False
 
 __all__ = ["flash_attention", "flash_attention_ref"]
 

@@ -17,16 +17,9 @@ from typing import Optional
 
 import torch
 
+from ._triton import HAS_TRITON, tl, triton
 from ._util import (FLOAT_DTYPES, INT_DTYPES, check, check_tensor, dot_precision, interpret_mode, next_pow2,
                     pick_backend, sm_count)
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover
-    HAS_TRITON = False
 
 __all__ = ["paged_decode_attention", "paged_decode_attention_ref", "decode_num_splits"]
 

@@ -13,15 +13,8 @@ from typing import Optional
 
 import torch
 
+from ._triton import HAS_TRITON, tl, triton
 from ._util import FLOAT_DTYPES, check_tensor, next_pow2, pick_backend
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover
-    HAS_TRITON = False
 
 __all__ = ["rmsnorm", "rmsnorm_ref"]
 
