@@ -73,6 +73,17 @@ def _panels(n: int, title: str, width: float = 6.5, height: float = 4.8):
     return fig, axes[0]
 
 
+def _line_style(rec) -> str:
+    """AF solid, colocated dotted, DeepSpeed dashed."""
+    return {"deepspeed": "--", "colocated": ":"}.get(rec.get("mode"), "-")
+
+
+def _finish_panel(ax, title: str) -> None:
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -107,7 +118,7 @@ def plot_pareto(recs, out: Path) -> Path:
             xs = [1000.0 / r["median_tpot_ms"] for r in rs]
             ys = [r["tokens_per_s_per_gpu"] for r in rs]
             every += list(zip(xs, ys))
-            style = "--" if rs[0].get("mode") == "deepspeed" else ":" if rs[0].get("mode") == "colocated" else "-"
+            style = _line_style(rs[0])
             ax.plot(xs, ys, style, marker="o", label=label)
             for x, y, r in zip(xs, ys, rs):
                 ax.annotate(str(r["params"]["batch_size"]), (x, y), textcoords="offset points", xytext=(3, 3),
@@ -116,9 +127,7 @@ def plot_pareto(recs, out: Path) -> Path:
         ax.plot([p[0] for p in front], [p[1] for p in front], color="k", lw=0.8, alpha=0.4, ls="--")
         ax.set_xlabel("tokens/s per user (1000 / median TPOT ms)")
         ax.set_ylabel("output tokens/s per GPU")
-        ax.set_title(w)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish_panel(ax, w)
     return _save(fig, out / "pareto.png")
 
 
@@ -127,7 +136,7 @@ def plot_tpot(recs, out: Path, tpot_line: float | None = None) -> Path:
     fig, axes = _panels(len(groups), "Median TPOT vs batch size\n" + _title(recs))
     for ax, (w, series) in zip(axes, sorted(groups.items())):
         for label, rs in sorted(series.items()):
-            style = "--" if rs[0].get("mode") == "deepspeed" else ":" if rs[0].get("mode") == "colocated" else "-"
+            style = _line_style(rs[0])
             ax.plot([r["params"]["batch_size"] for r in rs], [r["median_tpot_ms"] for r in rs], style, marker="o",
                     label=label)
         if tpot_line:
@@ -135,9 +144,7 @@ def plot_tpot(recs, out: Path, tpot_line: float | None = None) -> Path:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size (concurrent sequences, all ranks)")
         ax.set_ylabel("median TPOT (ms)")
-        ax.set_title(w)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish_panel(ax, w)
     return _save(fig, out / "tpot_vs_batch.png")
 
 
