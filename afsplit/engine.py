@@ -23,10 +23,11 @@ from afsplit.models.checkpoint import CheckpointReader, RandomWeights
 from afsplit.models.moe_model import AttentionModel, ExpertModel, LocalMoE
 from afsplit.models.spec import ModelSpec, read_model_spec, spec_from_hf_config
 from afsplit.models.weights import load_attention_weights, load_expert_weights
+from afsplit.runtime.micro_batches import fixed_micro_batches
 from afsplit.sampler import sample
 from afsplit.sampling_params import SamplingParams
 from afsplit.scheduler import Scheduler
-from afsplit.sequence import Sequence
+from afsplit.sequence import SeqUpdate, Sequence
 
 log = logging.getLogger("afsplit")
 
@@ -132,7 +133,7 @@ class LLMEngine:
             log.info("cuda_graphs: off for this run (needs comm.metadata: padded on NCCL, no balancer.stats_path "
                      "and no expert replicas)")
         self.runner = ModelRunner(self.model, self.kv_cache, rt.block_size, moe, self.device,
-                                  micro_batches=micro_batches or (1 if rt.micro_batches == "auto" else int(rt.micro_batches)),
+                                  micro_batches=micro_batches or fixed_micro_batches(rt.micro_batches, distributed=False),
                                   max_batch=rt.max_num_seqs, max_tokens_per_rank=rt.max_num_batched_tokens,
                                   static=static)
         self.tokenizer = load_tokenizer(config.model.path)
@@ -190,8 +191,19 @@ class LLMEngine:
 
     # -- the engine step -----------------------------------------------------------------------
 
-    def step(self, lockstep: bool = False) -> list[Sequence]:
-        """One forward pass: schedule -> run -> postprocess. Returns the sequences that finished.
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a request made by `make_sequence` (it joins the running batch at the next step)."""
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: int) -> bool:
+        """Stop a request and free its KV blocks now; False if it is not here (finished or unknown)."""
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self, lockstep: bool = False) -> list[SeqUpdate]:
+        """One forward pass: schedule -> run -> postprocess. Returns what each sampling request produced.
 
         With `lockstep` (a runtime attention rank) the forward runs even with nothing scheduled, so
         this rank joins every MoE collective of the step with zero tokens.
@@ -207,7 +219,7 @@ class LLMEngine:
             seq.num_computed_tokens += n
         new_tokens = sample(logits, [batch.seqs[i] for i in sampling])
         now = time.time()
-        finished = []
+        updates = []
         for i, token in zip(sampling, new_tokens):
             seq = batch.seqs[i]
             seq.output_token_ids.append(token)
@@ -215,8 +227,8 @@ class LLMEngine:
             reason = self._finish_reason(seq, token)
             if reason:
                 self.scheduler.finish(seq, reason)
-                finished.append(seq)
-        return finished
+            updates.append(SeqUpdate(seq.request_id, [token], reason, now))
+        return updates
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -254,18 +266,40 @@ class LLMEngine:
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams], use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; a bad request gets `.error` set and the others complete."""
-        results, seqs, index = self.admit(prompts, params)
-        for seq in seqs:
-            self.scheduler.add(seq)
-        bar = progress_bar(len(seqs), use_tqdm)
-        while self.scheduler.has_work():
-            for seq in self.step():
-                results[index[seq.request_id]] = self.request_output(seq)
-                if bar:
-                    bar.update(1)
-        if bar:
-            bar.close()
+        results = run_to_completion(self, self, prompts, params, use_tqdm)
         if self.stats is not None:
             self.stats.dump(self.config.balancer.stats_path)
             log.info("expert activation counts appended to %s", self.config.balancer.stats_path)
         return results
+
+
+def run_to_completion(core, engine: LLMEngine, prompts: list, params, use_tqdm: bool = True,
+                      on_finished=None) -> list[RequestOutput]:
+    """Drive an engine core (the single-process LLMEngine or the runtime's Coordinator: anything with
+    add_sequence / step / has_unfinished_requests) until every request of `prompts` is done.
+
+    `engine` validates, tokenizes and detokenizes. Returns one RequestOutput per prompt, in order;
+    `on_finished(position, output)` is called as each request finishes (or fails validation).
+    """
+    results, seqs, index = engine.admit(prompts, params)
+    if on_finished is not None:
+        for i, out in enumerate(results):
+            if out is not None:
+                on_finished(i, out)
+    by_id = {seq.request_id: seq for seq in seqs}
+    for seq in seqs:
+        core.add_sequence(seq)
+    bar = progress_bar(len(seqs), use_tqdm)
+    while core.has_unfinished_requests():
+        for upd in core.step():
+            if upd.finish_reason is None or upd.request_id not in index:
+                continue
+            i = index[upd.request_id]
+            results[i] = engine.request_output(by_id[upd.request_id])
+            if on_finished is not None:
+                on_finished(i, results[i])
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    return results

@@ -104,3 +104,15 @@ class Scheduler:
         seq.finish_reason = reason
         self.kv.free(seq)
         self.running.remove(seq)
+
+    def abort(self, request_id: int) -> Sequence | None:
+        """Drop a waiting or running request and free its KV blocks; the Sequence, or None if unknown."""
+        for queue in (self.running, self.waiting):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self.kv.free(seq)
+                    seq.status = SeqStatus.FINISHED
+                    seq.finish_reason = "abort"
+                    return seq
+        return None

@@ -8,6 +8,20 @@ from dataclasses import dataclass, field
 from afsplit.sampling_params import SamplingParams
 
 
+@dataclass
+class SeqUpdate:
+    """What one engine step produced for one request: the unit of streaming.
+
+    `finish_reason` is set ("stop", "length", "abort") when the request finished in this step;
+    `time` is when the tokens became visible to the caller (time.time()).
+    """
+
+    request_id: int
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    time: float = 0.0
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

@@ -156,7 +156,7 @@ def make_exchange(layers: dict, times):
 
 def step_until_done(engine, ctrl):
     """Step in lockstep with the other ranks until none has work: (step seconds, decode-only step
-    seconds, finished sequences) of this rank."""
+    seconds, ids of the finished requests) of this rank."""
     import torch.distributed as dist
 
     step_times, decode_step_s, finished = [], [], []
@@ -171,7 +171,7 @@ def step_until_done(engine, ctrl):
         if not flags[0]:
             return step_times, decode_step_s, finished
         t0 = time.perf_counter()
-        finished += engine.step(lockstep=True)
+        finished += [u.request_id for u in engine.step(lockstep=True) if u.finish_reason]
         step_s = time.perf_counter() - t0
         step_times.append(step_s)
         tokens, dec = engine.last_step
@@ -186,7 +186,7 @@ def run(args) -> int:
     from afsplit.config import load_config
     from afsplit.engine import DTYPES, LLMEngine, resolve_model
     from afsplit.runtime.timing import PhaseTimes
-    from afsplit.runtime.worker import RunStats
+    from afsplit.runtime.stats import RunStats
     from afsplit.sampling_params import SamplingParams
 
     config = load_config(args.config, args.overrides)
@@ -227,20 +227,21 @@ def run(args) -> int:
         step_until_done(engine, ctrl)
         times.take()
     dist.barrier(group=ctrl)
-    seqs = {}
+    seqs, added = {}, {}
     failed = {}
     for i in mine:
         req, prompt = requests[i][0], prompts[i]
         params = SamplingParams(**{k: req[k] for k in REQUEST_KEYS - {"prompt", "prompt_token_ids"} if k in req})
         try:
-            seqs[engine.add_request(prompt, params).request_id] = i
+            seq = engine.add_request(prompt, params)
+            seqs[seq.request_id], added[seq.request_id] = i, seq
         except Exception as e:  # RequestError: reported, the others run
             failed[i] = str(e)
     start = time.perf_counter()
     step_times, decode_step_s, finished = step_until_done(engine, ctrl)
     wall = time.perf_counter() - start
     moe_s = times.take().get("moe", 0.0)
-    mine_out = [(seqs[s.request_id], engine.request_output(s), s.latency_metrics()) for s in finished]
+    mine_out = [(seqs[r], engine.request_output(added[r]), added[r].latency_metrics()) for r in finished]
     gathered = [None] * world
     dist.all_gather_object(gathered, {"out": mine_out, "failed": failed, "moe_s": moe_s, "busy_s": sum(step_times)},
                            group=ctrl)

@@ -162,14 +162,19 @@ def test_stats_plan_and_replicas_round_trip(tmp_path):
         [l["expert_counts"] for l in lines]
 
 
-def test_choose_micro_batches_follows_the_ping_pong_rule():
-    from afsplit.runtime.worker import MAX_MICRO_BATCHES, choose_micro_batches
+def test_micro_batch_tuner_keeps_the_fastest_measured_m():
+    from afsplit.runtime.micro_batches import MEASURED_STEPS, WARM_STEPS, MicroBatchTuner, fixed_micro_batches
 
-    # per layer, summed over the m=2 probe micro-batches: Ta = 2, Te = 1, round trip 1.5 -> Tc = 0.5 per mb
-    m, why = choose_micro_batches({"attention": {"attention": 4.0, "combine": 3.0},
-                                   "expert": {"experts": 2.0}}, m_probe=2)
-    assert m == 3 and "m=3" in why  # ceil(2 * (2 + 0.5) / 2) = 3
-    m, _ = choose_micro_batches({"attention": {"attention": 2.0, "combine": 2.0}, "expert": {"experts": 2.0}}, 2)
-    assert m == 2  # no communication to hide beyond compute: the minimum ping-pong
-    m, _ = choose_micro_batches({"attention": {"attention": 1.0, "combine": 40.0}, "expert": {"experts": 1.0}}, 2)
-    assert m == MAX_MICRO_BATCHES
+    assert fixed_micro_batches("3", distributed=True) == 3
+    assert fixed_micro_batches("auto", distributed=False) == 1 and fixed_micro_batches("auto", True) is None
+    step_ms = {1: 10.0, 2: 7.0, 3: 7.0}  # m=2 and 3 tie: fewer micro-batches wins
+    tuner, why = MicroBatchTuner((1, 2, 3)), None
+    for _ in range(100):
+        m = tuner.current
+        assert tuner.observe(m, decode_only=False, step_s=1.0) is None  # prefill steps do not count
+        why = tuner.observe(m, True, step_ms[m] / 1e3 + (1.0 if tuner.seen[m] < WARM_STEPS else 0.0))
+        if why:
+            break
+    assert tuner.chosen == 2 and "-> m=2" in why, why
+    assert all(len(t) == MEASURED_STEPS for t in tuner.times.values())
+    assert tuner.current == 2 and tuner.observe(2, True, 0.0) is None

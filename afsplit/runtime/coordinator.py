@@ -1,0 +1,158 @@
+"""The coordinator: the first attention rank's control loop over the whole cluster.
+
+It has the interface of the single-process engine (``add_sequence``, ``abort_request``,
+``step``, ``has_unfinished_requests``), so the same driver (:func:`afsplit.engine.run_to_completion`),
+the batch CLI and the server run on either. One ``step`` is one engine step of every rank in lockstep:
+
+1. broadcast a :class:`StepPlan` over the CPU control group: new requests, each assigned to the
+   attention rank with the most free KV capacity; requests to abort; the step's micro-batch count;
+2. every rank runs its part (attention ranks their own batches, expert ranks every MoE layer);
+3. gather every rank's :class:`StepReport` (the tokens each request produced, free KV blocks, the
+   time split) and apply the tokens to the coordinator's own copy of each request.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+
+from afsplit.runtime.micro_batches import MicroBatchTuner, fixed_micro_batches
+from afsplit.runtime.stats import RunStats
+from afsplit.sequence import SeqStatus, SeqUpdate, Sequence
+
+log = logging.getLogger("afsplit.runtime")
+
+MAX_IDLE_STEPS = 100  # steps in a row with work queued but nothing scheduled before the run is stopped
+
+
+@dataclass
+class StepPlan:
+    stop: bool = False
+    assign: dict[int, list[Sequence]] = field(default_factory=dict)  # attention rank -> new sequences
+    abort: list[int] = field(default_factory=list)  # request ids to drop (on whichever rank holds them)
+    micro_batches: int = 1  # m for this step, the same on every rank
+
+
+class Coordinator:
+    """Runs on the coordinator rank; `runtime` is that rank's RankRuntime (an attention rank)."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+        self.engine = runtime.engine  # validates, tokenizes, detokenizes
+        topo = runtime.topo
+        self.att = list(topo.attention_ranks)
+        self.capacity = {a: self.engine.kv.allocator.num_blocks for a in self.att}
+        self.busy = {a: False for a in self.att}
+        self.pending: list[Sequence] = []
+        self.aborts: list[int] = []
+        self.owner: dict[int, int] = {}  # request id -> attention rank
+        self.live: dict[int, Sequence] = {}  # the coordinator's copies of unfinished requests
+        self.idle_steps = 0
+        m = fixed_micro_batches(runtime.config.runtime.micro_batches, distributed=True)
+        self.tuner = None if m is not None else MicroBatchTuner()
+        self.m = m
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        topo = self.runtime.topo
+        self.stats = RunStats(world_size=topo.world_size, num_moe_layers=self.runtime.spec.num_moe_layers)
+        self.stats.ranks = {"attention": len(self.att),
+                            "expert": len([r for r in topo.expert_ranks if r not in self.att])}
+        self._run_start = None
+
+    # -- the engine-core interface -------------------------------------------------------------
+
+    def add_sequence(self, seq: Sequence) -> None:
+        self.pending.append(seq)
+        self.live[seq.request_id] = seq
+
+    def abort_request(self, request_id: int) -> bool:
+        seq = self.live.get(request_id)
+        if seq is None:
+            return False
+        if seq in self.pending:
+            self.pending.remove(seq)
+            self._finish(seq, "abort")
+        else:
+            self.aborts.append(request_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.live)
+
+    def step(self) -> list[SeqUpdate]:
+        """One lockstep engine step of the whole cluster; what every request produced in it."""
+        if self._run_start is None:
+            self._run_start = time.perf_counter()
+        plan = StepPlan(micro_batches=self.tuner.current if self.tuner else self.m, abort=self.aborts)
+        self.aborts = []
+        for seq in self.pending:  # most free capacity first; a prompt's blocks are its demand
+            a = max(self.att, key=lambda r: (self.capacity[r], -self.att.index(r)))
+            # the attention rank runs its own copy (the coordinator may be that rank: keep ours apart)
+            plan.assign.setdefault(a, []).append(copy.deepcopy(seq))
+            self.owner[seq.request_id] = a
+            self.capacity[a] -= self.engine.kv.blocks_for(seq.num_tokens)
+        self.pending = []
+        if self.idle_steps >= MAX_IDLE_STEPS:
+            ranks = [a for a in self.att if self.busy[a]]
+            self.stop()
+            raise RuntimeError(f"no progress for {MAX_IDLE_STEPS} steps: attention rank(s) {ranks} have requests "
+                               "but cannot schedule any (KV cache too small?); stopped all ranks")
+        rt = self.runtime
+        rt.broadcast(plan)
+        step_start = time.perf_counter()
+        reports = rt.gather(rt.run_step(plan))
+        step_s = time.perf_counter() - step_start
+        now = time.time()
+        self._account(plan, reports, step_s)
+        updates = []
+        for a in self.att:
+            rep = reports[a]
+            self.capacity[a] = rep.free_blocks - rep.demand_blocks
+            self.busy[a] = rep.has_work
+            for upd in rep.updates:
+                seq = self.live.get(upd.request_id)
+                if seq is None:
+                    continue
+                upd.time = now  # the coordinator's clock: what a caller of this process sees
+                seq.output_token_ids += upd.new_token_ids
+                seq.token_times += [now] * len(upd.new_token_ids)
+                if upd.finish_reason:
+                    self._finish(seq, upd.finish_reason)
+                updates.append(upd)
+        self.stats.wall_s = time.perf_counter() - self._run_start
+        return updates
+
+    def stop(self) -> None:
+        """Tell every other rank to leave its serve loop (they dump statistics first)."""
+        self.runtime.broadcast(StepPlan(stop=True))
+        self.runtime.dump_expert_stats()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        self.live.pop(seq.request_id, None)
+        self.owner.pop(seq.request_id, None)
+        if reason != "abort":
+            self.stats.generated_tokens += len(seq.output_token_ids)
+            self.stats.prompt_tokens += len(seq.prompt_token_ids)
+            self.stats.requests.append(seq.latency_metrics())
+
+    def _account(self, plan: StepPlan, reports: list, step_s: float) -> None:
+        stats = self.stats
+        stats.steps += 1
+        stats.micro_batches[plan.micro_batches] = stats.micro_batches.get(plan.micro_batches, 0) + 1
+        for r, rep in enumerate(reports):
+            stats.add_report("attention" if r in self.att else "expert", rep)
+        att_reports = [reports[a] for a in self.att]
+        self.idle_steps = 0 if any(rep.tokens for rep in att_reports) else self.idle_steps + 1
+        decode_only = all(rep.tokens == rep.decodes for rep in att_reports) and any(rep.decodes for rep in att_reports)
+        if decode_only:
+            stats.decode_step_s.append(step_s)
+        if self.tuner is not None:
+            why = self.tuner.observe(plan.micro_batches, decode_only, step_s)
+            if why:
+                log.info("%s", why)
