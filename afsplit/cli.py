@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _plan_experts(argv: list[str]) -> int:
     try:
-        from comm.placement import plan_experts_main
+        from afsplit.placement_file import plan_experts_main
     except ImportError as e:
         print(f"afsplit: error: plan-experts is unavailable ({e})", file=sys.stderr)
         return 2
@@ -178,7 +178,7 @@ def cmd_generate(args, argv: list[str]) -> int:
         return _write_results(args, requests, index, outs)
     from afsplit.runtime.worker import RankRuntime
 
-    from comm.groups import CommError
+    from comm.errors import CommError
 
     runtime = RankRuntime(config)
     profiler = _host_profiler()

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from afsplit.errors import ConfigError
-from afsplit.topology import NodeSpec, Topology
+from comm.topology import NodeSpec, Topology
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -79,9 +79,9 @@ class CommConfig:
     transport: str = field(default="direct", metadata=_choices("direct", "two_phase", "adaptive"))
     timeout_s: float = 120.0
     backend: str = field(default="auto", metadata=_choices("auto", "nccl", "gloo"))
-    # counts: row counts travel as headers, exact-sized payloads; padded (direct only): fixed regions
-    # sized by one token-count vote per step, no headers (fewer round trips, more bytes)
-    metadata: str = field(default="counts", metadata=_choices("counts", "padded"))
+    # padded: fixed regions sized by one token-count vote per step, no headers, captured in CUDA graphs;
+    # counts: exact-sized payloads after a row-count header per stage (fewer bytes, a host sync per layer)
+    metadata: str = field(default="padded", metadata=_choices("padded", "counts"))
 
 
 @dataclass(frozen=True)
@@ -247,9 +247,6 @@ def validate(config: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"{where}: runtime.num_kv_blocks: must be >= 0 (0 = derive from memory)")
     if r.micro_batches != "auto" and not (r.micro_batches.isdigit() and int(r.micro_batches) >= 1):
         raise ConfigError(f"{where}: runtime.micro_batches: expected an integer >= 1 or 'auto', got {r.micro_batches!r}")
-    if config.comm.metadata == "padded" and config.comm.transport != "direct":
-        raise ConfigError(f"{where}: comm.metadata: padded works with comm.transport: direct only, "
-                          f"got {config.comm.transport}")
     if config.comm.timeout_s <= 0:
         raise ConfigError(f"{where}: comm.timeout_s: must be > 0")
     _validate_topology(t, where, world_size)
@@ -279,9 +276,5 @@ def _validate_topology(t: TopologyConfig, where: str, world_size: int | None) ->
         raise ConfigError(
             f"{where}: topology.nodes: AF mode needs at least one attention and one expert rank, "
             f"got {n_att} attention + {n_exp} expert")
-    if world_size is not None and world_size != topo.world_size:
-        if n_col:
-            arith = f"{n_col} colocated ranks"
-        else:
-            arith = f"{n_att} attention + {n_exp} expert ranks = {topo.world_size}"
-        raise ConfigError(f"{where}: topology: {arith} != {world_size} processes (WORLD_SIZE)")
+    if world_size is not None:
+        topo.check_world_size(world_size, where)

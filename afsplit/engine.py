@@ -17,10 +17,10 @@ from afsplit.block_manager import KVCacheManager
 from afsplit.config import Config
 from afsplit.cuda_graphs import graph_buckets, graphs_wanted
 from afsplit.errors import ConfigError, RequestError
-from afsplit.graph_runner import StaticDecode
+from afsplit.static_decode import StaticDecode
 from afsplit.model_runner import KVCache, ModelRunner
 from afsplit.models.checkpoint import CheckpointReader, RandomWeights
-from afsplit.models.moe_model import AttentionModel, ExpertModel, LocalMoE
+from afsplit.models.moe_model import AttentionModel, ExpertModel, LocalExperts
 from afsplit.models.spec import ModelSpec, read_model_spec, spec_from_hf_config
 from afsplit.models.weights import load_attention_weights, load_expert_weights
 from afsplit.runtime.micro_batches import fixed_micro_batches
@@ -94,7 +94,7 @@ def load_tokenizer(model_path: str):
 class LLMEngine:
     def __init__(self, config: Config, build_moe=None, device=None, micro_batches: int | None = None,
                  spec_and_source=None):
-        """A runtime attention rank passes `build_moe(spec, source, dtype, device) -> MoEExchange` (instead
+        """A runtime attention rank passes `build_moe(spec, source, dtype, device) -> MoEBackend` (instead
         of loading every expert locally), its device, its micro-batch count and the model it resolved."""
         self.config = config
         rt = config.runtime
@@ -115,7 +115,7 @@ class LLMEngine:
                 from comm.expert_stats import ExpertStatsRecorder
 
                 self.stats = ExpertStatsRecorder(spec.num_moe_layers, spec.num_experts, 1, self.device)
-            moe = LocalMoE(ExpertModel(load_expert_weights(source, spec, self.dtype, self.device)), self.stats,
+            moe = LocalExperts(ExpertModel(load_expert_weights(source, spec, self.dtype, self.device)), self.stats,
                            {layer: i for i, layer in enumerate(spec.moe_layer_ids)})
         else:
             moe = build_moe(spec, source, self.dtype, self.device)
@@ -130,8 +130,8 @@ class LLMEngine:
             static = StaticDecode(self.model, self.kv_cache, rt.block_size, self.max_model_len,
                                   graph_buckets(rt.max_num_seqs)[-1], moe, self.device, capture)
         elif use_graphs:
-            log.info("cuda_graphs: off for this run (needs comm.metadata: padded on NCCL, no balancer.stats_path "
-                     "and no expert replicas)")
+            log.info("cuda_graphs: off for this run: comm.metadata: counts reads row counts on the host every "
+                     "layer (the default, padded, is captured with every transport, replicas and statistics)")
         self.runner = ModelRunner(self.model, self.kv_cache, rt.block_size, moe, self.device,
                                   micro_batches=micro_batches or fixed_micro_batches(rt.micro_batches, distributed=False),
                                   max_batch=rt.max_num_seqs, max_tokens_per_rank=rt.max_num_batched_tokens,

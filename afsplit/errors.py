@@ -2,16 +2,15 @@
 
 Every error a user can cause (a bad config key, a corrupt checkpoint, a bad request) is raised as
 an :class:`AfsplitError` whose message is one line naming the file/field/request and the fix.
-The CLI prints that line and exits non-zero instead of showing a traceback.
+The CLI prints that line and exits non-zero instead of showing a traceback. comm/ (the layer
+below) raises the same base class, so its placement and topology errors read the same way.
 """
 
+from comm.errors import ConfigError, InputError
 
-class AfsplitError(Exception):
-    """Base class for errors caused by user input; the message is shown as-is."""
+AfsplitError = InputError  # one base for every layer: `except AfsplitError` catches comm's input errors too
 
-
-class ConfigError(AfsplitError):
-    """A YAML config, override or topology is invalid."""
+__all__ = ["AfsplitError", "ConfigError", "CheckpointError", "RequestError"]
 
 
 class CheckpointError(AfsplitError):

@@ -6,8 +6,8 @@ import torch
 
 from afsplit import ops
 from afsplit.cuda_graphs import step_tokens_hint
-from afsplit.graph_runner import StaticDecode
-from afsplit.models.moe_model import AttentionModel, MoEExchange
+from afsplit.static_decode import StaticDecode
+from afsplit.models.moe_model import AttentionModel, MoEBackend
 from afsplit.scheduler import ScheduledBatch
 
 
@@ -82,7 +82,7 @@ class ModelRunner:
     when given; everything else (prefill, mixed steps, larger batches) runs eagerly.
     """
 
-    def __init__(self, model: AttentionModel, kv_cache: KVCache, block_size: int, moe: MoEExchange, device,
+    def __init__(self, model: AttentionModel, kv_cache: KVCache, block_size: int, moe: MoEBackend, device,
                  micro_batches: int = 1, max_batch: int = 1, max_tokens_per_rank: int = 1,
                  static: StaticDecode | None = None):
         self.model = model

@@ -1,8 +1,16 @@
 """M2N MoE communication between attention and expert ranks (see DESIGN.md, "Communication").
 
-    from comm import init_distributed, MoECommunicator
+The ground floor beside kernels/: it imports torch and itself only.
+
+    from comm import init_distributed, MoEExchange
     ctx = init_distributed(topology, backend="auto", timeout_s=120.0)
-    comm = MoECommunicator(ctx, hidden, top_k, dtype, max_tokens_per_rank, transport="direct")
+    ex = MoEExchange(ctx, hidden, top_k, dtype, max_tokens_per_rank, transport="direct", channels=2)
+
+Files: topology.py (rank -> node/role), groups.py (process groups), transports/ (routes: direct,
+two_phase, adaptive), layout.py (regions per stage), pack.py (tokens -> regions -> sums),
+movers/ (how a stage's rows cross the links), channel.py (one micro-batch's buffers, stream,
+groups), peer_watch.py (deadlines, the error naming the rank), exchange.py (dispatch -> handle ->
+combine), placement.py / replica_planner.py / balancer.py / expert_stats.py (replicas).
 
 Heavy imports (torch.distributed) happen on first attribute access, so `import comm` stays cheap.
 """
@@ -10,11 +18,11 @@ Heavy imports (torch.distributed) happen on first attribute access, so `import c
 _EXPORTS = {
     "DistContext": "comm.groups",
     "init_distributed": "comm.groups",
-    "CommError": "comm.groups",
-    "MoECommunicator": "comm.communicator",
-    "ExpertBatch": "comm.communicator",
-    "Handle": "comm.communicator",
-    "TRANSPORTS": "comm.transports.plan",
+    "CommError": "comm.errors",
+    "MoEExchange": "comm.exchange",
+    "ExpertBatch": "comm.exchange",
+    "Handle": "comm.exchange",
+    "TRANSPORTS": "comm.transports",
 }
 
 __all__ = list(_EXPORTS)

@@ -23,7 +23,8 @@ one rank), so the quotas are a dense [E, n] matrix q (n expert ranks), zero off 
 3. Lookup: (expert, rank) -> local slot from the placement.
 
 Everything is fixed-shape torch on the device: no host sync, no Python loop over tokens, so
-``assign`` can be captured in a CUDA graph. Assumes the K experts of one token are distinct (true
+``assign`` can be captured in a CUDA graph. Slots with id -1 (padding rows of a CUDA-graph bucket)
+go nowhere: dest = slot = -1, and they are not counted. Assumes the K experts of one token are distinct (true
 for top-k routers) and that ``counts_AE[attention_index]`` is this rank's own bincount.
 """
 
@@ -56,10 +57,11 @@ def gather_counts(counts_E: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def local_counts(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """This rank's tokens per logical expert [E] int32 (fixed shape, no host sync)."""
+    """This rank's tokens per logical expert [E] int32 (fixed shape, no host sync; ids of -1 not counted)."""
     flat = topk_ids_TK.reshape(-1).long()
-    out = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
-    return out.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    out = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
+    out.scatter_add_(0, torch.where(flat < 0, num_experts, flat), torch.ones_like(flat, dtype=torch.int32))
+    return out[:num_experts]
 
 
 class _Tables:
@@ -179,15 +181,21 @@ class LeastLoadedBalancer:
         before_E = counts_AE[:attention_index].sum(0)  # this rank's tokens of e start here
         bound_En = torch.cumsum(q_En, 1) - before_E[:, None]
         bound_En = torch.where(t.past_last_LEn[layer], _BIG, bound_En)  # (robustness) never past the last replica
+        # masked slots (id -1: CUDA-graph padding rows) are counted as a pseudo-expert E, then routed nowhere
+        none_TK = ids_TK < 0
+        ids_TK = torch.where(none_TK, t.E, ids_TK)
+        bound_En = torch.cat([bound_En, torch.zeros_like(bound_En[:1])])
         # position of (t, k) among this rank's tokens of its expert, in token order. Laid out
         # [E, T] so the scan runs along the innermost dim: torch's CUDA scan over an outer dim of a
         # [T, E] tensor runs one thread per expert through all T tokens (~1 ms at T=4096, measured).
         ids_KT = ids_TK.t()
-        onehot_ET = torch.zeros((t.E, T), dtype=torch.int32, device=ids_TK.device)
+        onehot_ET = torch.zeros((t.E + 1, T), dtype=torch.int32, device=ids_TK.device)
         onehot_ET.scatter_(0, ids_KT, 1)
         pos_TK = (torch.cumsum(onehot_ET, 1, dtype=torch.int32).gather(0, ids_KT) - 1).t()
         dest_TK = (bound_En[ids_TK] <= pos_TK[..., None]).sum(-1)  # boundaries passed = rank index
-        return dest_TK.to(torch.int32), t.slot_LEn[layer][ids_TK, dest_TK]
+        slot_TK = t.slot_LEn[layer][ids_TK.clamp(max=t.E - 1), dest_TK.clamp(max=t.n - 1)]
+        return (torch.where(none_TK, -1, dest_TK).to(torch.int32),
+                torch.where(none_TK, -1, slot_TK).to(torch.int32))
 
 
 def _waterfill(other_Xn: torch.Tensor, c_X: torch.Tensor, before_nn: torch.Tensor) -> torch.Tensor:

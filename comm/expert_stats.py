@@ -1,8 +1,11 @@
 """Expert activation statistics: record on the device, dump as JSON lines, load for the planner.
 
 The engine calls ``recorder.record(layer, topk_ids_TK, dest_TK)`` once per MoE layer per
-micro-batch (layer = MoE-layer index, as everywhere in comm/). Counts accumulate in preallocated
-device tensors with scatter_add (no host sync). ``dump(path)`` appends one JSON line per layer::
+micro-batch (layer = MoE-layer index, as everywhere in comm/). Counts -- tokens too -- accumulate
+in preallocated device tensors with scatter_add: no host sync, so recording runs inside captured
+CUDA graphs; ids of -1 (padding rows, slots routed nowhere) are not counted. The host reads the
+counters only when it dumps them (every ``balancer.stats_every`` steps and at the end of a run).
+``dump(path)`` appends one JSON line per layer::
 
     {"layer": 0, "expert_counts": [E ints], "rank_counts": [n ints], "tokens": T}
 
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from afsplit.errors import ConfigError
+from comm.errors import ConfigError
 
 
 class ExpertStatsRecorder:
@@ -29,36 +32,52 @@ class ExpertStatsRecorder:
     def __init__(self, num_layers: int, num_experts: int, num_expert_ranks: int, device="cpu"):
         self.num_layers, self.num_experts, self.num_expert_ranks = num_layers, num_experts, num_expert_ranks
         self.device = torch.device(device)
-        self.expert_counts_LE = torch.zeros((num_layers, num_experts), dtype=torch.int64, device=self.device)
-        self.rank_counts_LR = torch.zeros((num_layers, num_expert_ranks), dtype=torch.int64, device=self.device)
-        self.tokens_L = [0] * num_layers  # host ints: T is known from the shape, no sync
-        self._ones = torch.ones(0, dtype=torch.int64, device=self.device)
+        # one extra column each: where the ids of -1 are counted, then dropped
+        self._experts = torch.zeros((num_layers, num_experts + 1), dtype=torch.int64, device=self.device)
+        self._ranks = torch.zeros((num_layers, num_expert_ranks + 1), dtype=torch.int64, device=self.device)
+        self._tokens = torch.zeros(num_layers, dtype=torch.int64, device=self.device)
 
-    def _ones_like(self, n: int) -> torch.Tensor:
-        if self._ones.numel() < n:
-            self._ones = torch.ones(max(n, 2 * self._ones.numel()), dtype=torch.int64, device=self.device)
-        return self._ones[:n]
+    @property
+    def expert_counts_LE(self) -> torch.Tensor:
+        return self._experts[:, :self.num_experts]
+
+    @property
+    def rank_counts_LR(self) -> torch.Tensor:
+        return self._ranks[:, :self.num_expert_ranks]
+
+    @property
+    def tokens_L(self) -> torch.Tensor:
+        return self._tokens
 
     def record(self, layer: int, topk_ids_TK: torch.Tensor, dest_TK: torch.Tensor | None = None) -> None:
         ids = topk_ids_TK.reshape(-1).long()
-        ones = self._ones_like(ids.numel())
-        self.expert_counts_LE[layer].scatter_add_(0, ids, ones)
+        ones = torch.ones_like(ids)
+        self._experts[layer].scatter_add_(0, torch.where(ids < 0, self.num_experts, ids), ones)
         if dest_TK is not None:
-            self.rank_counts_LR[layer].scatter_add_(0, dest_TK.reshape(-1).long(), ones)
-        self.tokens_L[layer] += int(topk_ids_TK.shape[0])
+            dest = dest_TK.reshape(-1).long()
+            self._ranks[layer].scatter_add_(0, torch.where(dest < 0, self.num_expert_ranks, dest), ones)
+        self._tokens[layer] += (topk_ids_TK >= 0).any(-1).sum() if topk_ids_TK.numel() else 0
 
     def reset(self) -> None:
-        self.expert_counts_LE.zero_()
-        self.rank_counts_LR.zero_()
-        self.tokens_L = [0] * self.num_layers
+        self._experts.zero_()
+        self._ranks.zero_()
+        self._tokens.zero_()
+
+    def all_reduce(self, group) -> None:
+        """Sum the counters over a process group (the attention ranks), in place."""
+        import torch.distributed as dist
+
+        for t in (self._experts, self._ranks, self._tokens):
+            dist.all_reduce(t, group=group)
 
     def dump(self, path: str | os.PathLike, reset: bool = True) -> None:
         """Append one JSON line per layer that saw tokens since the last dump; then reset."""
         experts = self.expert_counts_LE.cpu().tolist()
         ranks = self.rank_counts_LR.cpu().tolist()
+        tokens = self._tokens.cpu().tolist()
         lines = [json.dumps({"layer": l, "expert_counts": experts[l], "rank_counts": ranks[l],
-                             "tokens": self.tokens_L[l]}, separators=(",", ":"))
-                 for l in range(self.num_layers) if self.tokens_L[l] or any(experts[l])]
+                             "tokens": tokens[l]}, separators=(",", ":"))
+                 for l in range(self.num_layers) if tokens[l] or any(experts[l])]
         if lines:
             with open(path, "a") as f:
                 f.write("\n".join(lines) + "\n")

@@ -28,16 +28,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from afsplit.errors import ConfigError
-from afsplit.topology import Topology
+from comm.errors import ConfigError
+from comm.topology import Topology
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "nccl", "gloo")
-
-
-class CommError(RuntimeError):
-    """A communication step failed: a peer died, stopped answering or disagreed with this rank."""
 
 
 @dataclass
@@ -109,22 +105,6 @@ def _env_int(name: str) -> int:
         raise ConfigError(f"{name}={value!r} is not an integer") from None
 
 
-def check_world_size(topology: Topology, world_size: int) -> None:
-    """Raise ConfigError with the arithmetic when the topology and the launched processes disagree."""
-    if world_size == topology.world_size:
-        return
-    per_node = " + ".join(str(n.nprocs) for n in topology.nodes)
-    if topology.colocated:
-        arith = f"{topology.world_size} colocated ranks"
-    else:
-        n_att = len(topology.attention_ranks)
-        n_exp = len(topology.expert_ranks)
-        arith = f"{n_att} attention + {n_exp} expert ranks = {topology.world_size}"
-    raise ConfigError(
-        f"topology: {arith} != {world_size} processes (WORLD_SIZE); "
-        f"launch {per_node} processes on the {topology.num_nodes} node(s) (torchrun --nproc-per-node per node)")
-
-
 def fingerprint(topology: Topology, extra: Any = None) -> str:
     """A short hash of the topology and (optionally) a JSON-able config, equal on ranks that agree."""
     payload = {"nodes": [[n.attention, n.expert, n.colocated] for n in topology.nodes], "extra": extra}
@@ -170,7 +150,7 @@ def init_distributed(
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(name):
             raise ConfigError(f"{name} is not set: start afsplit ranks with torchrun (it sets the rendezvous address)")
-    check_world_size(topology, world_size)
+    topology.check_world_size(world_size)
     expected_local = topology.ranks[rank].local_rank
     if local_rank != expected_local:
         raise ConfigError(

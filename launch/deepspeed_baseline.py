@@ -133,9 +133,9 @@ def build_moe_layers(spec, source, attn_weights, router_bias, dtype, device, ran
 
 
 def make_exchange(layers: dict, times):
-    from afsplit.models.moe_model import MoEExchange
+    from afsplit.models.moe_model import MoEBackend
 
-    class DeepSpeedExchange(MoEExchange):
+    class DeepSpeedExchange(MoEBackend):
         """afsplit's MoE hook -> DeepSpeed's MoE layer (its own gate: afsplit's ids/weights are not used)."""
 
         def __init__(self):

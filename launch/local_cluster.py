@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from afsplit.topology import NodeSpec, Topology
+from comm.topology import NodeSpec, Topology
 
 SAFETY_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 PREFIX = "[local_cluster]"

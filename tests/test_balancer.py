@@ -9,12 +9,13 @@ import torch
 
 from afsplit.config import BalancerConfig
 from afsplit.errors import ConfigError
-from afsplit.topology import NodeSpec, Topology
+from afsplit.placement_file import plan_experts_main, read_placement, resolve_placement, write_placement
 from comm.balancer import LeastLoadedBalancer, StaticBalancer, gather_counts, local_counts
-from comm.bench_balancer import balance_case
 from comm.expert_stats import ExpertStatsRecorder, load_stats
-from comm.placement import (Placement, default_capacity, plan_experts_main, plan_placement,
-                            predicted_imbalance, resolve_placement, uniform_placement)
+from comm.placement import Placement, default_capacity
+from comm.replica_planner import plan_placement, predicted_imbalance, uniform_placement
+from comm.topology import NodeSpec, Topology
+from launch.balancer_bench import balance_case
 
 
 def topo_af(attention: int, expert_per_node: list[int]) -> Topology:
@@ -89,14 +90,14 @@ def test_placement_file_roundtrip(tmp_path):
     mixed = Placement(12, same.layers[:3] + planned.layers[:2] + same.layers[:1])
     for p in (planned, same, mixed):
         path = tmp_path / "p.yaml"
-        p.to_file(path, topology=topo, header="test")
-        q = Placement.from_file(path, p.num_layers, 12, topo, spare_slots_per_rank=2)
+        write_placement(p, path, topology=topo, header="test")
+        q = read_placement(path, p.num_layers, 12, topo, spare_slots_per_rank=2)
         assert q == p
         text = path.read_text()
-        q.to_file(path, topology=topo, header="test")
+        write_placement(q, path, topology=topo, header="test")
         assert path.read_text() == text
     assert "default:" in (tmp_path / "p.yaml").read_text()  # mixed: the common layer is the default
-    same.to_file(tmp_path / "s.yaml")
+    write_placement(same, tmp_path / "s.yaml")
     assert "\nlayers:" not in (tmp_path / "s.yaml").read_text()
 
 
@@ -123,7 +124,7 @@ def _write(tmp_path, text: str):
 def test_placement_file_errors(tmp_path, text, match):
     topo = topo_af(1, [2])
     with pytest.raises(ConfigError, match=match):
-        Placement.from_file(_write(tmp_path, text), 2, 4, topo, spare_slots_per_rank=1)
+        read_placement(_write(tmp_path, text), 2, 4, topo, spare_slots_per_rank=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +306,7 @@ def test_resolve_placement(tmp_path):
                              for l in range(3)))
     planned = resolve_placement(BalancerConfig(replicas="auto", spare_slots_per_rank=2, stats_path=str(stats)), 3, 16, topo)
     assert planned == plan_placement(load_stats(stats), topo, 2)
-    planned.to_file(tmp_path / "p.yaml")
+    write_placement(planned, tmp_path / "p.yaml")
     assert resolve_placement(BalancerConfig(replicas=str(tmp_path / "p.yaml"), spare_slots_per_rank=2), 3, 16, topo) == planned
     with pytest.raises(ConfigError, match="capacity 4"):
         resolve_placement(BalancerConfig(replicas=str(tmp_path / "p.yaml")), 3, 16, topo)
@@ -326,7 +327,7 @@ def test_plan_experts_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "round-robin" in printed and "worst" in printed
     topo = topo_af(2, [2, 2])
-    p = Placement.from_file(out, 3, 32, topo, spare_slots_per_rank=2)
+    p = read_placement(out, 3, 32, topo, spare_slots_per_rank=2)
     assert p == plan_placement(counts, topo, 2, True)
     assert "global rank 2, node 1" in out.read_text()
     with pytest.raises(ConfigError, match="cannot read expert statistics"):

@@ -17,16 +17,16 @@ import pytest
 import torch
 
 from afsplit.errors import ConfigError
-from afsplit.topology import NodeSpec
-from comm.groups import check_world_size, init_distributed
-from comm.selftest import check_topologies, fault_worker, local_ranks_of, spawn_world, topo
-from comm.transports.plan import build_plan
+from comm.topology import NodeSpec
+from comm.groups import init_distributed
+from comm.transports import build_plan
 from launch.local_cluster import parse_nodes, script_args
+from tests.helpers.comm_selftest import VARIANTS, check_topologies, fault_worker, local_ranks_of, spawn_world, topo
 
 ROOT = Path(__file__).resolve().parents[1]
-# direct_padded_a2a: padded regions moved by one all_to_all_single (NCCL's default path), forced on gloo
-TRANSPORTS = ["direct", "two_phase", "adaptive", "direct_padded", "direct_padded_a2a"]
-SCENARIOS = ["random", "one_rank", "zero_first", "full"]
+# *_a2a: padded regions moved by one all_to_all_single per stage (NCCL's path), forced on gloo;
+# *_counts: exact-sized rows after headers; *_2ch: two micro-batches interleaved on two channels
+SCENARIOS = ["random", "one_rank", "zero_first", "full", "single"]
 
 
 def _run(specs, world, **kw):
@@ -39,7 +39,7 @@ def _run(specs, world, **kw):
 
 
 def _check(specs, kw):
-    return check_topologies(specs, TRANSPORTS, SCENARIOS, **kw)
+    return check_topologies(specs, list(VARIANTS), SCENARIOS, **kw)
 
 
 # ---- pure (no processes)
@@ -62,14 +62,15 @@ def test_parse_nodes_and_plans():
         tt = topo(spec)
         hops = lambda plan: {k: [(p[s], p[s + 1]) for s in range(3) if p[s] != p[s + 1]] for k, p in plan.pos.items()}
         assert hops(build_plan(tt, "two_phase")) == hops(build_plan(tt, "direct"))
-    # capacity: an expert rank can receive every token of every attention rank
-    assert direct.capacity(2, 3, max_tokens=10, top_k=8) == 2 * 10
+    # capacity: an expert rank holds one region per attention rank at the end
+    from comm.layout import capacity
+    assert capacity(direct, 2, 3, max_rows_per_key=10) == 2 * 10
 
 
 def test_world_size_mismatch_message(monkeypatch):
     t = topo("2A,2E")
     with pytest.raises(ConfigError, match=r"2 attention \+ 2 expert ranks = 4 != 3 processes \(WORLD_SIZE\)"):
-        check_world_size(t, 3)
+        t.check_world_size(3)
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -125,7 +126,7 @@ def test_dead_or_silent_peer_fails_fast(mode):
 
 def _launch(nodes: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "launch.local_cluster", "--nodes", nodes, "--timeout", "100", "--",
-           "-m", "comm.selftest", "--nodes", nodes, *extra]
+           "-m", "tests.helpers.comm_selftest", "--nodes", nodes, *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
 
@@ -136,7 +137,7 @@ def test_local_cluster_runs_uneven_nodes():
     assert p.returncode == 0, p.stdout + p.stderr
     assert "node 0: torchrun --nnodes 2 --node-rank 0 --nproc-per-node 1 --master-addr 127.0.0.1" in p.stdout
     assert "node 1: torchrun --nnodes 2 --node-rank 1 --nproc-per-node 3" in p.stdout
-    assert "--module comm.selftest" in p.stdout
+    assert "--module tests.helpers.comm_selftest" in p.stdout
     assert sum(f"rank {r} node" in p.stdout and "ok" in p.stdout for r in range(4)) == 4
     for r, node, local in [(0, 0, 0), (1, 1, 0), (3, 1, 2)]:
         assert f"rank {r} node {node} local {local}" in p.stdout
@@ -149,9 +150,9 @@ def test_local_cluster_failure_names_node():
 
 
 def test_single_rank_in_process(monkeypatch):
-    """World of one colocated rank (all traffic is a local copy) + the capacity error, no spawn."""
-    from comm.communicator import MoECommunicator
-    from comm.selftest import fake_moe, free_port, make_inputs, reference
+    """World of one colocated rank (nothing moves: the batch is the caller's tokens) + the size errors."""
+    from comm.exchange import MoEExchange
+    from tests.helpers.comm_selftest import fake_moe, free_port, make_inputs, reference
 
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(free_port())}.items():
@@ -159,19 +160,21 @@ def test_single_rank_in_process(monkeypatch):
     tp = topo("1C")
     ctx = init_distributed(tp, backend="gloo", timeout_s=10.0)
     try:
-        for transport, metadata in [("direct", "counts"), ("two_phase", "counts"), ("direct", "padded")]:
-            comm = MoECommunicator(ctx, 8, 2, torch.float32, 5, transport, 5.0, metadata=metadata)
+        for transport, metadata in [("direct", "counts"), ("two_phase", "padded"), ("adaptive", "padded")]:
+            ex = MoEExchange(ctx, 8, 2, torch.float32, 5, transport, metadata, 5.0)
             for layer in range(3):
                 x, dest, slot, w = make_inputs(tp, layer, "random", 8, 2, 3, 5)[0]
-                batch = comm.dispatch(x, dest, slot, w, layer)
-                assert int((batch.topk_ids >= 0).any(1).sum()) == x.shape[0]
-                out = comm.combine(fake_moe(batch, 0), layer)
+                ex.begin_step(x.shape[0])
+                h = ex.dispatch(x, dest, slot, w, layer)
+                assert h.batch.x is x
+                out = ex.combine(fake_moe(h.batch, 0), h)
                 assert torch.equal(out, reference(x, dest, slot, w))
+            ex.begin_step(5)
             x = torch.zeros(6, 8)
             idx = torch.zeros(6, 2, dtype=torch.long)
-            with pytest.raises(ValueError, match="6 tokens on rank 0 > max_tokens_per_rank=5"):
-                comm.dispatch(x, idx, idx, torch.ones(6, 2), 9)
-            with pytest.raises(RuntimeError, match="no dispatch is pending"):
-                comm.combine(None, 9)
+            with pytest.raises(ValueError, match="6 tokens on rank 0 >"):
+                ex.dispatch(x, idx, idx, torch.ones(6, 2), 9)
+            with pytest.raises(ValueError, match="channel 1 does not exist"):
+                ex.dispatch(x[:1], idx[:1], idx[:1], torch.ones(1, 2), 9, channel=1)
     finally:
         ctx.shutdown()

@@ -1,14 +1,18 @@
 """The MoE transformer, split into the part an attention rank runs and the part an expert rank runs.
 
-One layer, as the single-process engine and the disaggregated runtime both drive it::
+One layer of one micro-batch u, as the single-process engine and the disaggregated runtime both drive it::
 
     x, residual = attn.attention_block(l, h, residual, meta, kv)  # norm -> QKV -> RoPE -> attention -> O -> norm
     if spec.moe_layers[l]:
         weights_TK, ids_TK = attn.route(l, x)                      # router + top-k
         moe.send(l, u, x, ids_TK, weights_TK)                      # local experts, or dispatch to expert ranks
-        h = attn.add_shared_expert(l, x, moe.recv(l, u))           # ... combine
+        shared = attn.shared_expert(l, x)                          # overlaps the exchange
+        h = attn.add_shared(l, x, shared, moe.recv(l, u))          # ... combine (before u's next layer)
     else:
         h = attn.dense_mlp(l, x)
+
+The routed experts sit behind :class:`MoEBackend`: :class:`LocalExperts` in one process,
+afsplit/runtime/remote_experts.py across ranks.
 """
 
 from __future__ import annotations
@@ -79,12 +83,17 @@ class AttentionModel:
             logits = logits.float() + self.router_bias[layer]
         return ops.topk_gating(logits, self.spec.top_k, self.spec.norm_topk_prob)
 
-    def add_shared_expert(self, layer: int, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    def shared_expert(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert's gated output (Qwen2-MoE), or None; computed while the exchange is in flight."""
         lw = self.w.layers[layer]
         if lw.shared_w13 is None:
-            return routed
+            return None
         shared = F.linear(ops.silu_mul(F.linear(x, lw.shared_w13)), lw.shared_w2)
-        return routed + torch.sigmoid(F.linear(x, lw.shared_gate_w)) * shared
+        return torch.sigmoid(F.linear(x, lw.shared_gate_w)) * shared
+
+    @staticmethod
+    def add_shared(routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        return routed if shared is None else routed + shared
 
     def dense_mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         lw = self.w.layers[layer]
@@ -94,35 +103,40 @@ class AttentionModel:
         x, _ = ops.rmsnorm(h, self.w.final_norm, self.spec.rms_norm_eps, residual)
         return F.linear(x, self.w.lm_head).float()
 
-    def forward(self, micro_batches: list[tuple[torch.Tensor, ops.AttentionMetadata]], kv_caches, moe: "MoEExchange",
+    def forward(self, micro_batches: list[tuple[torch.Tensor, ops.AttentionMetadata]], kv_caches, moe: "MoEBackend",
                 logits_rows: list[torch.Tensor]) -> torch.Tensor:
         """All layers over m micro-batches; returns the logits of `logits_rows[u]` of each, concatenated.
 
-        Per MoE layer every micro-batch's routed tokens are sent (`moe.send`) right after its own
-        attention, so expert ranks work on micro-batch u while this rank computes attention for
-        u + 1 (ping-pong); the results are collected (`moe.recv`) in the same order.
+        The micro-batches form a pipeline: micro-batch u's routed tokens are sent (`moe.send`)
+        right after its own attention and collected (`moe.recv`) just before u's next layer, so
+        while expert ranks work on u this rank computes attention for u + 1 (ping-pong), and u's
+        next layer waits only for u's own experts.
         """
         hs = [self.embed(ids) for ids, _ in micro_batches]
         residuals: list[torch.Tensor | None] = [None] * len(micro_batches)
+        waiting: list[tuple | None] = [None] * len(micro_batches)  # (layer, shared expert output) sent, not back
         for layer in range(self.spec.num_layers):
-            xs = []
             for u, (_, meta) in enumerate(micro_batches):
+                if waiting[u] is not None:
+                    hs[u] = self.add_shared(moe.recv(waiting[u][0], u), waiting[u][1])
+                    waiting[u] = None
                 x, residuals[u] = self.attention_block(layer, hs[u], residuals[u], meta, kv_caches[layer])
-                xs.append(x)
                 if self.spec.moe_layers[layer]:
                     weights, ids = self.route(layer, x)
                     if meta.valid_rows is not None:  # padding rows go to no expert (id -1 is skipped everywhere)
                         ids = torch.where(meta.valid_rows[:, None], ids, -1)
                     moe.send(layer, u, x, ids, weights)
-            if self.spec.moe_layers[layer]:
-                hs = [self.add_shared_expert(layer, x, moe.recv(layer, u)) for u, x in enumerate(xs)]
-            else:
-                hs = [self.dense_mlp(layer, x) for x in xs]
+                    waiting[u] = (layer, self.shared_expert(layer, x))
+                else:
+                    hs[u] = self.dense_mlp(layer, x)
+        for u, w in enumerate(waiting):
+            if w is not None:
+                hs[u] = self.add_shared(moe.recv(w[0], u), w[1])
         return torch.cat([self.final_logits(h[rows], r[rows]) for h, r, rows in zip(hs, residuals, logits_rows)])
 
 
-class MoEExchange:
-    """Where routed-expert work goes: `send` a micro-batch's tokens, later `recv` their outputs, in order."""
+class MoEBackend:
+    """Where routed-expert work goes: `send` a micro-batch's tokens, later `recv` their outputs."""
 
     def agree_step(self, max_tokens: int, decode_only: bool) -> tuple[int, bool]:
         """(largest micro-batch, every rank only decodes) over all ranks; one vote per step where distributed."""
@@ -146,7 +160,7 @@ class MoEExchange:
         raise NotImplementedError
 
 
-class LocalMoE(MoEExchange):
+class LocalExperts(MoEBackend):
     """Single process: every routed expert is here, indexed by its logical id."""
 
     def __init__(self, experts: "ExpertModel", stats=None, moe_index: dict[int, int] | None = None):
@@ -157,7 +171,7 @@ class LocalMoE(MoEExchange):
 
     @property
     def graph_safe(self) -> bool:
-        return self.stats is None  # the recorder counts tokens on the host
+        return True  # expert kernels and the statistics recorder run on the device only
 
     def send(self, layer, micro_batch, x, ids, weights):
         if self.stats is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
 import torch.distributed as dist
 
 from afsplit.config import Config, validate
@@ -20,12 +19,18 @@ from afsplit.cuda_graphs import GraphCache, graphs_wanted, warm_up_requests
 from afsplit.engine import DTYPES, LLMEngine, RequestOutput, resolve_model, run_to_completion
 from afsplit.models.moe_model import ExpertModel
 from afsplit.models.weights import load_expert_weights
-from afsplit.runtime.moe_exchange import ExpertServer, RemoteMoE, RoutedExperts
+from afsplit.placement_file import resolve_placement
+from afsplit.runtime.expert_server import ExpertServer
+from afsplit.runtime.remote_experts import RemoteExperts
 from afsplit.runtime.coordinator import Coordinator, StepPlan
 from afsplit.runtime.micro_batches import MAX_MICRO_BATCHES, fixed_micro_batches
+from afsplit.runtime.router import ExpertRouter
 from afsplit.runtime.stats import StepReport
 from afsplit.runtime.timing import PhaseTimes
 from afsplit.sequence import SeqUpdate
+from comm.exchange import MoEExchange
+from comm.expert_stats import ExpertStatsRecorder
+from comm.groups import init_distributed
 
 log = logging.getLogger("afsplit.runtime")
 
@@ -34,11 +39,6 @@ class RankRuntime:
     """Builds this rank's role (attention, expert or both) and runs the step loop."""
 
     def __init__(self, config: Config):
-        from comm.balancer import LeastLoadedBalancer
-        from comm.communicator import MoECommunicator
-        from comm.groups import init_distributed
-        from comm.placement import resolve_placement
-
         self.config = config
         topo = config.topology.topology
         validate(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -47,16 +47,26 @@ class RankRuntime:
         self.topo, self.rank = topo, self.ctx.rank
         self.coordinator = topo.attention_ranks[0]
         # every rank must take part in creating each group
-        self.attention_group = dist.new_group(list(topo.attention_ranks))
+        self.attention_group = dist.new_group(list(topo.attention_ranks)) if self.ctx.world_size > 1 else None
         spec, source = resolve_model(config)
         self.spec = spec
         self.m = fixed_micro_batches(config.runtime.micro_batches, distributed=True) or MAX_MICRO_BATCHES
         self.placement = resolve_placement(config.balancer, spec.num_moe_layers, spec.num_experts, topo)
         dtype = DTYPES[config.model.dtype]
-        self.comm = MoECommunicator(self.ctx, spec.hidden_size, spec.top_k, dtype,
+        router = None
+        self.expert_stats = None
+        if self.ctx.is_attention:
+            if config.balancer.stats_path:
+                self.expert_stats = ExpertStatsRecorder(spec.num_moe_layers, spec.num_experts,
+                                                        len(topo.expert_ranks), self.ctx.device)
+            router = ExpertRouter(spec, self.placement, self.ctx.device, topo.attention_index(self.rank),
+                                  len(topo.attention_ranks), self.expert_stats)
+        # every rank builds the same channel groups: whether attention groups exist must not depend on the role
+        count_groups = ExpertRouter.needs_count_groups(self.placement, len(topo.attention_ranks))
+        self.exchange = MoEExchange(self.ctx, spec.hidden_size, spec.top_k, dtype,
                                     max_tokens_per_rank=config.runtime.max_num_batched_tokens,
-                                    transport=config.comm.transport, timeout_s=config.comm.timeout_s,
-                                    metadata=config.comm.metadata)
+                                    transport=config.comm.transport, metadata=config.comm.metadata,
+                                    timeout_s=config.comm.timeout_s, channels=self.m, attention_groups=count_groups)
         experts = None
         if self.ctx.is_expert:
             j = topo.expert_index(self.rank)
@@ -66,22 +76,15 @@ class RankRuntime:
         self.server = None
         self.times = PhaseTimes(self.ctx.device, sync=config.runtime.profile)
         if self.ctx.is_attention:
-            self.expert_stats = None
-            if config.balancer.stats_path:
-                from comm.expert_stats import ExpertStatsRecorder
-
-                self.expert_stats = ExpertStatsRecorder(spec.num_moe_layers, spec.num_experts,
-                                                        len(topo.expert_ranks), self.ctx.device)
-            routing = RoutedExperts(spec, self.placement, LeastLoadedBalancer(self.placement, self.ctx.device),
-                                    topo.attention_index(self.rank), self.attention_group, self.expert_stats)
-            moe = RemoteMoE(self.comm, routing, experts, self.times)
+            moe = RemoteExperts(self.exchange, router, experts, self.times)
             self.engine = LLMEngine(config, build_moe=lambda *_: moe, device=self.ctx.device,
-                                    micro_batches=self.m, spec_and_source=(spec, source))
+                                    micro_batches=1, spec_and_source=(spec, source))
         else:
             use_graphs, capture = graphs_wanted(config.runtime.cuda_graphs and not config.runtime.profile,
                                                 self.ctx.device)
             graphs = GraphCache(self.ctx.device, capture, name="expert step") if use_graphs else None
-            self.server = ExpertServer(self.comm, spec, experts, self.m, self.times, config.runtime.max_num_seqs, graphs)
+            self.server = ExpertServer(self.exchange, spec, experts, 1, self.times, config.runtime.max_num_seqs,
+                                       graphs)
         self.coord = Coordinator(self) if self.rank == self.coordinator else None
         log.info("rank %d ready: %s, %s micro-batch(es), transport %s", self.rank, topo.role_of(self.rank),
                  config.runtime.micro_batches, config.comm.transport)
@@ -175,14 +178,11 @@ class RankRuntime:
 
     def dump_expert_stats(self) -> None:
         """Attention ranks sum their activation counts; the coordinator appends them to balancer.stats_path."""
-        rec = getattr(self, "expert_stats", None)
+        rec = self.expert_stats
         if rec is None:
             return
-        dist.all_reduce(rec.expert_counts_LE, group=self.attention_group)
-        dist.all_reduce(rec.rank_counts_LR, group=self.attention_group)
-        tokens = torch.tensor(rec.tokens_L, dtype=torch.int64, device=rec.expert_counts_LE.device)
-        dist.all_reduce(tokens, group=self.attention_group)
-        rec.tokens_L = tokens.tolist()
+        if self.attention_group is not None:
+            rec.all_reduce(self.attention_group)
         if self.rank == self.coordinator:
             rec.dump(self.config.balancer.stats_path)
             log.info("expert activation counts appended to %s", self.config.balancer.stats_path)
@@ -192,7 +192,7 @@ class RankRuntime:
         if getattr(self, "_closed", False):
             return
         self._closed = True
-        self.comm.close()
+        self.exchange.close()
         caches = [self.server.graphs if self.server is not None else None,
                   self.engine.runner.static.graphs if self.engine is not None and self.engine.runner.static else None]
         captured = False

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from comm.transports.plan import RoutePlan
+from comm.transports.route import RoutePlan
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +112,15 @@ def calibrate(ctx, iters: int = 20, large_bytes: int | None = None) -> LinkModel
 
 
 class CostModel:
-    """Estimated dispatch+combine time of a RoutePlan for T tokens on every attention rank."""
+    """Estimated dispatch+combine time of a RoutePlan with T tokens on every attention rank.
 
-    def __init__(self, plan: RoutePlan, model: LinkModel, top_k: int, dispatch_row_bytes: int, combine_row_bytes: int):
-        self.plan, self.model = plan, model
+    Padded metadata moves P = T rows per key; exact counts move the expected T * p_hit rows (uniform
+    routing) after one header round per stage.
+    """
+
+    def __init__(self, plan: RoutePlan, model: LinkModel, top_k: int, dispatch_row_bytes: int,
+                 combine_row_bytes: int, exact: bool = False):
+        self.plan, self.model, self.exact = plan, model, exact
         topo = plan.topology
         n_exp = len(topo.expert_ranks)
         # chance that a token's top-k lands on a given expert rank at least once (uniform routing)
@@ -149,10 +154,10 @@ class CostModel:
     def __call__(self, tokens: int) -> float:
         if tokens in self._cache:
             return self._cache[tokens]
-        rows = tokens * self.p_hit
+        rows = tokens * self.p_hit if self.exact else tokens
         total = 0.0
         for pairs in self.stages:
-            if pairs:
+            if pairs and self.exact:
                 total += self.model.alpha_ctrl  # header round
             total += self._stage_time(pairs, rows, self.row_d)  # dispatch
             total += self._stage_time(pairs, rows, self.row_c)  # combine (reverse direction, same sizes)

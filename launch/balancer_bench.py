@@ -1,6 +1,6 @@
 """Benchmark: replica-selection time per layer and max/mean expert-rank load under Zipf routing.
 
-    python3 -m comm.bench_balancer --out docs/benchmarks/balancer-h100.json --md docs/benchmarks/balancer-h100.md
+    python3 -m launch.balancer_bench --out docs/benchmarks/balancer-h100.json --md docs/benchmarks/balancer-h100.md
 
 Timing: one attention rank's `assign` for one MoE layer (4096 tokens x top-8, 128 experts, 32 spare
 slots in all, counts from 4 attention ranks), on the device: CUDA events around each call (or
@@ -23,9 +23,10 @@ import time
 
 import torch
 
-from afsplit.topology import NodeSpec, Topology
+from comm.topology import NodeSpec, Topology
 from comm.balancer import LeastLoadedBalancer, StaticBalancer, local_counts
-from comm.placement import Placement, max_over_mean, plan_placement
+from comm.placement import Placement
+from comm.replica_planner import max_over_mean, plan_placement
 
 
 def zipf_topk(T: int, K: int, E: int, s: float, gen: torch.Generator, perm: torch.Tensor) -> torch.Tensor:
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ranks = [int(x) for x in args.ranks.split(",")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "command": "python3 -m comm.bench_balancer " + " ".join(sys.argv[1:] if argv is None else argv),
+              "command": "python3 -m launch.balancer_bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "torch": torch.__version__, "tokens": args.tokens, "topk": args.topk, "experts": args.experts,
               "attention": args.attention, "spare_total": args.spare_total, "iters": args.iters,
               "timing": [], "balance": []}

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from comm.errors import ConfigError
+
 ATTENTION = "attention"
 EXPERT = "expert"
 COLOCATED = "colocated"
@@ -101,6 +103,22 @@ class Topology:
     def expert_index(self, rank: int) -> int:
         """Position of `rank` among the expert ranks (its expert-parallel index)."""
         return self.expert_ranks.index(rank)
+
+    def arithmetic(self) -> str:
+        """How the rank count adds up, for messages: '2 attention + 2 expert ranks = 4'."""
+        if self.colocated:
+            return f"{self.world_size} colocated ranks"
+        return f"{len(self.attention_ranks)} attention + {len(self.expert_ranks)} expert ranks = {self.world_size}"
+
+    def check_world_size(self, world_size: int, where: str = "") -> None:
+        """Raise ConfigError with the arithmetic when the launched processes do not match the topology."""
+        if world_size == self.world_size:
+            return
+        per_node = " + ".join(str(n.nprocs) for n in self.nodes)
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(
+            f"{prefix}topology: {self.arithmetic()} != {world_size} processes (WORLD_SIZE); launch {per_node} "
+            f"processes on the {self.num_nodes} node(s) (torchrun --nproc-per-node per node)")
 
     def describe(self) -> str:
         """A table of the rank -> node/role map, as printed by `afsplit check-config`."""

@@ -76,7 +76,7 @@ def worker(ns) -> None:
     from comm.groups import init_distributed
     from comm.transports.adaptive import calibrate
     from launch.local_cluster import parse_nodes
-    from afsplit.topology import Topology
+    from comm.topology import Topology
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     topo = Topology(parse_nodes(ns.nodes))
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.worker:
         worker(ns)
         return 0
-    from afsplit.topology import Topology
+    from comm.topology import Topology
     from launch.local_cluster import launch_local_cluster, parse_nodes
 
     args = list(argv if argv is not None else sys.argv[1:])

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from afsplit.topology import Topology
+from comm.topology import Topology
 from launch.local_cluster import free_port, parse_nodes  # noqa: F401 (re-exported)
 
 
@@ -91,6 +91,8 @@ def make_inputs(topology: Topology, seed: int, scenario: str, hidden: int, top_k
             T = 0
         if scenario == "full":
             T = max_tokens
+        if scenario == "single":
+            T = 1
         if scenario == "one_rank":
             dest = torch.full((T, top_k), n_exp - 1, dtype=torch.long)
             slot = torch.rand(T, slots, generator=g).topk(top_k, dim=1).indices
@@ -123,11 +125,25 @@ def reference(x, dest, slot, w) -> torch.Tensor:
     return y
 
 
-def check_topologies(specs: list[str], transports: list[str], scenarios: list[str], hidden: int = 16,
+VARIANTS = {
+    # name: (transport, metadata, one-collective stages on gloo, micro-batches interleaved on 2 channels)
+    "direct": ("direct", "padded", False, False),
+    "two_phase": ("two_phase", "padded", False, False),
+    "adaptive": ("adaptive", "padded", False, False),
+    "direct_a2a": ("direct", "padded", True, False),
+    "two_phase_a2a": ("two_phase", "padded", True, False),
+    "direct_counts": ("direct", "counts", False, False),
+    "two_phase_counts": ("two_phase", "counts", False, False),
+    "adaptive_counts": ("adaptive", "counts", False, False),
+    "two_phase_2ch": ("two_phase", "padded", False, True),
+}
+
+
+def check_topologies(specs: list[str], variants: list[str], scenarios: list[str], hidden: int = 16,
                      top_k: int = 4, slots: int = 6, max_tokens: int = 24, layers: int = 2,
                      calibrated: tuple[str, ...] = (), timeout_s: float = 30.0, check_mismatch: bool = False) -> dict:
-    """Run every (topology, transport, scenario) on this rank; return failures and what adaptive chose."""
-    from comm.communicator import MoECommunicator
+    """Run every (topology, variant, scenario) on this rank; return failures and what adaptive chose."""
+    from comm.exchange import MoEExchange
     from comm.groups import init_distributed
     from comm.transports.adaptive import LinkModel, calibrate
 
@@ -140,50 +156,53 @@ def check_topologies(specs: list[str], transports: list[str], scenarios: list[st
     try:
         for spec, tp in zip(specs, topos):
             ctx = ctx0.with_topology(tp)
-            if spec not in calibrated:  # network slow per message: two_phase for few tokens, direct for many
-                model = LinkModel(alpha_intra=1e-6, beta_intra=1e12, alpha_inter=5e-4, beta_inter=1e6, alpha_ctrl=1e-6)
+            if spec not in calibrated:  # network slow per message: two_phase for 1 token per rank, direct for 24
+                model = LinkModel(alpha_intra=1e-6, beta_intra=1e12, alpha_inter=5e-4, beta_inter=4e6, alpha_ctrl=1e-6)
             else:
                 model = calibrate(ctx, iters=3, large_bytes=1 << 16)
-            for transport in transports:
-                padded = transport.startswith("direct_padded")
-                comm = MoECommunicator(ctx, hidden, top_k, torch.float32, max_tokens,
-                                       "direct" if padded else transport, timeout_s, link_model=model,
-                                       metadata="padded" if padded else "counts",
-                                       collective=transport == "direct_padded_a2a")
-                use_async = transport == "two_phase"
+            for variant in variants:
+                transport, metadata, a2a, interleave = VARIANTS[variant]
+                ex = MoEExchange(ctx, hidden, top_k, torch.float32, max_tokens, transport, metadata, timeout_s,
+                                 channels=2 if interleave else 1, link_model=model, collective=a2a)
                 for si, scenario in enumerate(scenarios):
-                    for layer in range(layers):
-                        seed = 1000 * si + layer
-                        data = make_inputs(tp, seed, scenario, hidden, top_k, slots, max_tokens)
-                        tag = f"[{spec} {transport} {scenario} layer {layer}] rank {ctx.rank}"
+                    datas = [make_inputs(tp, 1000 * si + layer, scenario, hidden, top_k, slots, max_tokens)
+                             for layer in range(layers)]
+                    # padded: regions of the step's largest micro-batch (the runtime's vote)
+                    ex.begin_step(max(d[0].shape[0] for data in datas for d in data.values()))
+                    if transport == "adaptive":
+                        chosen.setdefault(spec, set()).add(ex.route)
+                    order = [(layer, 0) for layer in range(layers)]
+                    if interleave:  # attention ranks: both micro-batches out, then both back (as ping-pong does)
+                        order = [(layer, u) for layer in range(layers) for u in (0, 1)]
+                    tags = {k: f"[{spec} {variant} {scenario} layer {k[0]} mb {k[1]}] rank {ctx.rank}" for k in order}
+                    handles = {}
+                    if ctx.is_attention and not ctx.is_expert and interleave:
+                        for layer in range(layers):
+                            for u in (0, 1):
+                                handles[(layer, u)] = ex.dispatch(*datas[layer][ctx.rank], layer, channel=u)
+                            for u in (0, 1):
+                                _check_out(ex.combine(None, handles[(layer, u)]), datas[layer][ctx.rank],
+                                           tags[(layer, u)], failures, results, (spec, scenario, layer, u, variant))
+                        continue
+                    for layer, u in order:
+                        data = datas[layer]
                         args = data[ctx.rank] if ctx.is_attention else (None, None, None, None)
-                        # padded: pad to the step's max T (as the runtime would, via agree_tokens)
-                        hint = max(d[0].shape[0] for d in data.values()) if padded else None
-                        if use_async:
-                            batch = comm.dispatch_async(*args, layer).wait()
-                        else:
-                            batch = comm.dispatch(*args, layer, tokens_hint=hint)
+                        h = ex.dispatch(*args, layer, channel=u)
                         y = None
                         if ctx.is_expert:
-                            failures += _check_batch(tp, ctx.rank, _unpadded(batch) if padded else batch, data, tag)
-                            y = fake_moe(batch, tp.expert_index(ctx.rank))
-                        elif batch is not None:
-                            failures.append(f"{tag}: attention-only rank got a batch")
-                        out = comm.combine_async(y, layer).wait() if use_async else comm.combine(y, layer)
+                            batch = _unpadded(h.batch) if metadata == "padded" else h.batch
+                            failures += _check_batch(tp, ctx.rank, batch, data, tags[(layer, u)])
+                            y = fake_moe(h.batch, tp.expert_index(ctx.rank))
+                        elif h.batch is not None:
+                            failures.append(f"{tags[(layer, u)]}: attention-only rank got a batch")
+                        out = ex.combine(y, h)
                         if ctx.is_attention:
-                            ref = reference(*data[ctx.rank])
-                            if out is None or not torch.equal(out, ref):
-                                failures.append(f"{tag}: combine differs from reference "
-                                                f"(max err {(out - ref).abs().max() if out is not None else 'None'})")
-                            results[(spec, scenario, layer, transport)] = out
-                            other = results.get((spec, scenario, layer, "direct"))
-                            if other is not None and out is not None and not torch.equal(out.view(torch.int32), other.view(torch.int32)):
-                                failures.append(f"{tag}: {transport} result differs bitwise from direct")
+                            _check_out(out, data[ctx.rank], tags[(layer, u)], failures, results,
+                                       (spec, scenario, layer, u, variant))
                         elif out is not None:
-                            failures.append(f"{tag}: expert-only rank got a combine output")
-                        if transport == "adaptive":
-                            chosen.setdefault(spec, set()).add(comm.last_transport)
-                comm.close()
+                            failures.append(f"{tags[(layer, u)]}: expert-only rank got a combine output")
+                ex.drain()
+                ex.close()
         if check_mismatch:  # rank 1 claims another config: every rank must fail naming rank 1
             from comm.groups import verify_same_config
             try:
@@ -194,6 +213,18 @@ def check_topologies(specs: list[str], transports: list[str], scenarios: list[st
     finally:
         ctx0.shutdown()
     return {"failures": failures, "chosen": {k: sorted(v) for k, v in chosen.items()}, "mismatch": mismatch}
+
+
+def _check_out(out, data, tag: str, failures: list, results: dict, key: tuple) -> None:
+    """The combined output equals the reference, and is bitwise the same for every variant."""
+    ref = reference(*data)
+    if out is None or not torch.equal(out, ref):
+        failures.append(f"{tag}: combine differs from reference "
+                        f"(max err {(out - ref).abs().max() if out is not None else 'None'})")
+        return
+    first = results.setdefault(key[:-1], out)
+    if not torch.equal(out.view(torch.int32), first.view(torch.int32)):
+        failures.append(f"{tag}: result differs bitwise from another variant's")
 
 
 def _unpadded(batch):
@@ -239,12 +270,12 @@ def _to_cpu(batch):
 
 def fault_worker(spec: str, victim: int, mode: str, timeout_s: float) -> dict:
     """Layer 0 runs normally; then `victim` exits ('exit') or stops answering ('hang') before layer 1."""
-    from comm.communicator import MoECommunicator
+    from comm.exchange import MoEExchange
     from comm.groups import init_distributed
 
     tp = topo(spec)
     ctx = init_distributed(tp, backend="gloo", timeout_s=60.0)
-    comm = MoECommunicator(ctx, 8, 2, torch.float32, 4, "direct", timeout_s)
+    ex = MoEExchange(ctx, 8, 2, torch.float32, 4, "direct", "padded", timeout_s)
     data = make_inputs(tp, 0, "full", 8, 2, 4, 4)
     for layer in range(2):
         if layer == 1 and ctx.rank == victim:
@@ -255,9 +286,10 @@ def fault_worker(spec: str, victim: int, mode: str, timeout_s: float) -> dict:
         t0 = time.monotonic()
         try:
             args = data[ctx.rank] if ctx.is_attention else (None, None, None, None)
-            batch = comm.dispatch(*args, layer)
-            y = fake_moe(batch, tp.expert_index(ctx.rank)) if ctx.is_expert else None
-            comm.combine(y, layer)
+            h = ex.dispatch(*args, layer)
+            y = fake_moe(h.batch, tp.expert_index(ctx.rank)) if ctx.is_expert else None
+            ex.combine(y, h)
+            ex.drain()
         except Exception as e:  # noqa: BLE001
             elapsed = time.monotonic() - t0
             ctx.shutdown(abort=True)
@@ -267,42 +299,42 @@ def fault_worker(spec: str, victim: int, mode: str, timeout_s: float) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# `python -m comm.selftest --nodes 1A,3E [--fail-rank R]`: run under torchrun / local_cluster
+# `python -m tests.helpers.comm_selftest --nodes 1A,3E [--fail-rank R]`: run under torchrun / local_cluster
 
 
 def _cluster_main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from comm.communicator import MoECommunicator
+    from comm.exchange import MoEExchange
     from comm.groups import init_distributed
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", required=True)
     ap.add_argument("--fail-rank", type=int, default=-1)
     ap.add_argument("--transport", default="two_phase")
+    ap.add_argument("--metadata", default="padded")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--async", dest="use_async", action="store_true")
     ns = ap.parse_args(argv)
     tp = topo(ns.nodes)
     ctx = init_distributed(tp, backend="auto", timeout_s=60.0, device=ns.device)
     if ctx.rank == ns.fail_rank:
         print(f"rank {ctx.rank}: failing on purpose", flush=True)
         os._exit(7)
-    comm = MoECommunicator(ctx, 8, 2, torch.float32, 8, ns.transport, 20.0)
+    ex = MoEExchange(ctx, 8, 2, torch.float32, 8, ns.transport, ns.metadata, 20.0)
     ok = True
     for layer, scenario in enumerate(["random", "one_rank", "zero_first", "full"]):
         data = make_inputs(tp, layer, scenario, 8, 2, 3, 8)
+        ex.begin_step(max(d[0].shape[0] for d in data.values()))
         args = [t.to(ctx.device) for t in data[ctx.rank]] if ctx.is_attention else (None, None, None, None)
-        if ns.use_async:
-            batch = comm.dispatch_async(*args, layer).wait()
-        else:
-            batch = comm.dispatch(*args, layer)
+        h = ex.dispatch(*args, layer)
         if ctx.is_expert:
-            ok &= not _check_batch(tp, ctx.rank, _to_cpu(batch), data, "")
-        y = fake_moe(batch, tp.expert_index(ctx.rank)) if ctx.is_expert else None
-        out = comm.combine_async(y, layer).wait() if ns.use_async else comm.combine(y, layer)
+            batch = _to_cpu(h.batch)
+            ok &= not _check_batch(tp, ctx.rank, _unpadded(batch) if ns.metadata == "padded" else batch, data, "")
+        y = fake_moe(h.batch, tp.expert_index(ctx.rank)) if ctx.is_expert else None
+        out = ex.combine(y, h)
         ok &= out is None or torch.equal(out.cpu(), reference(*data[ctx.rank]))
-    comm.close()
+    ex.drain()
+    ex.close()
     print(f"rank {ctx.rank} node {ctx.node} local {ctx.local_rank} {tp.role_of(ctx.rank)}: "
           f"{'ok' if ok else 'WRONG'}", flush=True)
     ctx.shutdown()

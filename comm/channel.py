@@ -1,0 +1,56 @@
+"""A channel: one micro-batch's own buffers, CUDA stream and process groups.
+
+Every micro-batch u of a step goes through channel u, so the exchanges of different micro-batches
+never share a communicator, a stream or a buffer: micro-batch u's combine and u + 1's dispatch are
+in flight together while the attention side computes u + 1 and the expert side computes u. Within
+a channel every rank issues the same calls in the same order (dispatch, combine, next layer's
+dispatch, ...), which is all the collectives need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from comm.layout import RowBuffer
+
+
+@dataclass
+class Channel:
+    index: int
+    data_group: Any  # NCCL (GPU) or gloo (CPU) group of all ranks carrying this channel's rows
+    attention_group: Any = None  # the attention ranks (replica choice needs their token counts)
+    header_group: Any = None  # CPU gloo group for exact-count headers (metadata: counts)
+    stream: torch.cuda.Stream | None = None
+    buffers: dict = field(default_factory=dict)
+    pending_sends: list = field(default_factory=list)  # gloo sends in flight from this channel's buffers
+
+    def buffer(self, name: str, cap: int, hidden: int, top_k: int, dtype, device, meta: bool) -> RowBuffer:
+        """A named buffer, allocated once at its full capacity (a CUDA graph keeps its address)."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.cap < cap:
+            buf = self.buffers[name] = RowBuffer(cap, hidden, top_k, dtype, device, meta)
+        return buf
+
+
+def make_channels(ctx, n: int, attention_groups: bool, header_groups: bool) -> list[Channel]:
+    """n channels (collective: every rank creates the same groups in the same order).
+
+    Channel 0 uses the context's data group; each further one gets a new group of all ranks (on
+    NCCL its own communicator). With one rank there is nothing to create.
+    """
+    import torch.distributed as dist
+
+    channels = []
+    for i in range(n):
+        if ctx.world_size == 1:
+            channels.append(Channel(i, None))
+            continue
+        data = ctx.data_group if i == 0 else dist.new_group(backend=ctx.backend)
+        att = dist.new_group(list(ctx.topology.attention_ranks)) if attention_groups else None
+        hdr = dist.new_group(backend="gloo") if header_groups else None
+        stream = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" else None
+        channels.append(Channel(i, data, att, hdr, stream))
+    return channels
