@@ -171,10 +171,15 @@ def cmd_generate(args, argv: list[str]) -> int:
     if topology.world_size == 1 and not under_torchrun:
         from afsplit.engine import LLMEngine
 
+        from afsplit.runtime.stats import RunStats
+
         engine = LLMEngine(config)
         if args.warmup:
             engine.generate(*warm_up_requests(prompts), use_tqdm=False)
+        engine.run_stats = RunStats(world_size=1, num_moe_layers=engine.spec.num_moe_layers)
         outs = engine.generate(prompts, params, use_tqdm=not args.no_progress)
+        if args.stats_json:
+            _write_stats(args, engine.run_stats)
         return _write_results(args, requests, index, outs)
     from afsplit.runtime.worker import RankRuntime
 
@@ -190,8 +195,7 @@ def cmd_generate(args, argv: list[str]) -> int:
             runtime.warm_up(prompts)
         outs = runtime.generate(prompts, params, use_tqdm=not args.no_progress)
         if args.stats_json:
-            with open(args.stats_json, "w", encoding="utf-8") as f:
-                json.dump({"config": args.config, "overrides": args.overrides, **runtime.stats.summary()}, f, indent=1)
+            _write_stats(args, runtime.stats)
         return _write_results(args, requests, index, outs)
     except CommError as e:  # a peer died or went silent: one line naming it, no traceback
         print(f"afsplit: error: rank {runtime.rank}: {e}", file=sys.stderr)
@@ -201,6 +205,12 @@ def cmd_generate(args, argv: list[str]) -> int:
         if profiler:
             _dump_host_profile(profiler, runtime.rank)
         runtime.shutdown()
+
+
+def _write_stats(args, stats) -> None:
+    """--stats-json: the run's measurements (throughput, TPOT, time split), with the command that made them."""
+    with open(args.stats_json, "w", encoding="utf-8") as f:
+        json.dump({"config": args.config, "overrides": args.overrides, **stats.summary()}, f, indent=1)
 
 
 def _host_profiler():

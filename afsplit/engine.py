@@ -24,6 +24,7 @@ from afsplit.models.moe_model import AttentionModel, ExpertModel, LocalExperts
 from afsplit.models.spec import ModelSpec, read_model_spec, spec_from_hf_config
 from afsplit.models.weights import load_attention_weights, load_expert_weights
 from afsplit.runtime.micro_batches import fixed_micro_batches
+from afsplit.runtime.stats import RunStats
 from afsplit.sampler import sample
 from afsplit.sampling_params import SamplingParams
 from afsplit.scheduler import Scheduler
@@ -109,13 +110,14 @@ class LLMEngine:
                 f"{self.max_model_len}; with chunked_prefill off it must hold a whole prompt")
         attn_w = load_attention_weights(source, spec, self.dtype, self.device)
         self.model = AttentionModel(spec, attn_w, self.max_model_len, config.model.routing_skew)
-        self.stats = None
+        self.expert_stats = None
+        self.run_stats: RunStats | None = None  # set to record throughput/latency (afsplit generate --stats-json)
         if build_moe is None:
             if config.balancer.stats_path:
                 from comm.expert_stats import ExpertStatsRecorder
 
-                self.stats = ExpertStatsRecorder(spec.num_moe_layers, spec.num_experts, 1, self.device)
-            moe = LocalExperts(ExpertModel(load_expert_weights(source, spec, self.dtype, self.device)), self.stats,
+                self.expert_stats = ExpertStatsRecorder(spec.num_moe_layers, spec.num_experts, 1, self.device)
+            moe = LocalExperts(ExpertModel(load_expert_weights(source, spec, self.dtype, self.device)), self.expert_stats,
                            {layer: i for i, layer in enumerate(spec.moe_layer_ids)})
         else:
             moe = build_moe(spec, source, self.dtype, self.device)
@@ -208,6 +210,7 @@ class LLMEngine:
         With `lockstep` (a runtime attention rank) the forward runs even with nothing scheduled, so
         this rank joins every MoE collective of the step with zero tokens.
         """
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.seqs and not lockstep:
             if self.scheduler.has_work():
@@ -228,7 +231,25 @@ class LLMEngine:
             if reason:
                 self.scheduler.finish(seq, reason)
             updates.append(SeqUpdate(seq.request_id, [token], reason, now))
+        if self.run_stats is not None:  # sampling read the logits back: the step's GPU work is done
+            self._account(batch, updates, time.perf_counter() - start)
         return updates
+
+    def _account(self, batch, updates: list[SeqUpdate], step_s: float) -> None:
+        stats = self.run_stats
+        if not stats.steps:
+            self._run_start = time.perf_counter() - step_s
+        stats.steps += 1
+        stats.wall_s = time.perf_counter() - self._run_start
+        tokens, decodes = self.last_step
+        if tokens and tokens == decodes:
+            stats.decode_step_s.append(step_s)
+        done = {u.request_id for u in updates if u.finish_reason}
+        for seq in batch.seqs:
+            if seq.request_id in done:
+                stats.generated_tokens += len(seq.output_token_ids)
+                stats.prompt_tokens += len(seq.prompt_token_ids)
+                stats.requests.append(seq.latency_metrics())
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -267,8 +288,8 @@ class LLMEngine:
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams], use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; a bad request gets `.error` set and the others complete."""
         results = run_to_completion(self, self, prompts, params, use_tqdm)
-        if self.stats is not None:
-            self.stats.dump(self.config.balancer.stats_path)
+        if self.expert_stats is not None:
+            self.expert_stats.dump(self.config.balancer.stats_path)
             log.info("expert activation counts appended to %s", self.config.balancer.stats_path)
         return results
 

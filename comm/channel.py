@@ -35,22 +35,33 @@ class Channel:
         return buf
 
 
+_GROUPS: dict[tuple, Any] = {}  # (world's data group, channel, kind) -> group, reused by later exchanges
+
+
 def make_channels(ctx, n: int, attention_groups: bool, header_groups: bool) -> list[Channel]:
     """n channels (collective: every rank creates the same groups in the same order).
 
     Channel 0 uses the context's data group; each further one gets a new group of all ranks (on
-    NCCL its own communicator). With one rank there is nothing to create.
+    NCCL its own communicator). Groups are made once per world and reused by exchanges built
+    later over it (one exchange at a time uses them). With one rank there is nothing to create.
     """
     import torch.distributed as dist
+
+    def group(i: int, kind: str, make):
+        key = (ctx.data_group, i, kind)  # holding the group keeps its identity unique
+        if key not in _GROUPS:
+            _GROUPS[key] = make()
+        return _GROUPS[key]
 
     channels = []
     for i in range(n):
         if ctx.world_size == 1:
             channels.append(Channel(i, None))
             continue
-        data = ctx.data_group if i == 0 else dist.new_group(backend=ctx.backend)
-        att = dist.new_group(list(ctx.topology.attention_ranks)) if attention_groups else None
-        hdr = dist.new_group(backend="gloo") if header_groups else None
+        data = ctx.data_group if i == 0 else group(i, "data", lambda: dist.new_group(backend=ctx.backend))
+        att = group(i, f"attention{ctx.topology.attention_ranks}",
+                    lambda: dist.new_group(list(ctx.topology.attention_ranks))) if attention_groups else None
+        hdr = group(i, "header", lambda: dist.new_group(backend="gloo")) if header_groups else None
         stream = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" else None
         channels.append(Channel(i, data, att, hdr, stream))
     return channels

@@ -1,6 +1,6 @@
 """Tiny-model parity on GPUs in bf16: single-process engine and runtime ranks vs the fp32 CPU reference.
 
-    python launch/gpu_parity.py --out parity.json [--layouts "1A+1E" "2C"]
+    python launch/gpu_parity.py --out parity.json [--families qwen3_moe mixtral] [--layouts "single-gpu graphs" ...]
 
 For each family: the fp32 CPU engine is the reference. bf16 error on these tiny random models is
 large by nature (their routing flips on small perturbations), so the yardstick is transformers
@@ -42,9 +42,10 @@ def run_single(model_dir, prompts, dtype, device, cuda_graphs=True):
     return {o.request_id: o.outputs[0].token_ids for o in outs}, logits
 
 
-def run_runtime(model_dir, prompts, nodes, work: Path, metadata="counts"):
+def run_runtime(model_dir, prompts, nodes, work: Path, metadata="counts", comm=None, balancer=None):
     cfg = {"model": {"path": model_dir, "dtype": "bfloat16"}, "topology": {"device": "cuda", "nodes": nodes},
-           "runtime": {"num_kv_blocks": 256, "micro_batches": 2}, "comm": {"timeout_s": 120, "metadata": metadata}}
+           "runtime": {"num_kv_blocks": 256, "micro_batches": 2},
+           "comm": {"timeout_s": 120, "metadata": metadata, **(comm or {})}, "balancer": balancer or {}}
     (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     (work / "prompts.json").write_text(json.dumps(prompts))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -107,16 +108,32 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--families", nargs="+", default=["qwen3_moe", "mixtral"])
+    ap.add_argument("--layouts", nargs="+", help="run only these layouts (default: every one the GPUs allow)")
     args = ap.parse_args()
-    # (nodes, comm.metadata); None = the single-process engine. "graphs": padded metadata, so decode steps
-    # are CUDA graphs on every rank (the single-process engine uses them by default; "eager" turns them off)
+    # name: (nodes, comm.metadata[, comm overrides, balancer overrides]); None = the single-process engine.
+    # "graphs"/"padded": decode steps are CUDA graphs on every rank (the single-process engine uses them by
+    # default; "eager" turns them off); "counts" is the eager exact-size exchange
+    two_phase_replicas = ({"transport": "two_phase"}, {"replicas": "auto", "spare_slots_per_rank": 2})
     layouts = {"single-gpu eager": (None, "eager"), "single-gpu graphs": (None, "graphs"),
-               "AF 1A+1E": ([{"attention": 1, "expert": 1}], "counts"), "colocated 2": ([{"colocated": 2}], "counts"),
-               "AF 1A+1E graphs": ([{"attention": 1, "expert": 1}], "padded"),
-               "colocated 2 graphs": ([{"colocated": 2}], "padded")}
+               "colocated 1 graphs": ([{"colocated": 1}], "padded"),
+               "colocated 1 two_phase+replicas graphs": ([{"colocated": 1}], "padded", *two_phase_replicas),
+               "colocated 1 counts": ([{"colocated": 1}], "counts")}
+    if torch.cuda.device_count() >= 2:
+        layouts.update({
+            "AF 1A+1E": ([{"attention": 1, "expert": 1}], "counts"), "colocated 2": ([{"colocated": 2}], "counts"),
+            "AF 1A+1E graphs": ([{"attention": 1, "expert": 1}], "padded"),
+            "colocated 2 graphs": ([{"colocated": 2}], "padded"),
+            "AF 2 nodes 1A|1E two_phase graphs": ([{"attention": 1}, {"expert": 1}], "padded", {"transport": "two_phase"})})
     if torch.cuda.device_count() >= 4:
         layouts["AF 2 nodes 2A|2E"] = ([{"attention": 2}, {"expert": 2}], "counts")
         layouts["AF 2 nodes 2A|2E graphs"] = ([{"attention": 2}, {"expert": 2}], "padded")
+        layouts["AF 2 nodes 1A+1E x2 two_phase+replicas graphs"] = ([{"attention": 1, "expert": 1}] * 2, "padded",
+                                                                   *two_phase_replicas)
+    if args.layouts:
+        unknown = [n for n in args.layouts if n not in layouts]
+        if unknown:
+            ap.error(f"unknown layout(s) {unknown}; available here: {list(layouts)}")
+        layouts = {n: layouts[n] for n in args.layouts}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
@@ -125,13 +142,13 @@ def main():
             prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
             ref = run_single(model_dir, prompts, "float32", "cpu")
             yardstick = transformers_bf16_error(model_dir, prompts)
-            single_gpu = None
-            for name, (nodes, mode) in layouts.items():
+            single_gpu = single_graphs = None
+            for name, (nodes, mode, *extra) in layouts.items():
                 work = Path(tmp) / f"{family}-{len(rows)}"
                 work.mkdir()
                 try:
                     got = run_single(model_dir, prompts, "bfloat16", "cuda", mode != "eager") if nodes is None else \
-                        run_runtime(model_dir, prompts, nodes, work, mode)
+                        run_runtime(model_dir, prompts, nodes, work, mode, *extra)
                     row = {"family": family, "layout": name, **compare(ref, got, yardstick)}
                     if nodes is None and mode == "eager":
                         single_gpu = got
@@ -139,18 +156,22 @@ def main():
                         row["vs_single_gpu_err"] = prefill_err(single_gpu, got)
                         # decode steps too (graphs pad batches, so GEMM shapes differ from the eager run)
                         row["all_steps_vs_single_gpu_err"] = steps_err(single_gpu, got)
+                    if nodes is None and mode == "graphs":
+                        single_graphs = got
+                    elif single_graphs is not None and mode == "padded":  # same kernels, same padded shapes
+                        row["all_steps_vs_single_gpu_graphs_err"] = steps_err(single_graphs, got)
                 except Exception as e:  # report and go on: one layout failing must not hide the others
                     row = {"family": family, "layout": name, "pass": False, "error": str(e)[-1500:]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
     nan = float("nan")
-    print(f"{'family':<10} {'layout':<24} {'pass':<5} {'logit err':>9} {'HF bf16':>8} {'vs 1GPU':>8} {'steps vs':>8} "
-          f"{'1st tok':>8} {'tokens':>7}")
+    print(f"{'family':<10} {'layout':<40} {'pass':<5} {'logit err':>9} {'HF bf16':>8} {'vs 1GPU':>8} {'steps vs':>8} "
+          f"{'vs graphs':>9} {'1st tok':>8} {'tokens':>7}")
     for r in rows:
-        print(f"{r['family']:<10} {r['layout']:<24} {str(r['pass']):<5} {r.get('prefill_logits_rel_err_max', nan):>9.2e} "
+        print(f"{r['family']:<10} {r['layout']:<40} {str(r['pass']):<5} {r.get('prefill_logits_rel_err_max', nan):>9.2e} "
               f"{r.get('hf_bf16_err', nan):>8.2e} {r.get('vs_single_gpu_err', nan):>8.2e} "
-              f"{r.get('all_steps_vs_single_gpu_err', nan):>8.2e} "
+              f"{r.get('all_steps_vs_single_gpu_err', nan):>8.2e} {r.get('all_steps_vs_single_gpu_graphs_err', nan):>9.2e} "
               f"{r.get('first_token_match', nan):>8.2f} {r.get('greedy_token_match', nan):>7.2f}")
     return 0 if all(r["pass"] for r in rows) else 1
 

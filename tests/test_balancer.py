@@ -360,8 +360,10 @@ def test_cuda_matches_cpu_and_graph_capture():
     g = torch.Generator().manual_seed(5)
     p = plan_placement(skewed_counts(1, 64, 6), topo_af(4, [8]), 4)
     ids = [random_topk(256, 64, 8, g) for _ in range(4)]
+    ids[2][200:] = -1  # CUDA-graph padding rows: routed nowhere
     counts = torch.stack([local_counts(x, 64) for x in ids])
     cpu = LeastLoadedBalancer(p, "cpu").assign(0, ids[2], counts, 2)
+    assert (cpu[0][200:] == -1).all() and (cpu[1][200:] == -1).all() and (cpu[0][:200] >= 0).all()
     gpu_bal = LeastLoadedBalancer(p, "cuda")
     gpu = gpu_bal.assign(0, ids[2].cuda(), counts.cuda(), 2)
     assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
@@ -374,3 +376,25 @@ def test_cuda_matches_cpu_and_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out[0].cpu(), cpu[0]) and torch.equal(out[1].cpu(), cpu[1])
+
+
+def test_padding_ids_go_nowhere_and_are_not_counted():
+    """Slots with id -1 (rows of a CUDA-graph bucket beyond the batch) get dest = slot = -1, change nothing for
+    the real rows, and are not counted by local_counts or the statistics recorder."""
+    g = torch.Generator().manual_seed(9)
+    p = plan_placement(skewed_counts(1, 32, 4), topo_af(2, [4]), 3)
+    assert p.has_replicas(0)
+    real = random_topk(40, 32, 4, g)
+    padded = torch.cat([real[:25], torch.full((7, 4), -1), real[25:]])
+    counts = torch.stack([local_counts(real, 32), local_counts(random_topk(30, 32, 4, g), 32)])
+    assert torch.equal(local_counts(padded, 32), counts[0])
+    bal = LeastLoadedBalancer(p, "cpu")
+    want_dest, want_slot = bal.assign(0, real, counts, 0)
+    dest, slot = bal.assign(0, padded, counts, 0)
+    keep = torch.ones(47, dtype=torch.bool)
+    keep[25:32] = False
+    assert (dest[~keep] == -1).all() and (slot[~keep] == -1).all()
+    assert torch.equal(dest[keep], want_dest) and torch.equal(slot[keep], want_slot)
+    rec = ExpertStatsRecorder(1, 32, 4)
+    rec.record(0, padded, dest)
+    assert int(rec.tokens_L[0]) == 40 and int(rec.expert_counts_LE.sum()) == 160 and int(rec.rank_counts_LR.sum()) == 160

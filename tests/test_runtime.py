@@ -95,6 +95,59 @@ def test_runtime_matches_single_process_engine(case, tmp_path):
 
 
 @pytest.mark.slow
+def test_overlap_check_runs():
+    """The ping-pong benchmark runs end to end (tiny settings; the ratio itself is measured, not asserted)."""
+    cmd = [sys.executable, "-m", "launch.overlap_check", "--m", "1,2", "--layers", "2", "--requests", "2",
+           "--new-tokens", "3", "--cost-ms", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=run_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert "outputs identical across m: True" in lines
+    assert lines[-1].startswith("overlap m2/m1 = ") and float(lines[-1].split("= ")[1]) > 0
+
+
+MATRIX_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", MATRIX_FAMILIES)
+def test_every_exchange_combination_matches_the_engine(family, tmp_path):
+    """transport x metadata x static decode x replicas x micro-batches, over one world of 2 nodes x (1A + 1E):
+    every combination's greedy tokens equal the single-process engine's."""
+    from afsplit.models.tiny import make_tiny
+    from tests.helpers import runtime_matrix
+
+    model_dir = str(make_tiny(family, tmp_path / "model", seed=11))
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 1, 19, 8)]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    cfg = {"model": {"path": model_dir}, "topology": {"nodes": [{"attention": 1, "expert": 1}] * 2},
+           "runtime": {"num_kv_blocks": 256, "block_size": 4, "max_num_batched_tokens": 16},
+           "comm": {"timeout_s": 60}, "balancer": {"spare_slots_per_rank": 1}}
+    cfg_path = tmp_path / "base.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = launch(cfg_path, ["tests/helpers/runtime_matrix.py", str(cfg_path), str(tmp_path / "prompts.json"),
+                             str(out)], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    llm = LLM(model=model_dir, num_kv_blocks=256, block_size=4)
+    ref = [o.outputs[0].token_ids for o in llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=runtime_matrix.NEW_TOKENS, ignore_eos=True), use_tqdm=False)]
+    names = [c[0] for c in runtime_matrix.combos()]
+    bad = []
+    for name in names:
+        res = json.loads((out / f"{name}.json").read_text())
+        if res["tokens"] != ref:
+            bad.append(f"{name}: tokens differ")
+        attention_calls = [c for c in res["static_calls"] if c is not None]
+        if ("padded_static" in name) != (bool(attention_calls) and all(c > 0 for c in attention_calls)):
+            bad.append(f"{name}: static decode steps {attention_calls}")
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.slow
 def test_killed_expert_rank_fails_the_job_naming_it(tmp_path):
     from afsplit.models.tiny import make_tiny
 

@@ -38,16 +38,21 @@ log = logging.getLogger("afsplit.runtime")
 class RankRuntime:
     """Builds this rank's role (attention, expert or both) and runs the step loop."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, ctx=None):
+        """`ctx`: process groups made earlier (tests run many configurations over one world); default: join
+        the world described by torchrun's environment."""
         self.config = config
         topo = config.topology.topology
         validate(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        self.ctx = init_distributed(topo, backend=config.comm.backend, timeout_s=config.comm.timeout_s,
-                                    device=config.topology.device, config_fingerprint=config.to_dict())
+        self.owns_ctx = ctx is None
+        self.ctx = ctx if ctx is not None else init_distributed(
+            topo, backend=config.comm.backend, timeout_s=config.comm.timeout_s, device=config.topology.device,
+            config_fingerprint=config.to_dict())
         self.topo, self.rank = topo, self.ctx.rank
         self.coordinator = topo.attention_ranks[0]
-        # every rank must take part in creating each group
-        self.attention_group = dist.new_group(list(topo.attention_ranks)) if self.ctx.world_size > 1 else None
+        # every rank must take part in creating each group (the attention ranks sum statistics over it)
+        stats = bool(config.balancer.stats_path) and self.ctx.world_size > 1
+        self.attention_group = dist.new_group(list(topo.attention_ranks)) if stats else None
         spec, source = resolve_model(config)
         self.spec = spec
         self.m = fixed_micro_batches(config.runtime.micro_batches, distributed=True) or MAX_MICRO_BATCHES
@@ -204,4 +209,5 @@ class RankRuntime:
                 captured = True
         # captured NCCL collectives can make an orderly communicator teardown wait forever: abort instead
         # (every step was drained, so nothing is in flight)
-        self.ctx.shutdown(abort=abort or captured)
+        if self.owns_ctx:
+            self.ctx.shutdown(abort=abort or captured)
