@@ -92,6 +92,7 @@ class BalancerConfig:
     spare_slots_per_rank: int = 0  # with replicas: auto
     replicas_on_distinct_nodes: bool = False
     stats_path: str = ""  # if set, append per-layer expert activation counts here (JSON lines)
+    stats_every_steps: int = 0  # with stats_path: also append (and reset) the counts every N engine steps
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"{where}: balancer.replicas: expected none, auto or a placement .yaml path, got {b.replicas!r}")
     if b.spare_slots_per_rank < 0:
         raise ConfigError(f"{where}: balancer.spare_slots_per_rank: must be >= 0")
+    if b.stats_every_steps < 0:
+        raise ConfigError(f"{where}: balancer.stats_every_steps: must be >= 0 (0: only at the end of a run)")
 
 
 def _validate_topology(t: TopologyConfig, where: str, world_size: int | None) -> None:

@@ -141,6 +141,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.model.path)
         self._next_id = 0
         self.last_step = (0, 0)
+        self.steps_run = 0
 
     def _blocks_from_memory(self) -> int:
         s, rt = self.spec, self.config.runtime
@@ -233,6 +234,10 @@ class LLMEngine:
             updates.append(SeqUpdate(seq.request_id, [token], reason, now))
         if self.run_stats is not None:  # sampling read the logits back: the step's GPU work is done
             self._account(batch, updates, time.perf_counter() - start)
+        self.steps_run += 1
+        every = self.config.balancer.stats_every_steps
+        if self.expert_stats is not None and every and self.steps_run % every == 0:
+            self.expert_stats.dump(self.config.balancer.stats_path)
         return updates
 
     def _account(self, batch, updates: list[SeqUpdate], step_s: float) -> None:

@@ -50,14 +50,22 @@ class StaticDecode:
         hs[:, 2].fill_(-1)  # padding rows store no KV
         hs[:, 3].fill_(1)  # and attend to one (never stored) key
         ht.zero_()
-        for u, part in enumerate(parts):
-            for b, seq in enumerate(part.seqs):
+        for u, part in enumerate(parts):  # Python lists first, one tensor write per micro-batch (host time matters)
+            cols: tuple[list[int], ...] = ([], [], [], [])  # token, position, KV slot, context length
+            tables = []
+            for seq in part.seqs:
                 p = seq.num_computed_tokens  # the one token this decode computes
-                hs[u, 0, b] = seq.token_ids[p]
-                hs[u, 1, b] = p
-                hs[u, 2, b] = seq.block_table[p // bs] * bs + p % bs
-                hs[u, 3, b] = p + 1
-                ht[u, b, :len(seq.block_table)] = torch.as_tensor(seq.block_table, dtype=torch.int32)
+                n_prompt = len(seq.prompt_token_ids)
+                cols[0].append(seq.prompt_token_ids[p] if p < n_prompt else seq.output_token_ids[p - n_prompt])
+                cols[1].append(p)
+                cols[2].append(seq.block_table[p // bs] * bs + p % bs)
+                cols[3].append(p + 1)
+                tables.append(seq.block_table)
+            n = len(tables)
+            if n:
+                hs[u, :, :n] = torch.tensor(cols, dtype=torch.int64)
+                width = max(len(t) for t in tables)
+                ht[u, :n, :width] = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         self.scalars[:m, :, :bucket].copy_(hs, non_blocking=True)
         self.tables[:m, :bucket].copy_(ht, non_blocking=True)
         torch.ge(self.scalars[:m, 2, :bucket], 0, out=self.valid[:m, :bucket])  # real rows have a KV slot

@@ -398,3 +398,24 @@ def test_padding_ids_go_nowhere_and_are_not_counted():
     rec = ExpertStatsRecorder(1, 32, 4)
     rec.record(0, padded, dest)
     assert int(rec.tokens_L[0]) == 40 and int(rec.expert_counts_LE.sum()) == 160 and int(rec.rank_counts_LR.sum()) == 160
+
+
+def test_stats_every_steps_appends_counts_that_add_up(tmp_path):
+    """balancer.stats_every_steps: the device counters are read (and reset) every N steps; the lines still sum
+    to every computed token's top-k slots."""
+    from afsplit import LLM, SamplingParams
+    from afsplit.models.tiny import make_tiny
+
+    model = make_tiny("qwen3_moe", tmp_path / "m", seed=2)
+    stats = tmp_path / "stats.jsonl"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"model": {"path": str(model)}, "runtime": {"num_kv_blocks": 64, "block_size": 4},
+                               "balancer": {"stats_path": str(stats), "stats_every_steps": 2}}))
+    prompts = [[3, 4, 5], [9] * 7]
+    LLM(config=str(cfg)).generate([{"prompt_token_ids": p} for p in prompts],
+                                  SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    lines = [json.loads(l) for l in stats.read_text().splitlines()]
+    assert len(lines) > 2  # more than one dump per MoE layer
+    computed = sum(len(p) + 4 for p in prompts)  # every prompt token and every decode but the last sampled token
+    assert int(load_stats(stats).sum()) == 2 * 2 * computed  # 2 MoE layers x top-2
+    assert sum(l["tokens"] for l in lines) == 2 * computed

@@ -33,6 +33,7 @@ class StepPlan:
     assign: dict[int, list[Sequence]] = field(default_factory=dict)  # attention rank -> new sequences
     abort: list[int] = field(default_factory=list)  # request ids to drop (on whichever rank holds them)
     micro_batches: int = 1  # m for this step, the same on every rank
+    dump_stats: bool = False  # after this step the attention ranks append their expert counts (stats_every_steps)
 
 
 class Coordinator:
@@ -50,6 +51,7 @@ class Coordinator:
         self.owner: dict[int, int] = {}  # request id -> attention rank
         self.live: dict[int, Sequence] = {}  # the coordinator's copies of unfinished requests
         self.idle_steps = 0
+        self.steps_run = 0  # over the coordinator's life (the statistics cadence), not reset with the stats
         m = fixed_micro_batches(runtime.config.runtime.micro_batches, distributed=True)
         self.tuner = None if m is not None else MicroBatchTuner()
         self.m = m
@@ -87,6 +89,9 @@ class Coordinator:
         if self._run_start is None:
             self._run_start = time.perf_counter()
         plan = StepPlan(micro_batches=self.tuner.current if self.tuner else self.m, abort=self.aborts)
+        every = self.runtime.config.balancer.stats_every_steps
+        self.steps_run += 1
+        plan.dump_stats = bool(every) and self.steps_run % every == 0
         self.aborts = []
         for seq in self.pending:  # most free capacity first; a prompt's blocks are its demand
             a = max(self.att, key=lambda r: (self.capacity[r], -self.att.index(r)))

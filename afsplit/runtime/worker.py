@@ -115,7 +115,10 @@ class RankRuntime:
     # -- one step of this rank -------------------------------------------------------------------
 
     def run_step(self, plan: StepPlan) -> StepReport:
-        return self._attention_step(plan) if self.engine is not None else self._expert_step(plan)
+        report = self._attention_step(plan) if self.engine is not None else self._expert_step(plan)
+        if plan.dump_stats:
+            self.dump_expert_stats()
+        return report
 
     def _attention_step(self, plan: StepPlan) -> StepReport:
         engine = self.engine
