@@ -25,13 +25,12 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-
-import numpy as np
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
 
@@ -216,14 +215,22 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
            "request_throughput": len(ok) / duration, "output_throughput": total_out / duration,
            "total_token_throughput": (total_in + total_out) / duration}
     for name in METRICS:
-        vals = np.asarray(per[name] or [0.0])
-        out[f"mean_{name}_ms"] = float(vals.mean())
-        out[f"median_{name}_ms"] = float(np.median(vals))
-        out[f"std_{name}_ms"] = float(vals.std())
-        out[f"p99_{name}_ms"] = float(np.percentile(vals, 99))
+        vals = per[name] or [0.0]
+        out[f"mean_{name}_ms"] = statistics.fmean(vals)
+        out[f"median_{name}_ms"] = statistics.median(vals)
+        out[f"std_{name}_ms"] = statistics.pstdev(vals)
+        out[f"p99_{name}_ms"] = percentile(vals, 99)
     out.update(input_lens=[r.prompt_len for r in results], output_lens=[r.output_len for r in results],
                ttfts=[r.ttft for r in results], itls=[r.itl for r in results], errors=[r.error for r in results])
     return out
+
+
+def percentile(vals: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default, as vLLM reports p99)."""
+    v = sorted(vals)
+    pos = (len(v) - 1) * q / 100
+    lo = int(pos)
+    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
 
 
 def print_summary(d: dict) -> None:
