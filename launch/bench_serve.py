@@ -82,7 +82,12 @@ def random_requests(n: int, input_len: int, output_len: int, range_ratio: float,
 def sharegpt_requests(path: str, n: int, tokenizer, output_len: int | None, seed: int) -> list[BenchRequest]:
     if tokenizer is None and output_len is None:
         raise SystemExit("bench_serve: the sharegpt dataset needs --tokenizer DIR (output lengths) or --sharegpt-output-len N")
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"bench_serve: {path}: cannot read a ShareGPT JSON list ({e})") from None
+    if not isinstance(data, list):
+        raise SystemExit(f"bench_serve: {path}: expected a JSON list of {{'conversations': [...]}} entries")
     convs = [d.get("conversations") or d.get("conversation") or [] for d in data if isinstance(d, dict)]
     pairs = [(c[0].get("value", c[0].get("content")), c[1].get("value", c[1].get("content")))
              for c in convs if len(c) >= 2]
