@@ -127,3 +127,17 @@ def test_validation_errors_name_the_field():
     req = CompletionRequest.model_validate({"prompt": [[1, 2], [3]], "top_k": 5, "unknown_field": 1})
     assert req.prompts() == [{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}]
     assert req.sampling_params().top_k == 5
+
+
+def test_engine_thread_selects_the_engines_gpu(monkeypatch):
+    """torch.device("cuda") names no index: the engine thread must pick the builder thread's current GPU."""
+    import torch
+
+    from afsplit.server.engine_core import thread_device
+
+    picked = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", picked.append)
+    for dev in ("cuda", "cuda:1", "cpu"):
+        thread_device(torch.device(dev))()
+    assert picked == [3, 1]

@@ -94,7 +94,10 @@ class ClusterCore:
         self.core.stop()
 
 
-def bind_device(device: torch.device) -> None:
-    """The CUDA current device is per thread: the engine-loop thread must select the rank's GPU itself."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+def thread_device(device: torch.device):
+    """Call on the thread that built the engine; returns a function that selects the same GPU on another
+    thread (the CUDA current device is per thread, and torch.device("cuda") names no index)."""
+    if device.type != "cuda":
+        return lambda: None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return lambda: torch.cuda.set_device(index)

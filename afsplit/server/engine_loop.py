@@ -23,7 +23,7 @@ import time
 
 from afsplit.errors import RequestError
 from afsplit.sequence import SeqUpdate
-from afsplit.server.engine_core import Load, bind_device
+from afsplit.server.engine_core import Load, thread_device
 from afsplit.server.protocol import ApiError
 
 log = logging.getLogger("afsplit.server")
@@ -72,6 +72,7 @@ class EngineLoop:
         self.keepalive_s = keepalive_s
         self.on_fatal = on_fatal
         self.inbox: queue.Queue = queue.Queue()
+        self._select_device = thread_device(core.device)  # here, on the thread that built the engine
         self.fatal: str | None = None
         self.accepting = True
         self.load = Load(kv_total_blocks=self.engine.kv.allocator.num_blocks)
@@ -181,7 +182,7 @@ class EngineLoop:
         core = self.core.core
         last_plan = time.monotonic()
         try:
-            bind_device(self.core.device)
+            self._select_device()
             while True:
                 busy = core.has_unfinished_requests()
                 commands = self._take(block=not busy, timeout=max(0.0, self.keepalive_s - (time.monotonic() - last_plan)))
