@@ -79,6 +79,7 @@ class EngineLoop:
         # asyncio-thread state
         self.handles: dict[int, RequestHandle] = {}  # engine request id -> its handle, until it finishes
         self.num_live = 0  # requests accepted (or being validated) and not finished
+        self._validating: set[asyncio.Future] = set()  # submissions the engine thread has not answered yet
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         # engine-thread state
@@ -105,6 +106,7 @@ class EngineLoop:
         handle = RequestHandle(self, len(prompts))
         self.num_live += len(prompts)
         done = self.loop.create_future()
+        self._validating.add(done)
         self.inbox.put(("add", prompts, params, handle, done))
         await done  # if cancelled (client gone), _on_added aborts the requests once they exist
         return handle
@@ -113,7 +115,7 @@ class EngineLoop:
         ids = [rid for rid in request_ids if self.handles.get(rid) is handle]
         for rid in ids:
             self._retire(rid)
-            if handle.last_time.get(rid):
+            if reason != "abort" and handle.last_time.get(rid):  # a stop string: the request is complete
                 self.metrics.e2e.observe(handle.last_time[rid] - handle.arrival)
             self.metrics.finished(reason)
         if ids:
@@ -131,6 +133,7 @@ class EngineLoop:
             self.num_live -= 1
 
     def _on_added(self, handle: RequestHandle, done: asyncio.Future, result) -> None:
+        self._validating.discard(done)
         if isinstance(result, Exception):
             self.num_live -= handle.num_prompts
             if not done.cancelled():
@@ -170,6 +173,10 @@ class EngineLoop:
         for handle in set(self.handles.values()):
             handle.queue.put_nowait(ApiError(500, message, type="server_error"))
         self.handles.clear()
+        for done in self._validating:  # never reached the engine thread
+            if not done.done():
+                done.set_exception(ApiError(500, message, type="server_error"))
+        self._validating.clear()
         if self.on_fatal is not None:
             self.on_fatal(message)
 
