@@ -1,6 +1,7 @@
 """The `afsplit` command line.
 
     afsplit generate --config FILE [--set k=v ...] (--prompt TEXT | --prompts-file F.jsonl) [--output OUT.jsonl]
+    afsplit serve --config FILE [--set k=v ...] [--host H] [--port P] [--served-model-name N] [--max-waiting N]
     afsplit check-config FILE [--set k=v ...]
     afsplit make-tiny FAMILY DIR [--seed N]
     afsplit plan-experts --stats STATS.jsonl --topology CONFIG.yaml --out PLACEMENT.yaml
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first run the same prompts for 3 tokens each (compiles kernels, captures the CUDA graphs of "
                         "that batch size); measurements cover the real run only")
 
+    from afsplit.server.serve import add_serve_parser
+
+    add_serve_parser(sub)
+
     c = sub.add_parser("check-config", help="validate a config and print the rank -> node/role map")
     c.add_argument("config")
     _add_overrides(c)
@@ -75,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args, argv)
+        if args.command == "serve":
+            from afsplit.server.serve import cmd_serve
+
+            return cmd_serve(args, argv)
         if args.command == "check-config":
             return cmd_check_config(args)
         if args.command == "make-tiny":

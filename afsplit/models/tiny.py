@@ -57,7 +57,13 @@ def write_byte_tokenizer(out_dir: Path) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[0],
         "unk_token": None, "pad_token": SPECIAL_TOKENS[0], "model_max_length": 512, "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
     }, indent=1))
+
+
+# ChatML, as Qwen checkpoints use it (rendered by afsplit serve and by transformers' apply_chat_template)
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                 "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def _byte_of(char: str) -> int:

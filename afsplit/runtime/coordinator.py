@@ -34,6 +34,7 @@ class StepPlan:
     abort: list[int] = field(default_factory=list)  # request ids to drop (on whichever rank holds them)
     micro_batches: int = 1  # m for this step, the same on every rank
     dump_stats: bool = False  # after this step the attention ranks append their expert counts (stats_every_steps)
+    idle: bool = False  # a keep-alive from an idle server: no step, no report (followers just wait again)
 
 
 class Coordinator:
@@ -52,6 +53,7 @@ class Coordinator:
         self.live: dict[int, Sequence] = {}  # the coordinator's copies of unfinished requests
         self.idle_steps = 0
         self.steps_run = 0  # over the coordinator's life (the statistics cadence), not reset with the stats
+        self.last_reports: list = []  # every rank's StepReport of the last step (the server's load figures)
         m = fixed_micro_batches(runtime.config.runtime.micro_batches, distributed=True)
         self.tuner = None if m is not None else MicroBatchTuner()
         self.m = m
@@ -108,7 +110,7 @@ class Coordinator:
         rt = self.runtime
         rt.broadcast(plan)
         step_start = time.perf_counter()
-        reports = rt.gather(rt.run_step(plan))
+        reports = self.last_reports = rt.gather(rt.run_step(plan))
         step_s = time.perf_counter() - step_start
         now = time.time()
         self._account(plan, reports, step_s)

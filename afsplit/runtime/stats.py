@@ -13,6 +13,8 @@ class StepReport:
     free_blocks: int = 0
     demand_blocks: int = 0  # blocks the waiting prompts will need
     has_work: bool = False
+    num_running: int = 0  # sequences in the scheduler after the step (attention ranks)
+    num_waiting: int = 0
     tokens: int = 0  # tokens computed this step (attention ranks)
     decodes: int = 0  # of which single-token decodes
     step_s: float = 0.0

@@ -136,7 +136,8 @@ class RankRuntime:
         tokens, decodes = engine.last_step
         return StepReport(updates=aborted + updates, free_blocks=kv.num_free_blocks, demand_blocks=demand,
                           has_work=engine.scheduler.has_work(), tokens=tokens, decodes=decodes, step_s=step_s,
-                          phases=self.times.take())
+                          phases=self.times.take(), num_running=len(engine.scheduler.running),
+                          num_waiting=len(engine.scheduler.waiting))
 
     def _expert_step(self, plan: StepPlan) -> StepReport:
         self.server.micro_batches = plan.micro_batches
@@ -162,6 +163,8 @@ class RankRuntime:
             if plan.stop:
                 self.dump_expert_stats()
                 return
+            if plan.idle:  # the coordinator's keep-alive while a server has no requests
+                continue
             self.gather(self.run_step(plan))
 
     def generate(self, prompts: list, params: list, use_tqdm: bool = True, last: bool = True) -> list[RequestOutput]:
