@@ -46,7 +46,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TopologyConfig:
-    """Nodes and the roles of their ranks (see afsplit.topology)."""
+    """Nodes and the roles of their ranks (see comm/topology.py)."""
 
     nodes: tuple[NodeSpec, ...] = (NodeSpec(colocated=1),)
     device: str = field(default="cpu", metadata=_choices("cpu", "cuda"))

@@ -1,8 +1,8 @@
 """Dispatch+combine latency and inter-node bandwidth per transport, with the link's ceiling measured in the same run.
 
-    python -m comm.bench --nodes 4A,4A,4E,4E --device cpu --dtype float32 --tokens 1,8,64,256 --hidden 2048 \\
+    python -m launch.comm_bench --nodes 4A,4A,4E,4E --device cpu --dtype float32 --tokens 1,8,64,256 --hidden 2048 \\
         --out docs/benchmarks/comm-cpu
-    python -m comm.bench --nodes 1A,1E --device cuda --out docs/benchmarks/comm-h200x2
+    python -m launch.comm_bench --nodes 1A,1E --device cuda --out docs/benchmarks/comm-h200x2
 
 The parent launches one torchrun per simulated node (launch.local_cluster) running this module with
 --worker; rank 0 writes <out>.json and <out>.md. Routing: top-k over --experts experts spread evenly
@@ -69,14 +69,43 @@ def link_ceiling(ctx, nbytes: int, reps: int = 5) -> float | None:
     return float(result.item())
 
 
+VARIANT_HELP = ("transport[:metadata] names, e.g. direct,two_phase,adaptive,direct:counts, plus a2a (a raw "
+                "all_to_all_single of the padded bytes: the collective the exchange is built on)")
+
+
+def _variant(name: str) -> tuple[str, str]:
+    transport, _, metadata = name.partition(":")
+    return transport, metadata or "padded"
+
+
+def raw_a2a(ctx, T: int, row_bytes: int):
+    """The baseline: one all_to_all_single moving T padded rows between every (attention, expert) pair."""
+    import torch.distributed as dist
+
+    topo = ctx.topology
+    att, exp = set(topo.attention_ranks), set(topo.expert_ranks)
+    to_e = [T if ctx.is_attention and r in exp else 0 for r in range(ctx.world_size)]
+    from_a = [T if ctx.is_expert and r in att else 0 for r in range(ctx.world_size)]
+    send = torch.zeros(max(sum(to_e), sum(from_a)), row_bytes, dtype=torch.uint8, device=ctx.device)
+    recv = torch.zeros_like(send)
+
+    def dispatch():
+        dist.all_to_all_single(recv[:sum(from_a)], send[:sum(to_e)], from_a, to_e, group=ctx.data_group)
+
+    def combine():
+        dist.all_to_all_single(send[:sum(to_e)], recv[:sum(from_a)], to_e, from_a, group=ctx.data_group)
+
+    return dispatch, combine
+
+
 def worker(ns) -> None:
     import torch.distributed as dist
 
-    from comm.communicator import MoECommunicator
+    from comm.exchange import MoEExchange
     from comm.groups import init_distributed
+    from comm.topology import Topology
     from comm.transports.adaptive import calibrate
     from launch.local_cluster import parse_nodes
-    from comm.topology import Topology
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     topo = Topology(parse_nodes(ns.nodes))
@@ -85,96 +114,88 @@ def worker(ns) -> None:
     dev, dtype = ctx.device, DTYPES[ns.dtype]
     tokens = [int(t) for t in ns.tokens.split(",")]
     hiddens = [int(h) for h in ns.hidden.split(",")]
-    transports = ns.transports.split(",")
+    variants = ns.transports.split(",")
     n_exp = len(topo.expert_ranks)
     per_rank = ns.experts // n_exp
-    ceiling_bytes = ns.ceiling_mb << 20
-    ceiling = link_ceiling(ctx, ceiling_bytes)
+    ceiling = link_ceiling(ctx, ns.ceiling_mb << 20)
     model = calibrate(ctx)
     rows = []
     for hidden in hiddens:
-        # one communicator serves all transports (comm.transport is switched per call), so the
-        # buffers are shared as in the runtime, where only one transport is configured
         sizes = [T for T in tokens if not ns.max_elems or T * hidden <= ns.max_elems]
         if not sizes:
             continue
-        comm = MoECommunicator(ctx, hidden, ns.top_k, dtype, max(sizes), "adaptive", 300.0, link_model=model)
-        # direct_padded: the default padded path (one all_to_all_single on NCCL); _p2p: per-peer P2P ops
-        padded = {name: MoECommunicator(ctx, hidden, ns.top_k, dtype, max(sizes), "direct", 300.0,
-                                        metadata="padded", collective=name != "direct_padded_p2p")
-                  for name in transports if name.startswith("direct_padded")}
+        row_bytes = hidden * torch.empty((), dtype=dtype).element_size() + 8 * ns.top_k
+        exchanges = {name: MoEExchange(ctx, hidden, ns.top_k, dtype, max(sizes), *_variant(name), timeout_s=300.0,
+                                       link_model=model) for name in variants if name != "a2a"}
         for T in sizes:
             iters = ns.iters if T * hidden <= 256 * 4096 else max(5, ns.iters // 3)
-            # a few routings, reused cyclically (same on every rank of a given seed; each rank its own tokens)
-            routings = []
+            routings = []  # a few routings, reused cyclically; each rank its own tokens
             for i in range(4):
                 ids = torch.rand(T, ns.experts, device=dev).topk(ns.top_k, dim=1).indices
                 w = torch.rand(T, ns.top_k, device=dev)
                 routings.append((torch.randn(T, hidden, device=dev).to(dtype), ids // per_rank, ids % per_rank, w))
-            # transports take turns inside each iteration, so drift and noise hit them alike
-            times = {n: [] for n in transports}
-            inter = {n: 0 for n in transports}
-            hdr = {n: 0.0 for n in transports}
+            base = raw_a2a(ctx, T, row_bytes) if "a2a" in variants else None
+            # variants take turns inside each iteration, so drift and noise hit them alike
+            times = {n: ([], []) for n in variants}
+            inter = {n: 0 for n in variants}
             choices: dict[str, int] = {}
             for it in range(ns.warmup + iters):
                 x, dest, slot, w = routings[it % len(routings)]
-                for name in transports:
-                    c = padded.get(name, comm)
-                    if c is comm:
-                        comm.transport = name
-                    b0, h0 = c.bytes_sent["inter"], c.header_time_s
-                    # adaptive (and padded, which pads to it) get the step's token count as the runtime
-                    # would pass it (agree_tokens once per step, amortised over all MoE layers); the vote
-                    # itself is timed below
-                    hint = T if name == "adaptive" or name in padded else None
+                for name in variants:
                     _sync(dev)
                     t0 = time.perf_counter()
-                    if ctx.is_attention:
-                        batch = c.dispatch(x, dest, slot, w, it, tokens_hint=hint)
+                    if name == "a2a":
+                        base[0]()
+                        _sync(dev)
+                        t1 = time.perf_counter()
+                        base[1]()
                     else:
-                        batch = c.dispatch(None, None, None, None, it, tokens_hint=hint)
-                    c.combine(batch.x if batch is not None else None, it)
+                        ex = exchanges[name]
+                        ex.begin_step(T)  # the step's vote gives every rank the region size
+                        b0 = ex.bytes_sent["inter"]
+                        args = (x, dest, slot, w) if ctx.is_attention else (None, None, None, None)
+                        h = ex.dispatch(*args, it)
+                        _sync(dev)
+                        t1 = time.perf_counter()
+                        ex.combine(h.batch.x if h.batch is not None else None, h)
+                        ex.drain()
+                        if it >= ns.warmup:
+                            inter[name] += ex.bytes_sent["inter"] - b0
+                            choices[ex.route] = choices.get(ex.route, 0) + 1 if ex.transport == "adaptive" else 0
                     _sync(dev)
-                    times[name].append(time.perf_counter() - t0)
-                    if it >= ns.warmup:
-                        inter[name] += c.bytes_sent["inter"] - b0
-                        hdr[name] += c.header_time_s - h0
-                        if name == "adaptive":
-                            choices[comm.last_transport] = choices.get(comm.last_transport, 0) + 1
-            vote_us = None
-            if "adaptive" in transports:
-                vt = []
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    comm.agree_tokens(T if ctx.is_attention else 0)
-                    vt.append(time.perf_counter() - t0)
-                vote_us = statistics.median(vt) * 1e6
-            for name in transports:
-                ts = times[name][ns.warmup:]
-                stats = torch.tensor([inter[name] / iters, hdr[name] / iters] + ts, dtype=torch.float64)
+                    t2 = time.perf_counter()
+                    times[name][0].append(t1 - t0)
+                    times[name][1].append(t2 - t1)
+            for name in variants:
+                d_ts, c_ts = (t[ns.warmup:] for t in times[name])
+                stats = torch.tensor([inter[name] / iters] + d_ts + c_ts, dtype=torch.float64)
                 gathered = [torch.zeros_like(stats) for _ in range(ctx.world_size)]
                 dist.all_gather(gathered, stats, group=ctx.control_group)
-                if ctx.rank == 0:
-                    att = [gathered[r] for r in topo.attention_ranks]
-                    per_iter = [max(g[2 + i].item() for g in att) for i in range(iters)]
-                    med = statistics.median(per_iter)
-                    p99 = sorted(per_iter)[min(len(per_iter) - 1, int(round(0.99 * (len(per_iter) - 1))))]
-                    inter_total = sum(g[0].item() for g in gathered)
-                    hdr_max = max(g[1].item() for g in gathered)
-                    bw = inter_total / med if med > 0 else 0.0
-                    row = {"transport": name, "tokens": T, "hidden": hidden, "median_us": med * 1e6,
-                           "p99_us": p99 * 1e6, "inter_bytes": inter_total, "inter_GBps": bw / 1e9,
-                           "ceiling_frac": (bw / ceiling) if ceiling else None, "header_us_max_rank": hdr_max * 1e6,
-                           "adaptive_choice": dict(choices) if name == "adaptive" else None, "iters": iters,
-                           "vote_us": vote_us if name == "adaptive" else None}
-                    rows.append(row)
-                    print(f"{name:>9} T={T:<5} D={hidden:<5} median {med * 1e6:9.1f} us  p99 {p99 * 1e6:9.1f} us  "
-                          f"inter {inter_total / 1e6:8.2f} MB  {bw / 1e9:6.2f} GB/s"
-                          + (f" ({100 * bw / ceiling:5.1f}% of ceiling)" if ceiling else "")
-                          + (f"  choice {choices}" if name == "adaptive" else ""), flush=True)
-        for c in (comm, *padded.values()):
-            c.close()
-        del comm, padded
+                if ctx.rank != 0:
+                    continue
+                # per iteration: the slowest rank (a call is done when every rank is done)
+                d_it = [max(g[1 + i].item() for g in gathered) for i in range(iters)]
+                c_it = [max(g[1 + iters + i].item() for g in gathered) for i in range(iters)]
+                tot = [a + b for a, b in zip(d_it, c_it)]
+                pct = lambda v, q: sorted(v)[min(len(v) - 1, int(round(q * (len(v) - 1))))]  # noqa: E731
+                med = statistics.median(tot)
+                inter_total = sum(g[0].item() for g in gathered)
+                bw = inter_total / med if med > 0 else 0.0
+                row = {"transport": name, "tokens": T, "hidden": hidden, "median_us": med * 1e6,
+                       "p99_us": pct(tot, 0.99) * 1e6, "dispatch_median_us": statistics.median(d_it) * 1e6,
+                       "dispatch_p99_us": pct(d_it, 0.99) * 1e6, "combine_median_us": statistics.median(c_it) * 1e6,
+                       "combine_p99_us": pct(c_it, 0.99) * 1e6, "inter_bytes": inter_total, "inter_GBps": bw / 1e9,
+                       "ceiling_frac": (bw / ceiling) if ceiling else None,
+                       "adaptive_choice": {k: v for k, v in choices.items() if v} if name.startswith("adaptive") else None,
+                       "iters": iters}
+                rows.append(row)
+                print(f"{name:>16} T={T:<5} D={hidden:<5} dispatch {row['dispatch_median_us']:8.1f} us (p99 "
+                      f"{row['dispatch_p99_us']:8.1f})  combine {row['combine_median_us']:8.1f} us (p99 "
+                      f"{row['combine_p99_us']:8.1f})  inter {inter_total / 1e6:8.2f} MB  {bw / 1e9:6.2f} GB/s"
+                      + (f" ({100 * bw / ceiling:5.1f}% of ceiling)" if ceiling else ""), flush=True)
+        for ex in exchanges.values():
+            ex.close()
+        del exchanges
     if ctx.rank == 0:
         info = {
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -203,54 +224,44 @@ def _nccl_version() -> str:
 
 
 def render_md(info: dict) -> str:
+    lm = info["link_model"]
     lines = [f"# comm benchmark: {info['nodes']} ({info['device']})", "",
              f"- date: {info['date']}; torch {info['torch']}" + (f", NCCL {info['nccl']}" if info['nccl'] else ""),
              f"- command: `{info['command']}`",
              f"- topology `{info['nodes']}` ({info['world_size']} ranks, data backend {info['backend']}), "
              f"{info['dtype']}, top-{info['top_k']} over {info['experts']} experts spread over the expert ranks",
-             f"- link model used by adaptive (measured at start-up, ping-pong): intra alpha "
-             f"{info['link_model']['alpha_intra'] * 1e6:.1f} us, beta {info['link_model']['beta_intra'] / 1e9:.2f} GB/s; "
-             f"inter alpha {info['link_model']['alpha_inter'] * 1e6:.1f} us, beta {info['link_model']['beta_inter'] / 1e9:.2f} GB/s; "
-             f"header alpha {info['link_model']['alpha_ctrl'] * 1e6:.1f} us",
+             f"- link model used by adaptive (measured at start-up, ping-pong): intra alpha {lm['alpha_intra'] * 1e6:.1f} us, "
+             f"beta {lm['beta_intra'] / 1e9:.2f} GB/s; inter alpha {lm['alpha_inter'] * 1e6:.1f} us, beta "
+             f"{lm['beta_inter'] / 1e9:.2f} GB/s; header alpha {lm['alpha_ctrl'] * 1e6:.1f} us",
              f"- link ceiling (plain send node 0 -> node 1, {info['ceiling_message_MiB']} MiB messages): "
              + (f"{info['link_ceiling_GBps']:.2f} GB/s" if info['link_ceiling_GBps'] else "n/a"),
-             "", "Latency = dispatch + combine, max over attention ranks, per iteration (median / p99). "
-             "Inter GB/s = bytes crossing simulated nodes per iteration / median latency. "
-             "Adaptive is given the step's token count (tokens_hint, as the runtime passes it after one "
-             "agree_tokens vote per engine step); 'vote us' is that vote's cost, paid once per step, not per layer. "
-             "'vs best' = median / the better of direct and two_phase. 'header us' = time the slowest rank spent in "
-             "header (row count) exchanges per iteration, including waiting for its peer to get there. "
-             "direct_padded = direct with fixed-capacity regions of tokens_hint rows per pair instead of count "
-             "headers (no header round, no host sync on the data path, more bytes), moved by one all_to_all_single "
-             "on NCCL; direct_padded_p2p = the same regions as per-peer P2P ops.", "",
-             "| hidden | tokens/rank | transport | median us | p99 us | inter MB | inter GB/s | % ceiling | vs best | header us | vote us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    rows = info["rows"]
-    best = {}
-    for r in rows:
-        if r["transport"] != "adaptive":
-            k = (r["hidden"], r["tokens"])
-            best[k] = min(best.get(k, float("inf")), r["median_us"])
-    for r in rows:
-        k = (r["hidden"], r["tokens"])
+             "", "Dispatch and combine are timed separately (each until every rank is done: the slowest rank per "
+             "iteration; median and p99 over iterations). Every exchange is given the step's region size (the "
+             "runtime's one vote per step). `:counts` = exact-sized rows after a row-count header per stage; "
+             "otherwise padded regions. `a2a` = one raw all_to_all_single per direction of the same padded bytes "
+             "(the collective the exchange is built on). Inter GB/s = bytes crossing simulated nodes per iteration "
+             "/ median dispatch + combine.", "",
+             "| hidden | tokens/rank | transport | dispatch median us | dispatch p99 us | combine median us | "
+             "combine p99 us | inter MB | inter GB/s | % ceiling |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in info["rows"]:
         frac = f"{100 * r['ceiling_frac']:.1f}" if r["ceiling_frac"] is not None else "-"
-        vs = f"{r['median_us'] / best[k]:.2f}x" if k in best else "-"
         name = r["transport"] + (f" ({', '.join(f'{c}:{n}' for c, n in r['adaptive_choice'].items())})"
-                                 if r["adaptive_choice"] else "")
-        lines.append(f"| {r['hidden']} | {r['tokens']} | {name} | {r['median_us']:.1f} | {r['p99_us']:.1f} | "
-                     f"{r['inter_bytes'] / 1e6:.2f} | {r['inter_GBps']:.3f} | {frac} | {vs} | {r['header_us_max_rank']:.0f} | "
-                     + (f"{r['vote_us']:.0f} |" if r.get("vote_us") is not None else "- |"))
+                                 if r.get("adaptive_choice") else "")
+        lines.append(f"| {r['hidden']} | {r['tokens']} | {name} | {r['dispatch_median_us']:.1f} | {r['dispatch_p99_us']:.1f} | "
+                     f"{r['combine_median_us']:.1f} | {r['combine_p99_us']:.1f} | {r['inter_bytes'] / 1e6:.2f} | "
+                     f"{r['inter_GBps']:.3f} | {frac} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m comm.bench")
+    ap = argparse.ArgumentParser(prog="python -m launch.comm_bench")
     ap.add_argument("--nodes", default="1A,1E")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default=None, choices=tuple(DTYPES))
     ap.add_argument("--tokens", default="1,8,64,256,1024,4096")
     ap.add_argument("--hidden", default="2048,4096,7168")
-    ap.add_argument("--transports", default="direct,two_phase,adaptive,direct_padded,direct_padded_p2p")
+    ap.add_argument("--transports", default="direct,two_phase,adaptive,direct:counts,a2a", help=VARIANT_HELP)
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--iters", type=int, default=30)
@@ -273,10 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     from launch.local_cluster import launch_local_cluster, parse_nodes
 
     args = list(argv if argv is not None else sys.argv[1:])
-    command = "python -m comm.bench " + " ".join(args)
+    command = "python -m launch.comm_bench " + " ".join(args)
     os.makedirs(os.path.dirname(ns.out) or ".", exist_ok=True)
     rc = launch_local_cluster(Topology(parse_nodes(ns.nodes)),
-                              [sys.executable, "-m", "comm.bench", "--worker", "--command", command, *args],
+                              [sys.executable, "-m", "launch.comm_bench", "--worker", "--command", command, *args],
                               device=ns.device, timeout_s=ns.timeout)
     if rc == 0:
         print(f"wrote {ns.out}.json and {ns.out}.md")

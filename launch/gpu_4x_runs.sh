@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The 4xH200 runs that issues #4, #6 and #7 still need, in one device call (pick with $1):
-#   comm     python -m comm.bench on 2 simulated nodes x 2 GPUs: attention node + expert node, then the mixed layout
+#   comm     python -m launch.comm_bench on 2 simulated nodes x 2 GPUs: attention node + expert node, then the mixed layout
 #   parity   launch/gpu_parity.py: tiny-model bf16 parity, eager and CUDA graphs, incl. 2 simulated nodes x 2 GPUs
 #   runtime  launch/gpu_decode_runs.sh: Qwen3-30B-A3B 2A+2E vs colocated 4, m = 1, 2, CUDA graphs on and off
 #   profile  launch/gpu_decode_runs.sh: the same layouts eagerly with runtime.profile (exact per-layer time split)
@@ -19,8 +19,8 @@ OUT=${OUT:-/tmp/afsplit-out}; R="$OUT/results"; mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$R/gpus.txt"; date -u > "$R/date.txt"
 case "${1:-runtime}" in
   comm)
-    timeout 280 python3 -m comm.bench --nodes 2A,2E --device cuda --out "$R/comm-2x2" --timeout 270 2>&1 | tail -40
-    timeout 200 python3 -m comm.bench --nodes 1A+1E,1A+1E --device cuda --tokens 1,8,64,1024 --out "$R/comm-2x2-mixed" \
+    timeout 280 python3 -m launch.comm_bench --nodes 2A,2E --device cuda --out "$R/comm-2x2" --timeout 270 2>&1 | tail -40
+    timeout 200 python3 -m launch.comm_bench --nodes 1A+1E,1A+1E --device cuda --tokens 1,8,64,1024 --out "$R/comm-2x2-mixed" \
       --timeout 190 2>&1 | tail -20 ;;
   parity)
     timeout 560 python3 launch/gpu_parity.py --out "$R/parity.json" 2>&1 | grep -v "^INFO" | tail -24 ;;
