@@ -123,17 +123,13 @@ def cmd_check_config(args) -> int:
 def _print_model_summary(config) -> None:
     from pathlib import Path
 
-    from afsplit.models.presets import PRESETS
-    from afsplit.models.spec import read_model_spec, spec_from_hf_config
+    from afsplit.engine import model_spec
 
     m = config.model
-    if m.path and (Path(m.path) / "config.json").exists():
-        spec = read_model_spec(m.path)
-    elif m.preset:
-        spec = spec_from_hf_config(PRESETS[m.preset], f"preset {m.preset}")
-    else:
+    if not (m.path and (Path(m.path) / "config.json").exists()) and not (m.weights == "random" and m.preset):
         print(f"model: {m.path} (created on first use)" if m.tiny else f"model: {m.path} (not found yet)")
         return
+    spec = model_spec(config)
     print(f"model: {spec.family}, {spec.num_layers} layers ({spec.num_moe_layers} MoE), hidden {spec.hidden_size}, "
           f"{spec.num_experts} experts top-{spec.top_k}, {spec.num_heads}/{spec.num_kv_heads} heads x {spec.head_dim}")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from afsplit.block_manager import KVCacheManager
+from afsplit.config import DTYPES as DTYPE_NAMES
 from afsplit.config import Config
 from afsplit.cuda_graphs import graph_buckets, graphs_wanted
 from afsplit.errors import ConfigError, RequestError
@@ -32,7 +33,7 @@ from afsplit.sequence import SeqUpdate, Sequence
 
 log = logging.getLogger("afsplit")
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # model.dtype -> torch dtype
 
 
 @dataclass
@@ -70,16 +71,23 @@ def resolve_model(config: Config) -> tuple[ModelSpec, object]:
 
         log.info("creating tiny %s checkpoint at %s", m.tiny, m.path)
         make_tiny(m.tiny, m.path, seed=m.seed)
-    if m.weights == "random":
-        spec = read_model_spec(m.path) if m.path else _preset_spec(m.preset)
-        return spec, RandomWeights(seed=m.seed)
-    return read_model_spec(m.path), CheckpointReader(m.path)
+    spec = model_spec(config)
+    return spec, RandomWeights(seed=m.seed) if m.weights == "random" else CheckpointReader(m.path)
 
 
-def _preset_spec(name: str) -> ModelSpec:
-    from afsplit.models.presets import PRESETS
+def model_spec(config: Config) -> ModelSpec | None:
+    """The spec `config.model` names: the checkpoint's config.json, else the preset (random weights); None when
+    the checkpoint is not there (yet)."""
+    m = config.model
+    if m.path and (Path(m.path) / "config.json").exists():
+        return read_model_spec(m.path)
+    if m.weights == "random" and m.preset:
+        from afsplit.models.presets import PRESETS
 
-    return spec_from_hf_config(PRESETS[name], f"preset {name}")
+        return spec_from_hf_config(PRESETS[m.preset], f"preset {m.preset}")
+    if m.path:
+        return read_model_spec(m.path)  # raises the checkpoint error naming the path
+    return None
 
 
 def load_tokenizer(model_path: str):
