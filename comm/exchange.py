@@ -170,6 +170,13 @@ class MoEExchange:
         if self.transport == "adaptive":
             self.route = self._choose(P)
 
+    def join(self) -> None:
+        """Make the caller's stream wait for every channel's stream: the end of a captured step must rejoin
+        the streams it forked (an expert rank's last combine leaves work on its channel streams)."""
+        for ch in self.channels:
+            if ch.stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(ch.stream)
+
     def drain(self) -> None:
         """Wait (with the deadline) until everything this rank's exchanges enqueued has finished; gloo sends
         still in flight are waited on too. Call before the host reads results of the step."""

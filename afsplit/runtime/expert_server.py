@@ -50,3 +50,4 @@ class ExpertServer:
                     y = self.experts(layer, h.batch.x, h.batch.topk_ids, h.batch.topk_weights)
                 with self.times.phase("combine"):
                     ex.combine(y, h)
+        ex.join()
