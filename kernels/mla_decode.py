@@ -12,7 +12,8 @@ so per token only the latent (R + DR values) is read, once for all heads.
 Split-KV (FlashDecoding): grid (B, head blocks, splits). Each program takes BLOCK_H query heads
 (one `tl.dot` of [BLOCK_H, R] x [R, BLOCK_N] plus the rope part), walks its slice of the context
 through the block table with an online softmax in fp32 and writes the output (one split) or a
-partial (acc, log2-sum-exp) merged by the paged-decode merge kernel.
+partial (acc, log2-sum-exp) merged by the paged-decode merge kernel. A sequence's slices are cut
+from its own length on the device, so a bucket-padded block table (CUDA graphs) wastes no split.
 
 seq_lens include the current token (already stored in the cache).
 """
@@ -36,7 +37,7 @@ if HAS_TRITON:
     @triton.jit
     def _mla_decode_kernel(
         q_ptr, c_ptr, bt_ptr, sl_ptr, o_ptr, po_ptr, plse_ptr,
-        qk_scale, chunk, HQ,
+        qk_scale, HQ,
         s_qb, s_qh, s_cblk, s_ctok, s_btb, s_ob, s_oh,
         NUM_SPLITS,
         R: tl.constexpr, DR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
@@ -47,6 +48,8 @@ if HAS_TRITON:
         hb = tl.program_id(1)
         sp = tl.program_id(2)
         seq_len = tl.load(sl_ptr + b)
+        # each sequence's own context is cut into NUM_SPLITS slices (whole key blocks): no host-side length
+        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
         lo = sp * chunk
         hi = tl.minimum(lo + chunk, seq_len)
 
@@ -117,7 +120,13 @@ def _config(HQ: int, R: int, dev: torch.device, dtype: torch.dtype) -> dict:
         return dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    # bf16/fp16: the [BLOCK_H, R] fp32 accumulator lives in registers; launch/mla_gpu_check.py sweeps these
+    # bf16/fp16, R = 512 (sm_90 AOT compile): the [BLOCK_H, R] fp32 accumulator sits in registers;
+    # H16/N32/4 warps: 202 regs, 55 KB smem, mma.sync; H64/N16/8 warps: 254 regs, 128 KB, wgmma;
+    # N64 with 4 warps spills. launch/mla_gpu_check.py sweeps these on the GPU.
+    if HQ >= 64:
+        return dict(BLOCK_H=64, BLOCK_N=16, num_warps=8, num_stages=2)
+    if HQ > 16:
+        return dict(BLOCK_H=32, BLOCK_N=32, num_warps=8, num_stages=2)
     return dict(BLOCK_H=16, BLOCK_N=32 if R >= 256 else 64, num_warps=4, num_stages=2)
 
 
@@ -160,8 +169,6 @@ def mla_decode(q, cache, block_tables, seq_lens, scale: float, kv_lora_rank: int
     n_hblocks = triton.cdiv(HQ, BLOCK_H)
     max_len = max(max_seq_len if max_seq_len is not None else block_tables.shape[1] * PAGE, 1)
     S = num_splits or decode_num_splits(B, n_hblocks, max_len, sm_count(dev), BLOCK_N)
-    chunk = triton.cdiv(triton.cdiv(max_len, S), BLOCK_N) * BLOCK_N
-    S = max(1, triton.cdiv(max_len, chunk))
     if S > 1:
         po = torch.empty((B, HQ, S, R), dtype=torch.float32, device=dev)
         plse = torch.empty((B, HQ, S), dtype=torch.float32, device=dev)
@@ -170,7 +177,7 @@ def mla_decode(q, cache, block_tables, seq_lens, scale: float, kv_lora_rank: int
     BLOCK_R = next_pow2(R, 16)
     _mla_decode_kernel[(B, n_hblocks, S)](
         q, cache, block_tables, seq_lens, out, po, plse,
-        float(scale) * _LOG2E, chunk, HQ,
+        float(scale) * _LOG2E, HQ,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         S,
