@@ -33,6 +33,7 @@ __all__ = ["mla_decode", "mla_decode_ref"]
 _LOG2E = 1.4426950408889634
 
 if HAS_TRITON:
+    from .flash_attention import _update  # the online-softmax step
 
     @triton.jit
     def _mla_decode_kernel(
@@ -78,12 +79,7 @@ if HAS_TRITON:
             s = tl.dot(q_lat, tl.trans(c), input_precision=DOT_PREC)
             s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=DOT_PREC) * qk_scale
             s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=DOT_PREC)
-            m_i = m_new
+            acc, l_i, m_i = _update(acc, l_i, m_i, s, c, False, DOT_PREC)  # each tile of a slice has a key
 
         omask = hmask[:, None] & rmask[None, :]
         if SINGLE:

@@ -31,6 +31,7 @@ __all__ = ["mla_prefill", "mla_prefill_ref"]
 _LOG2E = 1.4426950408889634
 
 if HAS_TRITON:
+    from .flash_attention import _update  # the online-softmax step (masked: rows may see no key yet)
 
     @triton.jit
     def _mla_tile(q_nope, q_pe, kn_ptr, kp_ptr, v_ptr, rows, kmask, h, s_knt, s_knh, s_kpt, s_vt, s_vh,
@@ -46,16 +47,6 @@ if HAS_TRITON:
         s = tl.dot(q_nope, tl.trans(k_nope), input_precision=DOT_PREC)
         s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=DOT_PREC)
         return s, v
-
-    @triton.jit
-    def _softmax_update(acc, l_i, m_i, s, v, DOT_PREC: tl.constexpr):
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded query rows see no key
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        return acc, l_i, m_new
 
     @triton.jit
     def _mla_prefill_kernel(
@@ -99,7 +90,7 @@ if HAS_TRITON:
             rows = (k_start + n0 + offs_nb).to(tl.int64)
             s, v = _mla_tile(q_nope, q_pe, kn_ptr, kp_ptr, v_ptr, rows, offs_nb >= 0, h, s_knt, s_knh, s_kpt,
                              s_vt, s_vh, offs_dn, offs_dr, offs_dv, DN, DR, DV, DOT_PREC)
-            acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s * qk_scale, v, DOT_PREC)
+            acc, l_i, m_i = _update(acc, l_i, m_i, s * qk_scale, v, False, DOT_PREC)
         # the rest, up to the block's last query: causal mask
         hi = tl.minimum(P + m0 + BLOCK_M, Lk)
         for n0 in range(full, hi, BLOCK_N):
@@ -110,7 +101,7 @@ if HAS_TRITON:
                              s_vt, s_vh, offs_dn, offs_dr, offs_dv, DN, DR, DV, DOT_PREC)
             valid = kmask[None, :] & (offs_n[None, :] <= qpos[:, None])
             s = tl.where(valid, s * qk_scale, float("-inf"))
-            acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, DOT_PREC)
+            acc, l_i, m_i = _update(acc, l_i, m_i, s, v, True, DOT_PREC)
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l == 0 only on padded rows (not stored)
         tl.store(o_ptr + q_rows[:, None] * s_ot + h * s_oh + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),

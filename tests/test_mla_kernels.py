@@ -16,7 +16,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels._testing import TOL, poisoned_alloc, randn, rel_err  # noqa: E402
+from kernels._testing import TOL, make_paged_cache, poisoned_alloc, randn, rel_err  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
 
@@ -138,18 +138,6 @@ def test_grouped_topk_empty_and_validation(gen):
 
 # ---------------------------------------------------------------- paged MLA decode
 
-def make_latent_cache(lens, page, L, dtype, gen, extra=3):
-    need = [max(1, -(-n // page)) for n in lens]
-    nb = sum(need) + extra
-    perm = torch.randperm(nb, generator=gen).tolist()
-    bt = torch.full((len(lens), max(need) + 1), -1, dtype=torch.int32)
-    i = 0
-    for b, k in enumerate(need):
-        bt[b, :k] = torch.tensor(perm[i:i + k], dtype=torch.int32)
-        i += k
-    return randn(nb, page, 1, L, dtype=dtype, gen=gen), bt
-
-
 DECODE_CASES = {
     # name: (seq lens, Hq, R, DR, page, splits)
     "v3-shape-R512-DR64": ([1, 17, 40], 16, 512, 64, 16, None),
@@ -165,7 +153,7 @@ def test_mla_decode(case, dtype, gen):
     mod = importlib.import_module("kernels.mla_decode")
     _interpreted(mod, "_mla_decode_kernel")
     lens, HQ, R, DR, page, splits = DECODE_CASES[case]
-    cache, bt = make_latent_cache(lens, page, R + DR, dtype, gen)
+    cache, _, bt = make_paged_cache(lens, page, 1, R + DR, dtype, gen=gen)  # one latent "head"
     q = randn(len(lens), HQ, R + DR, dtype=dtype, gen=gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     scale = 1 / math.sqrt(R + DR) * 4  # peaky softmax

@@ -4,48 +4,12 @@ the torch references in float64 on the device. Run in its own process, without T
 """
 
 import math
-import os
 
 import pytest
 import torch
 
-from kernels._testing import TOL, poisoned_alloc, randn, rel_err
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-                       reason="TRITON_INTERPRET is set: run the GPU tests in their own process"),
-]
-
-DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-DEV = "cuda"
-
-
-@pytest.fixture
-def gen():
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(os.urandom(4), "little"))
-    return g
-
-
-def _check(out, ref_lowp, ref64, dtype):
-    assert torch.isfinite(out.float()).all(), "non-finite output (unwritten or NaN)"
-    e_out, e_ref = rel_err(out, ref64), rel_err(ref_lowp, ref64)
-    assert e_out < TOL[dtype], f"kernel rel err {e_out:.3g} >= {TOL[dtype]}"
-    assert e_ref < TOL[dtype], f"reference rel err {e_ref:.3g} >= {TOL[dtype]}"
-
-
-def _latent_cache(lens, page, L, dtype, gen):
-    need = [max(1, -(-n // page)) for n in lens]
-    nb = sum(need) + 5
-    perm = torch.randperm(nb, generator=gen).tolist()
-    bt = torch.zeros((len(lens), max(need) + 2), dtype=torch.int32)
-    i = 0
-    for b, k in enumerate(need):
-        bt[b, :k] = torch.tensor(perm[i:i + k], dtype=torch.int32)
-        i += k
-    return randn(nb, page, 1, L, dtype=dtype, device=DEV, gen=gen), bt.to(DEV)
+from kernels._testing import make_paged_cache, poisoned_alloc, randn, rel_err
+from tests.test_kernels_gpu import DEV, DTYPES, _check, gen, pytestmark  # noqa: F401  (gen: fixture)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -55,7 +19,7 @@ def test_mla_decode_gpu(dtype, HQ, lens, gen):
     from kernels.mla_decode import mla_decode, mla_decode_ref
 
     R, DR = 512, 64
-    cache, bt = _latent_cache(lens, 16, R + DR, dtype, gen)
+    cache, _, bt = make_paged_cache(lens, 16, 1, R + DR, dtype, DEV, gen)  # one latent "head"
     q = randn(len(lens), HQ, R + DR, dtype=dtype, device=DEV, gen=gen)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     scale = 0.1352  # DeepSeek-V3 (YaRN)
