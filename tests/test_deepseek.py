@@ -169,17 +169,17 @@ def test_latent_cache_static_decode_and_chunking(family, tmp_path, monkeypatch):
     from afsplit.model_runner import KVCache
 
     model = make_tiny(family, tmp_path / family, seed=2)
-    reqs = prompts(8, seed=1)
-    base, llm = greedy_tokens(model, reqs, max_tokens=16, max_num_batched_tokens=4096)
+    reqs = prompts(6, seed=1)
+    base, llm = greedy_tokens(model, reqs, max_num_batched_tokens=4096)
     spec = llm.engine.spec
     latent, none = llm.engine.kv_cache.layers[0]
     assert none is None and latent.shape == (256, 4, 1, spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim)
     assert KVCache.bytes_per_block(3, 4, 1, 40, torch.float32, latent=True) == 3 * 4 * 40 * 4
-    for kw in ({"max_num_batched_tokens": 5}, {"micro_batches": 2, "max_num_batched_tokens": 16},
-               {"num_kv_blocks": 24, "max_num_batched_tokens": 64}):
-        assert greedy_tokens(model, reqs, max_tokens=16, **kw)[0] == base, kw
+    chunked, _ = greedy_tokens(model, reqs, max_num_batched_tokens=5, micro_batches=2)
+    tight, llm = greedy_tokens(model, reqs, num_kv_blocks=14, max_num_batched_tokens=64)
+    assert chunked == base and tight == base and llm.engine.scheduler.num_preemptions > 0
     monkeypatch.setenv(STATIC_ON_CPU_ENV, "1")
-    got, llm = greedy_tokens(model, reqs, max_tokens=16, micro_batches=2, max_num_batched_tokens=8)
+    got, llm = greedy_tokens(model, reqs, micro_batches=2, max_num_batched_tokens=8)
     assert got == base and llm.engine.runner.static.graphs.calls > 0
 
 
