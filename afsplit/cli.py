@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(c)
 
     t = sub.add_parser("make-tiny", help="write a tiny random Hugging Face checkpoint")
-    t.add_argument("family", help="qwen3_moe | qwen2_moe | mixtral | olmoe")
+    t.add_argument("family", help="qwen3_moe | qwen2_moe | mixtral | olmoe | deepseek_v2 | deepseek_v3")
     t.add_argument("out_dir")
     t.add_argument("--seed", type=int, default=0)
 

@@ -132,7 +132,7 @@ class LLMEngine:
         num_blocks = rt.num_kv_blocks or self._blocks_from_memory()
         self.kv = KVCacheManager(num_blocks, rt.block_size)
         self.kv_cache = KVCache(spec.num_layers, num_blocks, rt.block_size, spec.num_kv_heads, spec.head_dim,
-                                self.dtype, self.device)
+                                self.dtype, self.device, latent=spec.mla is not None)
         self.scheduler = Scheduler(self.kv, rt.max_num_seqs, rt.max_num_batched_tokens, rt.chunked_prefill)
         static = None
         use_graphs, capture = graphs_wanted(rt.cuda_graphs and not rt.profile, self.device)
@@ -153,7 +153,8 @@ class LLMEngine:
 
     def _blocks_from_memory(self) -> int:
         s, rt = self.spec, self.config.runtime
-        per_block = KVCache.bytes_per_block(s.num_layers, rt.block_size, s.num_kv_heads, s.head_dim, self.dtype)
+        per_block = KVCache.bytes_per_block(s.num_layers, rt.block_size, s.num_kv_heads, s.head_dim, self.dtype,
+                                            latent=s.mla is not None)
         return max(1, int(rt.kv_cache_memory_gb * 2**30) // per_block)
 
     # -- requests ------------------------------------------------------------------------------

@@ -12,25 +12,32 @@ from afsplit.scheduler import ScheduledBatch
 
 
 class KVCache:
-    """Per-layer paged K and V tensors, [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Per-layer paged caches. Attention: (K, V), each [num_blocks, block_size, num_kv_heads, head_dim].
+    MLA (`latent=True`): (latent, None) with latent [num_blocks, block_size, 1, head_dim], the compressed
+    KV plus the rotary key of each token (spec.head_dim = kv_lora_rank + qk_rope_head_dim)."""
 
-    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
+    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device, latent=False):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                       for _ in range(num_layers)]
+
+        def zeros():
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.layers = [(zeros(), None if latent else zeros()) for _ in range(num_layers)]
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
         src = torch.tensor([s for s, _ in copies])
         dst = torch.tensor([d for _, d in copies])
-        for k, v in self.layers:
-            k[dst.to(k.device)] = k[src.to(k.device)]
-            v[dst.to(v.device)] = v[src.to(v.device)]
+        for pair in self.layers:
+            for c in pair:
+                if c is not None:
+                    c[dst.to(c.device)] = c[src.to(c.device)]
 
     @staticmethod
-    def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype, latent=False) -> int:
+        tensors = 1 if latent else 2
+        return tensors * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def build_metadata(batch: ScheduledBatch, block_size: int, device) -> tuple[torch.Tensor, ops.AttentionMetadata, list[int]]:

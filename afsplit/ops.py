@@ -60,9 +60,10 @@ def rotary_cache(max_pos: int, head_dim: int, base: float, device) -> torch.Tens
     return kernels.rotary_cos_sin_cache(max_pos, head_dim, base, device)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
-    """NeoX-style rotary embedding (HF rotate_half) on q [T, Hq, D] and k [T, Hkv, D]."""
-    return kernels.apply_rotary(q, k, positions, cos_sin, backend=_backend())
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                 inplace: bool = False):
+    """NeoX-style rotary embedding (HF rotate_half) on q [T, Hq, D] and k [T, Hkv, D] (new tensors, or in place)."""
+    return kernels.apply_rotary(q, k, positions, cos_sin, inplace=inplace, backend=_backend())
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +94,26 @@ def attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, 
                                    scale, window, max_seqlen_q=meta.max_seqlen_q, backend=_backend())
 
 
+def store_latent(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """MLA: write latents [T, 1, L] into the paged latent cache [num_blocks, block_size, 1, L] (slots < 0 skipped).
+
+    The latent is MLA's only cached tensor, so it goes through store_kv as both "k" and "v"
+    (the second write repeats the first; T x L values, negligible next to attention)."""
+    kernels.store_kv(latent, latent, cache, cache, slot_mapping, backend=_backend())
+
+
+def mla_decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float, kv_lora_rank: int):
+    """MLA absorbed decode: q [B, Hq, R + DR] over each sequence's cached latents -> [B, Hq, R]."""
+    return kernels.mla_decode(q, cache, meta.block_tables, meta.seq_lens, scale, kv_lora_rank, backend=_backend())
+
+
+def mla_prefill(q, k_nope, k_pe, v, cu_seqlens_q, cu_seqlens_k, scale: float, max_seqlen_q: int):
+    """MLA expanded prefill: causal attention of q [T, Hq, DN + DR] over k_nope [Nk, Hq, DN] +
+    shared k_pe [Nk, DR] with values v [Nk, Hq, DV] -> [T, Hq, DV]."""
+    return kernels.mla_prefill(q, k_nope, k_pe, v, cu_seqlens_q, cu_seqlens_k, scale, max_seqlen_q=max_seqlen_q,
+                               backend=_backend())
+
+
 # ----------------------------------------------------------------------------------------------
 # MoE
 
@@ -100,6 +121,13 @@ def attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, 
 def topk_gating(logits: torch.Tensor, top_k: int, renormalize: bool):
     """Softmax router: (weights float32 [T, K], ids int32 [T, K]), HF order (descending)."""
     return kernels.topk_gating(logits, top_k, renormalize, backend=_backend())
+
+
+def grouped_topk(logits: torch.Tensor, top_k: int, routing, bias: torch.Tensor | None, renormalize: bool):
+    """DeepSeek router (spec.GroupedRouting): (weights float32 [T, K], ids int32 [T, K]), on the device."""
+    return kernels.grouped_topk(logits, top_k, routing.scoring, routing.n_group, routing.topk_group,
+                                routing.group_rank, bias, renormalize, routing.routed_scaling_factor,
+                                backend=_backend())
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,

@@ -34,6 +34,12 @@ _EXPORTS = {
     "apply_rotary": "rotary",
     "apply_rotary_ref": "rotary",
     "rotary_cos_sin_cache": "rotary",
+    "grouped_topk": "grouped_topk",
+    "grouped_topk_ref": "grouped_topk",
+    "mla_decode": "mla_decode",
+    "mla_decode_ref": "mla_decode",
+    "mla_prefill": "mla_prefill",
+    "mla_prefill_ref": "mla_prefill",
 }
 
 __all__ = sorted(_EXPORTS)

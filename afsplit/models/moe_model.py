@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from afsplit import ops
+from afsplit.models.mla import mla_attention
+from afsplit.models.rope import cos_sin_table
 from afsplit.models.spec import QK_NORM_FULL, QK_NORM_HEAD, ModelSpec
 from afsplit.models.weights import AttentionWeights, ExpertWeights
 
@@ -32,8 +34,9 @@ class AttentionModel:
     def __init__(self, spec: ModelSpec, weights: AttentionWeights, max_positions: int, routing_skew: float = 0.0):
         self.spec = spec
         self.w = weights
-        self.scale = spec.head_dim ** -0.5
-        self.cos_sin = ops.rotary_cache(max_positions, spec.head_dim, spec.rope_theta, weights.embed.device)
+        self.scale = spec.mla.softmax_scale if spec.mla else spec.head_dim ** -0.5
+        rope_dim = spec.mla.qk_rope_head_dim if spec.mla else spec.head_dim
+        self.cos_sin = cos_sin_table(max_positions, rope_dim, spec.rope_theta, spec.rope_yarn, weights.embed.device)
         self.router_bias = self._zipf_router_bias(routing_skew) if routing_skew else None
 
     def _zipf_router_bias(self, s: float) -> dict[int, torch.Tensor]:
@@ -56,6 +59,9 @@ class AttentionModel:
             residual, x = h, ops.rmsnorm(h, lw.input_norm, s.rms_norm_eps)
         else:
             x, residual = ops.rmsnorm(h, lw.input_norm, s.rms_norm_eps, residual)
+        if s.mla is not None:  # DeepSeek: latent attention over the latent cache (kv = (latent, None))
+            return ops.rmsnorm(mla_attention(s, lw, x, meta, kv[0], self.cos_sin), lw.post_norm, s.rms_norm_eps,
+                               residual)
         T = x.shape[0]
         qkv = F.linear(x, lw.qkv_w, lw.qkv_b)
         q, k, v = (t.contiguous() for t in
@@ -78,10 +84,14 @@ class AttentionModel:
 
     def route(self, layer: int, x: torch.Tensor):
         """Router: (weights float32 [T, K], logical expert ids int32 [T, K])."""
-        logits = F.linear(x, self.w.layers[layer].gate_w)
+        lw, s = self.w.layers[layer], self.spec
+        # DeepSeek routers run in float32 (gate kept in float32, as transformers does)
+        logits = F.linear(x.float() if s.routing else x, lw.gate_w)
         if self.router_bias is not None:
             logits = logits.float() + self.router_bias[layer]
-        return ops.topk_gating(logits, self.spec.top_k, self.spec.norm_topk_prob)
+        if s.routing is not None:
+            return ops.grouped_topk(logits, s.top_k, s.routing, lw.score_bias, s.norm_topk_prob)
+        return ops.topk_gating(logits, s.top_k, s.norm_topk_prob)
 
     def shared_expert(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """The shared expert's gated output (Qwen2-MoE), or None; computed while the exchange is in flight."""
@@ -89,6 +99,8 @@ class AttentionModel:
         if lw.shared_w13 is None:
             return None
         shared = F.linear(ops.silu_mul(F.linear(x, lw.shared_w13)), lw.shared_w2)
+        if lw.shared_gate_w is None:  # DeepSeek: ungated shared experts
+            return shared
         return torch.sigmoid(F.linear(x, lw.shared_gate_w)) * shared
 
     @staticmethod

@@ -33,6 +33,24 @@ TINY_FAMILIES: dict[str, dict] = {
                     num_experts_per_tok=2, intermediate_size=96, sliding_window=None),
     "olmoe": dict(_BASE, model_type="olmoe", architectures=["OlmoeForCausalLM"], num_experts=8,
                   num_experts_per_tok=2, intermediate_size=48, norm_topk_prob=False, clip_qkv=None),
+    # DeepSeek-V2 in the hub's form (top-level rope_theta, rope_scaling "type": YaRN), q without LoRA,
+    # group-limited greedy routing; V3 in transformers 5.x's form (rope_parameters, head_dim =
+    # qk_rope_head_dim), q with LoRA, sigmoid + bias routing over groups
+    "deepseek_v2": dict(_BASE, model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], num_hidden_layers=3,
+                        num_key_value_heads=4, rope_parameters=None, rope_theta=10000.0,
+                        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+                                      "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+                        q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                        n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, moe_intermediate_size=32,
+                        intermediate_size=96, first_k_dense_replace=1, moe_layer_freq=1,
+                        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                        norm_topk_prob=False, scoring_func="softmax"),
+    "deepseek_v3": dict(_BASE, model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], num_hidden_layers=3,
+                        num_key_value_heads=4, head_dim=8, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+                        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
+                        num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=96, first_k_dense_replace=1,
+                        n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True,
+                        num_nextn_predict_layers=0),
 }
 
 

@@ -1,0 +1,83 @@
+"""GPU tests of the MLA and grouped-routing kernels in bf16 / fp16 / fp32 at DeepSeek shapes, against
+the torch references in float64 on the device. Run in its own process, without TRITON_INTERPRET
+(launch/mla_gpu_check.py runs this file).
+"""
+
+import math
+
+import pytest
+import torch
+
+from kernels._testing import make_paged_cache, poisoned_alloc, randn, rel_err
+from tests.test_kernels_gpu import DEV, DTYPES, _check, gen, pytestmark  # noqa: F401  (gen: fixture)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("HQ", [16, 128])  # V2-Lite (and V3 at TP 8), V3
+@pytest.mark.parametrize("lens", [[1, 300, 4096, 17], [2049] * 8])
+def test_mla_decode_gpu(dtype, HQ, lens, gen):
+    from kernels.mla_decode import mla_decode, mla_decode_ref
+
+    R, DR = 512, 64
+    cache, _, bt = make_paged_cache(lens, 16, 1, R + DR, dtype, DEV, gen)  # one latent "head"
+    q = randn(len(lens), HQ, R + DR, dtype=dtype, device=DEV, gen=gen)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    scale = 0.1352  # DeepSeek-V3 (YaRN)
+    with poisoned_alloc():
+        out = mla_decode(q, cache, bt, sl, scale, R)
+    ref = mla_decode_ref(q, cache, bt, sl, scale, R)
+    ref64 = mla_decode_ref(q.double(), cache.double(), bt, sl, scale, R)
+    _check(out, ref, ref64, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seqs", [[(1000, 1000)], [(77, 600), (1, 33), (512, 512), (3, 3)]])
+def test_mla_prefill_gpu(dtype, seqs, gen):
+    from kernels.mla_prefill import mla_prefill, mla_prefill_ref
+
+    HQ, DN, DR, DV = 16, 128, 64, 128
+    cu_q = torch.tensor([0] + [a for a, _ in seqs]).cumsum(0).to(torch.int32).to(DEV)
+    cu_k = torch.tensor([0] + [b for _, b in seqs]).cumsum(0).to(torch.int32).to(DEV)
+    T, Nk = int(cu_q[-1]), int(cu_k[-1])
+    q = randn(T, HQ, DN + DR, dtype=dtype, device=DEV, gen=gen)
+    kv = randn(Nk, HQ, DN + DV, dtype=dtype, device=DEV, gen=gen)
+    lat = randn(Nk, 512 + DR, dtype=dtype, device=DEV, gen=gen)
+    args = (kv[..., :DN], lat[:, 512:], kv[..., DN:], cu_q, cu_k, 1 / math.sqrt(DN + DR))
+    with poisoned_alloc():
+        out = mla_prefill(q, *args)
+    ref = mla_prefill_ref(q, *args)
+    ref64 = mla_prefill_ref(q.double(), *(a.double() if a.is_floating_point() else a for a in args[:3]), *args[3:])
+    _check(out, ref, ref64, dtype)
+
+
+@pytest.mark.parametrize("case", [(160, 6, "softmax", 8, 3, "max", False, False, 16.0),
+                                  (256, 8, "sigmoid", 8, 4, "top2_sum", True, True, 2.5),
+                                  (64, 6, "softmax", 1, 1, "max", False, False, 1.0)])
+def test_grouped_topk_gpu(case, gen):
+    from kernels.grouped_topk import grouped_topk, grouped_topk_ref
+
+    E, K, scoring, ng, tg, rank, has_bias, renorm, scaling = case
+    logits = randn(4096, E, device=DEV, gen=gen, scale=2.0)
+    bias = randn(E, device=DEV, gen=gen, scale=0.3) if has_bias else None
+    args = (K, scoring, ng, tg, rank, bias, renorm, scaling)
+    with poisoned_alloc():
+        w, ids = grouped_topk(logits, *args)
+    w_ref, ids_ref = grouped_topk_ref(logits, *args)
+    assert (ids == ids_ref).float().mean() > 0.999  # fp32 ties between backends are possible but rare
+    same = (ids == ids_ref).all(dim=1)
+    assert rel_err(w[same], w_ref[same]) < 1e-5
+
+
+def test_grouped_topk_captures_in_a_cuda_graph(gen):
+    from kernels.grouped_topk import grouped_topk
+
+    logits = randn(64, 256, device=DEV, gen=gen)
+    bias = randn(256, device=DEV, gen=gen, scale=0.3)
+    w, ids = grouped_topk(logits, 8, "sigmoid", 8, 4, "top2_sum", bias, True, 2.5)  # compile first
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w2, ids2 = grouped_topk(logits, 8, "sigmoid", 8, 4, "top2_sum", bias, True, 2.5)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(ids, ids2) and torch.equal(w, w2)
