@@ -97,6 +97,26 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+_TMA: dict = {}
+
+
+def tma_available(device: torch.device) -> bool:
+    """Host-side TMA descriptors usable here: a CUDA device of compute capability >= 9 and a triton
+    that has triton.tools.tensor_descriptor."""
+    if device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _TMA:
+        ok = torch.cuda.get_device_capability(idx)[0] >= 9
+        if ok:
+            try:
+                from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+            except Exception:  # noqa: BLE001
+                ok = False
+        _TMA[idx] = ok
+    return _TMA[idx]
+
+
 _SM_COUNT: dict = {}
 
 
