@@ -140,14 +140,22 @@ def time_eager_loop(fn, n_sets: int = 1, target_ms: float = 20.0, reps: int = 5)
     return statistics.median(ts)
 
 
-def ceilings():
-    """Read, copy (read + write) and bf16 matmul ceilings of this GPU, measured now."""
-    n = 1 << 31  # 4 GiB of bf16
-    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+READ_PROBE = "sum (fp32 acc) over 4 GiB bf16"
+
+
+def read_ceiling_GBps() -> float:
+    """Read bandwidth of this GPU: a float32-accumulating sum over a 4 GiB bf16 tensor (bytes / time)."""
+    a = torch.randn(1 << 31, device="cuda", dtype=torch.bfloat16)
     t = time_graph(lambda i: a.sum(dtype=torch.float32))
-    read_bw = a.numel() * 2 / t
+    bw = a.numel() * 2 / t
     del a
     torch.cuda.empty_cache()
+    return bw / 1e9
+
+
+def ceilings():
+    """Read, copy (read + write) and bf16 matmul ceilings of this GPU, measured now."""
+    read_bw = read_ceiling_GBps() * 1e9
     n = 1 << 30  # 2 GiB of bf16, copied
     a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     b = torch.empty_like(a)
@@ -163,7 +171,7 @@ def ceilings():
     del x, y
     torch.cuda.empty_cache()
     return {"read_GBps": read_bw / 1e9, "copy_GBps": copy_bw / 1e9, "matmul_bf16_TFLOPs": mm / 1e12,
-            "read_probe": "sum (fp32 acc) over 4 GiB bf16", "copy_probe": "2 GiB copy_, read + write",
+            "read_probe": READ_PROBE, "copy_probe": "2 GiB copy_, read + write",
             "matmul_probe": "8192^3 bf16"}
 
 

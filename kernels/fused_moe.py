@@ -277,13 +277,13 @@ def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert
 
 def _align_grid(N: int, E: int, max_padded: int, block_m: int):
     """Chunking of the two align launches: P placement chunks (the counts tile [P, BLOCK_E] is kept
-    under 8192 entries), and enough programs that the padding fill is spread over up to ~128."""
+    under 8192 entries), and enough programs that the padding fill is spread over up to ~256."""
     BLOCK_E = next_pow2(E, 16)
     SUB = max(16, min(128, 16384 // BLOCK_E))
     p_max = max(1, min(128, 8192 // BLOCK_E))
     per_prog = triton.cdiv(triton.cdiv(max(N, 1), p_max), SUB) * SUB
     P = triton.cdiv(max(N, 1), per_prog)
-    fill_per_prog = max(4 * SUB, triton.cdiv(triton.cdiv(max_padded, 128), SUB) * SUB)
+    fill_per_prog = max(2 * SUB, triton.cdiv(triton.cdiv(max_padded, 256), SUB) * SUB)
     grid = max(P, triton.cdiv(max_padded, fill_per_prog))
     blocks_per_prog = triton.cdiv(max_padded // block_m, grid)
     return BLOCK_E, SUB, per_prog, P, fill_per_prog, blocks_per_prog, grid

@@ -45,7 +45,7 @@ DECODE_TILES = [  # BLOCK_N, num_warps, num_stages, PREFETCH (stages count diffe
     (64, 4, 3, False), (64, 4, 5, False), (32, 4, 5, False), (128, 4, 5, False),
     (64, 4, 3, True), (64, 4, 4, True), (32, 4, 4, True), (32, 4, 6, True), (128, 4, 3, True), (64, 8, 4, True),
 ]
-DECODE_EXTRA = [(1, 8192, 32, 8), (8, 8192, 32, 4), (32, 4096, 32, 4), (64, 1024, 32, 4), (256, 1024, 32, 4)]
+DECODE_EXTRA = [(1, 8192, 32, 8), (64, 1024, 32, 4), (8, 8192, 32, 4)]
 
 PREFILL_TILES = [  # BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA, WARP_SPEC
     (64, 64, 4, 3, True, False), (128, 128, 8, 3, True, False), (128, 64, 4, 3, True, False),
@@ -107,10 +107,25 @@ class Deadline:
         return time.time() > self.t_end
 
 
+class Mode:
+    """compile_only: run + check each candidate once, no timing and no table (fills Triton's on-disk
+    cache); with shards, candidate number i goes to shard i % shards, so several processes compile
+    different candidates at once before the timing run."""
+
+    compile_only = False
+    shard = 0
+    shards = 1
+    counter = 0
+
+
 def try_candidates(run, cands, ref, deadline, log, label):
     """Run + check + time each candidate config (run(cfg) -> output). Returns [results], best index."""
     results, best = [], None
     for cfg in cands:
+        mine = Mode.counter % Mode.shards == Mode.shard
+        Mode.counter += 1
+        if Mode.compile_only and not mine:
+            continue
         if deadline.over():
             results.append(dict(config=cfg, skipped="budget"))
             continue
@@ -121,6 +136,8 @@ def try_candidates(run, cands, ref, deadline, log, label):
             err = rel_err(out, ref)
             if err >= TOL:
                 r["error"] = f"wrong result: rel err {err:.3g} vs the heuristic config"
+            elif Mode.compile_only:
+                r["rel_err"] = err
             else:
                 r["rel_err"] = err
                 r["time_us"] = bench.time_graph(lambda i: run(cfg)) * 1e6
@@ -129,8 +146,13 @@ def try_candidates(run, cands, ref, deadline, log, label):
         results.append(r)
         if "time_us" in r and (best is None or r["time_us"] < results[best]["time_us"]):
             best = len(results) - 1
-        log(f"   {label} {cfg}: " + (f"{r['time_us']:.1f} us" if "time_us" in r else r.get("error", "skipped")))
+        done = f"{r['time_us']:.1f} us" if "time_us" in r else r.get("error", f"ok (rel err {r.get('rel_err', 0):.2g})")
+        log(f"   {label} {cfg}: {done}")
     return results, best
+
+
+def time_default(fn) -> float:
+    return math.nan if Mode.compile_only else bench.time_graph(lambda i: fn()) * 1e6
 
 
 # ----------------------------------------------------------------------------- decode
@@ -158,13 +180,15 @@ def tune_decode(deadline, quick, log):
             return paged_decode_attention(q, kc, vc, bt, sl, scale, config=c, num_splits=ns)
 
         ref = paged_decode_attention(q, kc, vc, bt, sl, scale)
-        t_def = bench.time_graph(lambda i: paged_decode_attention(q, kc, vc, bt, sl, scale)) * 1e6
+        t_def = time_default(lambda: paged_decode_attention(q, kc, vc, bt, sl, scale))
         label = f"decode B={B} ctx={ctx} {HQ}/{HK}"
         cands = [dict(_tile(names, t), num_splits=default_splits) for t in DECODE_TILES]
         res, _ = try_candidates(run, cands, ref, deadline, log, label)
         timed = sorted((r for r in res if "time_us" in r), key=lambda r: r["time_us"])[:2]
         splits = sorted({s for s in (1, 2, 4, 8, 16, 32, 64, 128, default_splits) if ctx // s >= 128})
         cands2 = [dict(r["config"], num_splits=s) for r in timed for s in splits if s != default_splits]
+        if Mode.compile_only:  # one split and several: both kernel variants of every tile
+            cands2 = [dict(c, num_splits=s) for c in cands for s in (1, 2) if s != default_splits]
         res2, _ = try_candidates(run, cands2, ref, deadline, log, label)
         allr = [r for r in res + res2 if "time_us" in r]
         if not allr:
@@ -200,7 +224,7 @@ def tune_prefill(deadline, quick, log):
             return flash_attention(q, k, v, cu, kc, vc, bt, pl, scale, max_seqlen_q=L, config=dict(c))
 
         ref = flash_attention(q, k, v, cu, kc, vc, bt, pl, scale, max_seqlen_q=L)
-        t_def = bench.time_graph(lambda i: flash_attention(q, k, v, cu, kc, vc, bt, pl, scale, max_seqlen_q=L)) * 1e6
+        t_def = time_default(lambda: flash_attention(q, k, v, cu, kc, vc, bt, pl, scale, max_seqlen_q=L))
         label = f"prefill {n}x{L} prefix {P} {HQ}/{HK}"
         res, best = try_candidates(run, [_tile(names, t) for t in PREFILL_TILES], ref, deadline, log, label)
         if best is None:
@@ -243,7 +267,7 @@ def tune_moe(deadline, quick, log):
             return fused_moe(x, w13, w2, ids, wts, config=dict(c, down=dict(c["down"])))
 
         ref = fused_moe(x, w13, w2, ids, wts)
-        t_def = bench.time_graph(lambda i: fused_moe(x, w13, w2, ids, wts)) * 1e6
+        t_def = time_default(lambda: fused_moe(x, w13, w2, ids, wts))
         label = f"moe {name} T={T}"
         allres = []
         for bm in moe_block_ms(T, K, E):
@@ -251,9 +275,11 @@ def tune_moe(deadline, quick, log):
             cands = [dict(_tile(gnames, g), BLOCK_M=bm, down=d0) for g in MOE_GATE_UP[bm]]
             res, best = try_candidates(run, cands, ref, deadline, log, label)
             allres += res
-            if best is None:
+            if Mode.compile_only:
+                best = 0  # every down tile with the first gate+up tile: all down variants compiled
+            elif best is None:
                 continue
-            gu = {k_: v_ for k_, v_ in res[best]["config"].items() if k_ != "down"}
+            gu = {k_: v_ for k_, v_ in cands[best].items() if k_ != "down"}
             cands = [dict(gu, down=_tile(gnames, d)) for d in MOE_DOWN[bm][1:]]
             res2, _ = try_candidates(run, cands, ref, deadline, log, label)
             allres += res2
@@ -283,7 +309,13 @@ def main():
     ap.add_argument("--only", default="decode,prefill,moe")
     ap.add_argument("--budget-s", type=float, default=240.0, help="wall-clock budget for all parts together")
     ap.add_argument("--quick", action="store_true", help="two shapes per kernel")
+    ap.add_argument("--md", help="also write a markdown summary of the table here")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="run + check every candidate once (compiles them into Triton's cache), no timing, no table")
+    ap.add_argument("--shard", default="0/1", help="with --compile-only: this process's share K/N of the candidates")
     args = ap.parse_args()
+    Mode.compile_only = args.compile_only
+    Mode.shard, Mode.shards = (int(v) for v in args.shard.split("/"))
     os.environ[_tuning.ENV] = "off"  # candidates and the heuristic baseline must not come from an old table
     _tuning.reset()
 
@@ -315,8 +347,17 @@ def main():
         acc += SHARES[p] / total
         deadline = Deadline(t0 + acc * args.budget_s)
         kernel, fn = KERNELS[p]
+        log(f"== {'compiling' if Mode.compile_only else 'tuning'} {p} (until +{deadline.t_end - t0:.0f} s)")
+        if Mode.compile_only:
+            try:
+                for _ in fn(deadline, args.quick, log):
+                    pass
+            except Exception:  # noqa: BLE001
+                import traceback
+
+                log(f"{p} FAILED: {traceback.format_exc()[-1500:]}")
+            continue
         entries = table["tables"][kernel] = []
-        log(f"== tuning {p} (until +{deadline.t_end - t0:.0f} s)")
         try:
             for e in fn(deadline, args.quick, log):
                 entries.append(e)
@@ -327,10 +368,33 @@ def main():
             log(f"{p} FAILED: {traceback.format_exc()[-1500:]}")
             table["meta"].setdefault("errors", {})[p] = repr(ex)[:500]
         save()
+    if Mode.compile_only:
+        log(f"compile pass (shard {args.shard}) done in {time.time() - t0:.0f} s")
+        return
     log(f"tuning done in {time.time() - t0:.0f} s -> {args.out}")
-    for p in parts:
-        for e in table["tables"].get(KERNELS[p][0], []):
-            log(f"{p} {e['key']}: {e['time_us']:.1f} us (heuristic {e['default_us']:.1f} us) {e['config']}")
+    md = markdown(table)
+    print(md)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(md)
+
+
+def markdown(table: dict) -> str:
+    """One line per entry: shape, chosen config, its time and the heuristic config's time."""
+    m = table.get("meta", {})
+    out = [f"Tuning table for {table.get('device')} ({m.get('date')}, commit {m.get('commit')}, Triton {m.get('triton')}):",
+           "", "| kernel | shape | chosen config | time (us) | heuristic (us) | speed-up | candidates ok / run |",
+           "|---|---|---|---|---|---|---|"]
+    for kernel, entries in table.get("tables", {}).items():
+        for e in entries:
+            shape = ", ".join(f"{k}={v}" for k, v in e["key"].items() if k not in ("dtype", "window"))
+            cands = e.get("candidates", [])
+            ok = sum(1 for c in cands if "time_us" in c)
+            ran = sum(1 for c in cands if "skipped" not in c)
+            out.append(f"| {kernel} | {shape} | `{json.dumps(e['config'], separators=(',', ':'))}` | "
+                       f"{e['time_us']:.1f} | {e.get('default_us', float('nan')):.1f} | "
+                       f"{e.get('default_us', float('nan')) / e['time_us']:.2f}x | {ok} / {ran} |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

@@ -577,3 +577,47 @@ def test_auto_backend_on_cpu_is_reference(gen):
     x = randn(4, 32, gen=gen)
     w = randn(32, gen=gen)
     assert torch.equal(kernels.rmsnorm(x, w, 1e-6), kernels.rmsnorm_ref(x, w, 1e-6))
+
+
+# ----------------------------------------------------------------------------- engine benchmark bookkeeping
+
+def test_engine_bench_counts_expert_reads_on_cpu(tmp_path):
+    """launch/engine_bench.py's per-step accounting (experts hit via fused_moe's expert_counts, KV and
+    weight bytes, TTFT) on the tiny model with the CPU engine; the GPU run only adds timing."""
+    import json
+
+    from afsplit.config import load_config
+    from afsplit.engine import LLMEngine
+
+    import kernels
+    from launch import engine_bench as eb
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(  # a tiny Qwen3-MoE shape; random weights, no checkpoint
+        model_type="qwen3_moe", vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=48, intermediate_size=96, norm_topk_prob=True, eos_token_id=257)))
+    cfg = load_config("configs/tiny-1proc.yaml", [f"model.path={tmp_path}", "model.tiny=", "model.weights=random",
+                                                  "runtime.max_num_seqs=4", "runtime.max_num_batched_tokens=64"])
+    eng = LLMEngine(cfg)
+    spec = eng.spec
+    orig = kernels.fused_moe
+    counter = eb.ExpertHitCounter(spec.num_moe_layers, spec.num_experts, eng.device)
+    try:
+        r = eb.run_requests(eng, 4, 20, 4, counter, 1.0, lambda s: None)
+    finally:
+        counter.remove()
+    assert kernels.fused_moe is orig
+    assert r["output_tokens"] == 16 and r["missed_counter_calls"] == 0 and r["mean_ttft_ms"] > 0
+    dec = [s for s in r["per_step"] if "floor_ms" in s]
+    assert dec and r["full_batch_steps"] >= 1
+    L, E, K = spec.num_moe_layers, spec.num_experts, spec.top_k
+    dt = 4  # float32
+    for s in dec:
+        assert L * K <= s["experts_hit"] <= L * min(E, s["batch"] * K)
+        assert s["bytes"]["experts"] == s["experts_hit"] * 3 * spec.hidden_size * spec.moe_intermediate_size * dt
+    kv_tok = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * dt
+    for s in dec:  # sequences of 20 prompt tokens: 21..23 keys each while decoding 4 new tokens
+        keys, rem = divmod(s["bytes"]["kv"], kv_tok)
+        assert rem == 0 and 21 * s["batch"] <= keys <= 23 * s["batch"]
+    md = eb.markdown(dict(runs=[r, dict(requests=8, error="x")], read_GBps=1.0))
+    assert "| 4 x (20, 4) |" in md and "| 8 | x |" in md
