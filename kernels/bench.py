@@ -46,6 +46,12 @@ import torch.nn.functional as F  # noqa: E402
 
 L2_BYTES = 50e6
 ROT_TARGET = 200e6
+DEVICE = "cuda"  # where the input builders put tensors (tests run the flow on "cpu" with stub timers)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 # goal shapes of issue 15 (bf16, head_dim 128, page 16)
 DECODE_SHAPES = [(B, ctx, hq, hk) for (B, ctx) in ((16, 32768), (64, 8192), (128, 2048), (256, 4096))
@@ -122,20 +128,20 @@ def time_eager_loop(fn, n_sets: int = 1, target_ms: float = 20.0, reps: int = 5)
     no L2 flush): the median over `reps` timed loops of n calls."""
     for i in range(n_sets):
         fn(i)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for j in range(3):
         fn(j % n_sets)
-    torch.cuda.synchronize()
+    sync()
     est = max((time.perf_counter() - t0) / 3, 1e-6)
     n = int(min(max(target_ms / 1e3 / est, 3), 500))
     ts = []
     for _ in range(reps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         for j in range(n):
             fn(j % n_sets)
-        torch.cuda.synchronize()
+        sync()
         ts.append((time.perf_counter() - t0) / n)
     return statistics.median(ts)
 
@@ -193,12 +199,12 @@ def _err(e: Exception) -> str:
 def decode_inputs(B, ctx, HQ, HK, D=128, page=16, dtype=torch.bfloat16, n_sets=1):
     """Random paged K/V (shuffled pages), block tables and queries for the decode benchmarks."""
     nblk = B * ctx // page
-    kc = torch.randn(n_sets * nblk, page, HK, D, device="cuda", dtype=dtype)
+    kc = torch.randn(n_sets * nblk, page, HK, D, device=DEVICE, dtype=dtype)
     vc = torch.randn_like(kc)
-    perm = torch.randperm(nblk, device="cuda").to(torch.int32).view(B, ctx // page)
+    perm = torch.randperm(nblk, device=DEVICE).to(torch.int32).view(B, ctx // page)
     bts = [perm + i * nblk for i in range(n_sets)]
-    qs = [torch.randn(B, HQ, D, device="cuda", dtype=dtype) for _ in range(n_sets)]
-    sl = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+    qs = [torch.randn(B, HQ, D, device=DEVICE, dtype=dtype) for _ in range(n_sets)]
+    sl = torch.full((B,), ctx, dtype=torch.int32, device=DEVICE)
     return kc, vc, bts, qs, sl
 
 
@@ -246,16 +252,16 @@ def bench_decode(ceil, quick, log):
 
 def prefill_inputs(n, L, P, HQ, HK, D=128, page=16, dtype=torch.bfloat16):
     T = n * L
-    q = torch.randn(T, HQ, D, device="cuda", dtype=dtype)
-    k = torch.randn(T, HK, D, device="cuda", dtype=dtype)
-    v = torch.randn(T, HK, D, device="cuda", dtype=dtype)
-    cu = torch.arange(0, T + 1, L, device="cuda", dtype=torch.int32)
-    pl = torch.full((n,), P, device="cuda", dtype=torch.int32)
+    q = torch.randn(T, HQ, D, device=DEVICE, dtype=dtype)
+    k = torch.randn(T, HK, D, device=DEVICE, dtype=dtype)
+    v = torch.randn(T, HK, D, device=DEVICE, dtype=dtype)
+    cu = torch.arange(0, T + 1, L, device=DEVICE, dtype=torch.int32)
+    pl = torch.full((n,), P, device=DEVICE, dtype=torch.int32)
     if P:
         nblk = n * P // page
-        kc = torch.randn(nblk, page, HK, D, device="cuda", dtype=dtype)
+        kc = torch.randn(nblk, page, HK, D, device=DEVICE, dtype=dtype)
         vc = torch.randn_like(kc)
-        bt = torch.randperm(nblk, device="cuda").to(torch.int32).view(n, P // page)
+        bt = torch.randperm(nblk, device=DEVICE).to(torch.int32).view(n, P // page)
     else:
         kc = vc = bt = None
     return q, k, v, cu, pl, kc, vc, bt
@@ -337,17 +343,17 @@ def bench_prefill(ceil, quick, log):
 # ----------------------------------------------------------------------------- fused MoE
 
 def moe_weights(E, H, I, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=dtype, generator=g) * H ** -0.5
-    w2 = torch.randn(E, H, I, device="cuda", dtype=dtype, generator=g) * I ** -0.5
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, device=DEVICE, dtype=dtype, generator=g) * H ** -0.5
+    w2 = torch.randn(E, H, I, device=DEVICE, dtype=dtype, generator=g) * I ** -0.5
     return w13, w2
 
 
 def moe_tokens(E, K, H, T, dtype=torch.bfloat16, seed=0):
     """x [T, H], top-K ids int32 and renormalised weights from random softmax routing."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(T, H, device="cuda", dtype=dtype, generator=g)
-    wts, ids = torch.softmax(torch.randn(T, E, device="cuda", generator=g), -1).topk(K, dim=-1)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(T, H, device=DEVICE, dtype=dtype, generator=g)
+    wts, ids = torch.softmax(torch.randn(T, E, device=DEVICE, generator=g), -1).topk(K, dim=-1)
     wts = (wts / wts.sum(-1, keepdim=True)).contiguous()
     return x, ids.to(torch.int32).contiguous(), wts
 
@@ -498,6 +504,9 @@ def markdown(res: dict) -> str:
 def run_info() -> dict:
     import triton
 
+    if DEVICE != "cuda":
+        return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=DEVICE,
+                    sms=0, torch=torch.__version__, triton=triton.__version__, commit=None)
     props = torch.cuda.get_device_properties(0)
     try:
         commit = subprocess.run(["git", "-C", _ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,

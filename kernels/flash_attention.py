@@ -337,6 +337,7 @@ def flash_attention(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, prefi
     if want_tma and not use_tma and fallback and not config:
         cfg.update(fallback)  # pointer loads: 128x128 tiles measured faster
         cfg.pop("USE_TMA", None)
+        cfg["WARP_SPEC"] = False  # tuned with TMA loads only
     warp_spec = bool(cfg.pop("WARP_SPEC", False))
     BLOCK_M, BLOCK_N = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     check(BLOCK_M % BLOCK_N == 0, f"{fn}: config BLOCK_M {BLOCK_M} must be a multiple of BLOCK_N {BLOCK_N}")

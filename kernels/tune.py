@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import zlib
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
@@ -38,6 +39,7 @@ sys.path.insert(0, _ROOT)
 import torch  # noqa: E402
 
 from kernels import _tuning, bench  # noqa: E402
+from kernels._util import sm_count  # noqa: E402
 
 TOL = 1e-2
 
@@ -109,23 +111,37 @@ class Deadline:
 
 
 class Mode:
-    """compile_only: run + check each candidate once, no timing and no table (fills Triton's on-disk
-    cache); with shards, candidate number i goes to shard i % shards, so several processes compile
-    different candidates at once before the timing run."""
+    """compile_only: run each candidate once, no timing and no table (fills Triton's on-disk cache).
+    With shards, a config goes to shard crc32(config) % shards whatever the shape (a split count only
+    matters as one vs several), so each kernel variant is compiled by one process while the others
+    compile other variants; shard 0 also runs the heuristic configs (the reference outputs)."""
 
     compile_only = False
     shard = 0
     shards = 1
-    counter = 0
+
+
+def mine(cfg: dict) -> bool:
+    if not Mode.compile_only:
+        return True
+    if "num_splits" in cfg:
+        cfg = dict(cfg, num_splits=min(cfg["num_splits"], 2))
+    return zlib.crc32(json.dumps(cfg, sort_keys=True).encode()) % Mode.shards == Mode.shard
+
+
+def reference(fn):
+    """The heuristic config's output (what candidates are checked against); None in compile-only shards
+    other than 0."""
+    if Mode.compile_only and Mode.shard != 0:
+        return None
+    return fn()
 
 
 def try_candidates(run, cands, ref, deadline, log, label):
     """Run + check + time each candidate config (run(cfg) -> output). Returns [results], best index."""
     results, best = [], None
     for cfg in cands:
-        mine = Mode.counter % Mode.shards == Mode.shard
-        Mode.counter += 1
-        if Mode.compile_only and not mine:
+        if not mine(cfg):
             continue
         if deadline.over():
             results.append(dict(config=cfg, skipped="budget"))
@@ -133,8 +149,8 @@ def try_candidates(run, cands, ref, deadline, log, label):
         r = dict(config=cfg)
         try:
             out = run(cfg)
-            torch.cuda.synchronize()
-            err = rel_err(out, ref)
+            bench.sync()
+            err = 0.0 if ref is None else rel_err(out, ref)
             if err >= TOL:
                 r["error"] = f"wrong result: rel err {err:.3g} vs the heuristic config"
             elif Mode.compile_only:
@@ -165,7 +181,7 @@ def tune_decode(deadline, quick, log):
     if quick:
         shapes = [(64, 8192, 32, 4), (16, 32768, 32, 4)]
     names = ("BLOCK_N", "num_warps", "num_stages", "PREFETCH")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = sm_count(torch.device(bench.DEVICE))
     D, PAGE = 128, 16
     for (B, ctx, HQ, HK) in shapes:
         if deadline.over():
@@ -180,7 +196,7 @@ def tune_decode(deadline, quick, log):
             ns = c.pop("num_splits")
             return paged_decode_attention(q, kc, vc, bt, sl, scale, config=c, num_splits=ns)
 
-        ref = paged_decode_attention(q, kc, vc, bt, sl, scale)
+        ref = reference(lambda: paged_decode_attention(q, kc, vc, bt, sl, scale))
         t_def = time_default(lambda: paged_decode_attention(q, kc, vc, bt, sl, scale))
         label = f"decode B={B} ctx={ctx} {HQ}/{HK}"
         cands = [dict(_tile(names, t), num_splits=default_splits) for t in DECODE_TILES]
@@ -224,7 +240,7 @@ def tune_prefill(deadline, quick, log):
         def run(c):
             return flash_attention(q, k, v, cu, kc, vc, bt, pl, scale, max_seqlen_q=L, config=dict(c))
 
-        ref = flash_attention(q, k, v, cu, kc, vc, bt, pl, scale, max_seqlen_q=L)
+        ref = reference(lambda: flash_attention(q, k, v, cu, kc, vc, bt, pl, scale, max_seqlen_q=L))
         t_def = time_default(lambda: flash_attention(q, k, v, cu, kc, vc, bt, pl, scale, max_seqlen_q=L))
         label = f"prefill {n}x{L} prefix {P} {HQ}/{HK}"
         res, best = try_candidates(run, [_tile(names, t) for t in PREFILL_TILES], ref, deadline, log, label)
@@ -267,7 +283,7 @@ def tune_moe(deadline, quick, log):
         def run(c):
             return fused_moe(x, w13, w2, ids, wts, config=dict(c, down=dict(c["down"])))
 
-        ref = fused_moe(x, w13, w2, ids, wts)
+        ref = reference(lambda: fused_moe(x, w13, w2, ids, wts))
         t_def = time_default(lambda: fused_moe(x, w13, w2, ids, wts))
         label = f"moe {name} T={T}"
         allres = []

@@ -621,3 +621,64 @@ def test_engine_bench_counts_expert_reads_on_cpu(tmp_path):
         assert rem == 0 and 21 * s["batch"] <= keys <= 23 * s["batch"]
     md = eb.markdown(dict(runs=[r, dict(requests=8, error="x")], read_GBps=1.0))
     assert "| 4 x (20, 4) |" in md and "| 8 | x |" in md
+
+
+def test_tune_and_bench_flow_on_cpu(tmp_path, monkeypatch):
+    """kernels/tune.py and kernels/bench.py run once, on a GPU; here their control flow runs on CPU
+    (tiny shapes, the wrappers' torch references, stub timers): the table they write loads back,
+    compile-only shards split the candidates between them, and every bench part produces rows."""
+    import json
+    import sys as _sys
+
+    from kernels import _tuning, bench, tune
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    fake_t = iter(range(1, 10 ** 6))
+    monkeypatch.setattr(bench, "time_graph", lambda fn, n_sets=1, **kw: (fn(0), next(fake_t) * 1e-6)[1])
+    monkeypatch.setattr(bench, "time_eager_loop", lambda fn, n_sets=1, **kw: (fn(0), 2e-6)[1])
+    monkeypatch.setattr(bench, "DECODE_SHAPES", [(2, 128, 4, 2)])
+    monkeypatch.setattr(bench, "PREFILL_SHAPES", [(1, 32, 0, 4, 2), (1, 16, 16, 4, 2)])
+    monkeypatch.setitem(bench.MOE_MODELS, "tiny", (4, 2, 32, 16))
+    monkeypatch.setattr(bench, "MOE_SHAPES", [("tiny", 3), ("tiny", 40)])
+    for name in ("DECODE_EXTRA", "PREFILL_EXTRA", "MOE_EXTRA"):
+        monkeypatch.setattr(tune, name, [])
+    out = tmp_path / "fake-gpu.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny CPU ops (the references' index_add_) are much slower threaded
+    try:
+        monkeypatch.setattr(_sys, "argv", ["tune.py", "--out", str(out), "--md", str(tmp_path / "t.md")])
+        tune.main()
+        table = json.loads(out.read_text())
+        assert table["device"] == "cpu"
+        kinds = {k: len(v) for k, v in table["tables"].items()}
+        assert kinds == {"paged_decode_attention": 1, "flash_attention": 2, "fused_moe": 2}
+        for entries in table["tables"].values():
+            for e in entries:
+                assert e["time_us"] > 0 and e["config"] and all("error" not in c for c in e["candidates"])
+        assert "| fused_moe |" in (tmp_path / "t.md").read_text()
+        # compile-only shards: every candidate of a shape runs in exactly one shard
+        seen = []
+        for shard in range(3):
+            tune.Mode.compile_only, tune.Mode.shard, tune.Mode.shards = True, shard, 3
+            seen += [json.dumps(r["config"], sort_keys=True) for e in tune.tune_moe(tune.Deadline(1e18), False,
+                                                                                 lambda s: None) for r in e]
+            got = []
+            for r in tune.try_candidates(lambda c: torch.ones(1), [dict(BLOCK_N=i, num_splits=5) for i in range(12)],
+                                         torch.ones(1), tune.Deadline(1e18), lambda s: None, "x")[0]:
+                got.append(r["config"]["BLOCK_N"])
+            seen.append(got)
+        flat = sorted(i for g in seen if isinstance(g, list) for i in g)
+        assert flat == list(range(12))
+        ceil = {"read_GBps": 1.0, "copy_GBps": 1.0, "matmul_bf16_TFLOPs": 1.0}
+        rows = bench.bench_decode(ceil, False, lambda s: None) + bench.bench_prefill(ceil, False, lambda s: None)
+        rows += bench.bench_moe(ceil, False, lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+        tune.Mode.compile_only, tune.Mode.shard, tune.Mode.shards = False, 0, 1
+        monkeypatch.delenv(_tuning.ENV, raising=False)
+        _tuning.reset()
+    assert [r["kernel"] for r in rows] == ["decode", "prefill", "prefill", "fused_moe", "fused_moe"]
+    assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    assert all("ceiling_exceeded" in r for r in rows if r["kernel"] == "decode")  # 1 GB/s "ceiling"
+    md = bench.markdown(dict(bench.run_info(), ceilings=ceil, rows=rows))
+    assert md.count("\n| ") >= 5
