@@ -32,6 +32,7 @@ TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning")
 _tables: Optional[dict] = None  # device name -> {kernel: [entries]}
 _cache: dict = {}
 _names: dict = {}
+generation = 0  # bumped by reset(): callers that cache what lookup() gave them key on it
 
 
 def device_slug(name: str) -> str:
@@ -74,9 +75,10 @@ def tables() -> dict:
 
 def reset() -> None:
     """Forget what was read (tests, and tune.py after it rewrites a table)."""
-    global _tables
+    global _tables, generation
     _tables = None
     _cache.clear()
+    generation += 1
 
 
 def device_name(dev: torch.device) -> Optional[str]:

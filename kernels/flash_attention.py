@@ -25,7 +25,7 @@ import torch
 
 from . import _tuning
 from ._triton import HAS_TRITON, tl, triton
-from ._util import (FLOAT_DTYPES, INT_DTYPES, check, check_tensor, dot_precision, interpret_mode, next_pow2,
+from ._util import (FLOAT_DTYPES, INT_DTYPES, cdiv, check, check_tensor, dot_precision, interpret_mode, next_pow2,
                     pick_backend, tma_available)
 
 __all__ = ["flash_attention", "flash_attention_ref"]
@@ -341,7 +341,7 @@ def flash_attention(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, prefi
     warp_spec = bool(cfg.pop("WARP_SPEC", False))
     BLOCK_M, BLOCK_N = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     check(BLOCK_M % BLOCK_N == 0, f"{fn}: config BLOCK_M {BLOCK_M} must be a multiple of BLOCK_N {BLOCK_N}")
-    n_mblocks = triton.cdiv(max(max_seqlen_q, 1), BLOCK_M)
+    n_mblocks = cdiv(max(max_seqlen_q, 1), BLOCK_M)
     if has_cache:
         kc, vc, bt = k_cache, v_cache, block_tables
         cstr = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -23,6 +23,7 @@ Shapes carry suffixes: x_TH, w13_E2IH (= [E, 2I, H]), w2_EHI.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from . import _tuning
 from ._triton import HAS_TRITON, tl, triton
-from ._util import (FLOAT_DTYPES, INT_DTYPES, check, check_tensor, dot_precision, interpret_mode, next_pow2,
+from ._util import (FLOAT_DTYPES, INT_DTYPES, cdiv, check, check_tensor, dot_precision, interpret_mode, next_pow2,
                     pick_backend, tma_available)
 
 __all__ = ["fused_moe", "fused_moe_ref", "grouped_mm_moe", "moe_align", "moe_align_ref"]
@@ -275,17 +276,18 @@ def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert
     return sorted_ids, block_expert, seg_end
 
 
+@functools.lru_cache(maxsize=1024)
 def _align_grid(N: int, E: int, max_padded: int, block_m: int):
     """Chunking of the two align launches: P placement chunks (the counts tile [P, BLOCK_E] is kept
     under 8192 entries), and enough programs that the padding fill is spread over up to ~256."""
     BLOCK_E = next_pow2(E, 16)
     SUB = max(16, min(128, 16384 // BLOCK_E))
     p_max = max(1, min(128, 8192 // BLOCK_E))
-    per_prog = triton.cdiv(triton.cdiv(max(N, 1), p_max), SUB) * SUB
-    P = triton.cdiv(max(N, 1), per_prog)
-    fill_per_prog = max(2 * SUB, triton.cdiv(triton.cdiv(max_padded, 256), SUB) * SUB)
-    grid = max(P, triton.cdiv(max_padded, fill_per_prog))
-    blocks_per_prog = triton.cdiv(max_padded // block_m, grid)
+    per_prog = cdiv(cdiv(max(N, 1), p_max), SUB) * SUB
+    P = cdiv(max(N, 1), per_prog)
+    fill_per_prog = max(2 * SUB, cdiv(cdiv(max_padded, 256), SUB) * SUB)
+    grid = max(P, cdiv(max_padded, fill_per_prog))
+    blocks_per_prog = cdiv(max_padded // block_m, grid)
     return BLOCK_E, SUB, per_prog, P, fill_per_prog, blocks_per_prog, grid
 
 
@@ -411,6 +413,21 @@ def _pick_config(T, K, E, H, I, dev, dtype) -> dict:
     return _config(T, K, E, H, I, dev, dtype)
 
 
+_PLANS: dict = {}
+
+
+def _launch_plan(T, K, E, H, I, dev, dtype):
+    """(gate_up kwargs, down kwargs, BLOCK_M) for a shape, cached: the eager path pays the table lookup
+    and config merging once per shape, not per call (callers must not edit what they get)."""
+    key = (T, K, E, H, I, dev, dtype, _tuning.generation)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = _split_config(_pick_config(T, K, E, H, I, dev, dtype))
+    return plan
+
+
 def _split_config(cfg: dict):
     """(gate_up kwargs, down kwargs) with the launch options; BLOCK_M is in both."""
     cfg = dict(cfg)
@@ -460,10 +477,12 @@ def fused_moe(x, w13, w2, topk_ids, topk_weights, *, backend: Optional[str] = No
     out = torch.empty((T, H), dtype=x.dtype, device=dev)
     if T == 0 or K == 0:
         return out.zero_()
-    cfg = _pick_config(T, K, E, H, I, dev, x.dtype)
     if config:
+        cfg = _pick_config(T, K, E, H, I, dev, x.dtype)
         cfg.update(config)
-    gu, dn = _split_config(cfg)
+        gu, dn = _split_config(cfg)
+    else:
+        gu, dn = (dict(c) for c in _launch_plan(T, K, E, H, I, dev, x.dtype))
     if (gu["W_TMA"] or dn["W_TMA"]) and not _w_tma_ok(x, w13, w2):
         gu["W_TMA"] = dn["W_TMA"] = False
     BM = gu.pop("BLOCK_M")
@@ -484,7 +503,7 @@ def fused_moe(x, w13, w2, topk_ids, topk_weights, *, backend: Optional[str] = No
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         w13_desc = TensorDescriptor(w13, [E * I2, H], [H, 1], [BN, BK])
-    _moe_gate_up_kernel[(num_m * triton.cdiv(I, BN),)](
+    _moe_gate_up_kernel[(num_m * cdiv(I, BN),)](
         x, w13, w13_desc, inter, sorted_ids, block_expert,
         N, H, I, s_xt, w13.stride(0), w13.stride(1),
         TOPK=K, BLOCK_M=BM, DOT_PREC=prec, **gu,
@@ -496,13 +515,13 @@ def fused_moe(x, w13, w2, topk_ids, topk_weights, *, backend: Optional[str] = No
 
         a_desc = TensorDescriptor(inter, [inter.shape[0], I], [I, 1], [BM, BK2])
         w2_desc = TensorDescriptor(w2, [E * H, I], [I, 1], [BN2, BK2])
-    _moe_down_kernel[(num_m * triton.cdiv(H, BN2),)](
+    _moe_down_kernel[(num_m * cdiv(H, BN2),)](
         inter, a_desc, w2, w2_desc, part, sorted_ids, block_expert, topk_weights,
         N, H, I, w2.stride(0), w2.stride(1), s_tw,
         TOPK=K, BLOCK_M=BM, DOT_PREC=prec, **dn,
     )
     BLOCK_H = min(next_pow2(H, 16), 1024)
-    _moe_reduce_kernel[(T, triton.cdiv(H, BLOCK_H))](
+    _moe_reduce_kernel[(T, cdiv(H, BLOCK_H))](
         part, topk_ids, out, H, E, s_it, TOPK=K, BLOCK_H=BLOCK_H, num_warps=4,
     )
     return out

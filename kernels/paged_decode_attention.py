@@ -19,7 +19,7 @@ import torch
 
 from . import _tuning
 from ._triton import HAS_TRITON, tl, triton
-from ._util import (FLOAT_DTYPES, INT_DTYPES, check, check_tensor, dot_precision, interpret_mode, next_pow2,
+from ._util import (FLOAT_DTYPES, INT_DTYPES, cdiv, check, check_tensor, dot_precision, interpret_mode, next_pow2,
                     pick_backend, sm_count)
 
 __all__ = ["paged_decode_attention", "paged_decode_attention_ref", "decode_num_splits"]
@@ -258,7 +258,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
     BLOCK_N = cfg.pop("BLOCK_N")
     prefetch = bool(cfg.pop("PREFETCH", False))
     S = num_splits or S
-    S = max(1, min(S, triton.cdiv(max(eff_len, 1), BLOCK_N)))  # never more splits than key blocks
+    S = max(1, min(S, cdiv(max(eff_len, 1), BLOCK_N)))  # never more splits than key blocks
     BLOCK_D = next_pow2(D, 16)
     BLOCK_G = next_pow2(G, 16)
     if S > 1:
