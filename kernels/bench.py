@@ -209,6 +209,8 @@ def decode_inputs(B, ctx, HQ, HK, D=128, page=16, dtype=torch.bfloat16, n_sets=1
 
 
 def bench_decode(ceil, quick, log):
+    from kernels._util import sm_count
+    from kernels.paged_decode_attention import _pick as _decode_pick
     from kernels.paged_decode_attention import paged_decode_attention
 
     rows = []
@@ -222,7 +224,8 @@ def bench_decode(ceil, quick, log):
             kc, vc, bts, qs, sl = decode_inputs(B, ctx, HQ, HK, D, PAGE, n_sets=nsets)
             scale = D ** -0.5
             t = time_graph(lambda i: paged_decode_attention(qs[i], kc, vc, bts[i], sl, scale), nsets)
-            row.update(time_us=t * 1e6, GBps=kv_bytes / t / 1e9)
+            cfg, splits = _decode_pick(B, HK, HQ // HK, D, PAGE, ctx, kc.device, kc.dtype, False, sm_count(kc.device))
+            row.update(time_us=t * 1e6, GBps=kv_bytes / t / 1e9, config=dict(cfg, num_splits=splits))
             row["frac_read"] = row["GBps"] / ceil["read_GBps"]
             check_ceiling(row, "frac_read", log)
             # baseline: SDPA over K/V gathered contiguous [B, HK, ctx, D] (the gather is not timed)
@@ -293,6 +296,7 @@ def _sdpa_times(qb, kb, vb, mask, scale, log):
 def bench_prefill(ceil, quick, log):
     from torch.nn.attention.bias import causal_lower_right
 
+    from kernels.flash_attention import _tuned as _flash_tuned
     from kernels.flash_attention import flash_attention
 
     rows = []
@@ -305,7 +309,8 @@ def bench_prefill(ceil, quick, log):
             scale = D ** -0.5
             flops = prefill_flops(n, L, P, HQ, D)
             t = time_graph(lambda i: flash_attention(q, k, v, cu, kc, vc, bt, pl, scale, max_seqlen_q=L))
-            row.update(time_us=t * 1e6, TFLOPs=flops / t / 1e12)
+            row.update(time_us=t * 1e6, TFLOPs=flops / t / 1e12,
+                       config=_flash_tuned(D, HQ // HK, P > 0, False, L, q.device, q.dtype) or "heuristic")
             row["frac_matmul"] = row["TFLOPs"] / ceil["matmul_bf16_TFLOPs"]
             check_ceiling(row, "frac_matmul", log)
             # baselines: batched SDPA over [n, HQ, L(+P), D] (equal lengths), K/V expanded to HQ heads
@@ -364,6 +369,7 @@ def moe_bytes(E, K, H, I, T, used) -> float:
 
 
 def bench_moe(ceil, quick, log):
+    from kernels.fused_moe import _launch_plan as _moe_plan
     from kernels.fused_moe import fused_moe, grouped_mm_moe, moe_align, moe_align_ref
 
     rows = []
@@ -383,6 +389,7 @@ def bench_moe(ceil, quick, log):
             flops = 6 * T * K * H * I
             nbytes = moe_bytes(E, K, H, I, T, used)
             t = time_graph(lambda i: fused_moe(x, w13, w2, ids, wts))
+            row["config"] = list(_moe_plan(T, K, E, H, I, x.device, x.dtype))
             row.update(experts_used=used, time_us=t * 1e6, TFLOPs=flops / t / 1e12, GBps=nbytes / t / 1e9)
             row["frac_matmul"] = row["TFLOPs"] / ceil["matmul_bf16_TFLOPs"]
             row["frac_read"] = row["GBps"] / ceil["read_GBps"]
