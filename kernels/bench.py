@@ -509,19 +509,20 @@ def markdown(res: dict) -> str:
 
 
 def run_info() -> dict:
+    """Date, device, versions and commit of this run (COMMIT from the environment where there is no .git)."""
     import triton
 
-    if DEVICE != "cuda":
-        return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=DEVICE,
-                    sms=0, torch=torch.__version__, triton=triton.__version__, commit=None)
-    props = torch.cuda.get_device_properties(0)
     try:
         commit = subprocess.run(["git", "-C", _ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or None
     except Exception:  # noqa: BLE001
         commit = None
-    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=props.name,
-                sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__, commit=commit)
+    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=DEVICE,
+                sms=0, torch=torch.__version__, triton=triton.__version__, commit=commit or os.environ.get("COMMIT"))
+    if DEVICE == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, sms=props.multi_processor_count)
+    return info
 
 
 def main():

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One GPU call on 1 H200 (at most 9 min 10 s of phase limits; less when phases finish early): GPU kernel tests, tuning sweep, kernel benchmark against
-# measured ceilings and torch baselines, single-GPU engine benchmark. Every phase runs under its own
-# time limit and failure of one does not stop the others; every phase writes its results as it goes.
+# One GPU call on 1 H200: GPU kernel tests, tuning sweep, kernel benchmark against measured ceilings
+# and torch baselines, single-GPU engine benchmark. At most 9 min 10 s (the sum of the phase limits;
+# less when phases finish early). Every phase runs under its own time limit, a failing or cut phase
+# does not stop the others, and every phase writes its results as it goes.
 #
 #   bash launch/kernels_h200.sh            # from the repo root; results under $OUT (default /tmp/afsplit-out)
+#   COMMIT=abc1234 bash launch/kernels_h200.sh   # where the working copy has no .git
 #
 # Writes under $OUT:
 #   tests.log, tests.[0-3].log    pytest -v of tests/test_kernels_gpu.py in 4 concurrent shards (limit 120 s)
@@ -36,7 +38,8 @@ phase() {  # phase NAME LIMIT_S CMD...: run with a time limit, log to $OUT/NAME.
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null \
   || python3 -c "import torch; print(torch.cuda.get_device_name(0))" > "$OUT/gpu.txt" 2>/dev/null || echo "unknown GPU" > "$OUT/gpu.txt"
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}  # set COMMIT= where the copy has no .git
+export COMMIT
 SLUG=$(python3 -c "import torch; from kernels._tuning import device_slug; print(device_slug(torch.cuda.get_device_name(0)))" 2>/dev/null || echo gpu)
 TABLE="$OUT/tuning/$SLUG.json"
 
@@ -50,7 +53,12 @@ gpu_tests() {  # the GPU tests in 4 concurrent pytest processes (their Triton co
   done
   wait
   cat "$OUT"/tests.[0-3].log
-  echo "GPU tests: $(cat "$OUT"/tests.[0-3].log | grep -cE ' PASSED') passed, $(cat "$OUT"/tests.[0-3].log | grep -cE ' FAILED') failed, $(cat "$OUT"/tests.[0-3].log | grep -cE ' SKIPPED') skipped, $(cat "$OUT"/tests.[0-3].log | grep -cE ' ERROR') errors of $(wc -l < "$OUT/test_ids.txt")"
+}
+
+test_counts() {  # from the shard logs, so a phase cut by its limit still reports what ran
+  local logs=("$OUT"/tests.[0-3].log) n
+  n=$(wc -l < "$OUT/test_ids.txt" 2>/dev/null || echo "?")
+  echo "GPU tests: $(cat "${logs[@]}" 2>/dev/null | grep -c ' PASSED') passed, $(cat "${logs[@]}" 2>/dev/null | grep -c ' FAILED') failed, $(cat "${logs[@]}" 2>/dev/null | grep -c ' SKIPPED') skipped, $(cat "${logs[@]}" 2>/dev/null | grep -c ' ERROR') errors, of $n collected"
 }
 
 compile_candidates() {  # every tuning candidate compiled once, 6 processes at a time, into Triton's cache
@@ -65,6 +73,7 @@ compile_candidates() {  # every tuning candidate compiled once, 6 processes at a
 export OUT
 export -f gpu_tests compile_candidates
 phase tests 120 bash -c gpu_tests
+test_counts | tee -a "$OUT/tests.log"
 phase compile 80 bash -c compile_candidates
 phase tune 130 python3 kernels/tune.py --out "$TABLE" --md "$OUT/tuning.md" --budget-s 115
 cp "$OUT/tune.log" "$OUT/tuning/" 2>/dev/null
