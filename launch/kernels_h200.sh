@@ -8,8 +8,8 @@
 #   COMMIT=abc1234 bash launch/kernels_h200.sh   # where the working copy has no .git
 #
 # Writes under $OUT:
-#   tests.log, tests.[0-3].log    pytest -v of tests/test_kernels_gpu.py in 4 concurrent shards (limit 120 s)
-#   compile.[0-5].log             every tuning candidate compiled once by 6 processes (limit 80 s)
+#   tests.log, tests.[0-7].log    pytest -v of tests/test_kernels_gpu.py in 8 concurrent shards (limit 120 s)
+#   compile.[0-7].log             every tuning candidate compiled once by 8 processes (limit 80 s)
 #   tuning/<device>.json          the tuning table (commit it as kernels/tuning/<device>.json), tune.log,
 #   tuning.md                     chosen config vs the heuristic per shape (limit 130 s, budget 115 s)
 #   kernels.json, kernels.md      ceilings + decode / prefill / MoE vs ceilings and baselines, with the
@@ -43,31 +43,31 @@ export COMMIT
 SLUG=$(python3 -c "import torch; from kernels._tuning import device_slug; print(device_slug(torch.cuda.get_device_name(0)))" 2>/dev/null || echo gpu)
 TABLE="$OUT/tuning/$SLUG.json"
 
-gpu_tests() {  # the GPU tests in 4 concurrent pytest processes (their Triton compiles are the slow part)
+gpu_tests() {  # the GPU tests in 8 concurrent pytest processes (their Triton compiles are the slow part)
   python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels_gpu.py | grep '::' > "$OUT/test_ids.txt"
   local i
-  for i in 0 1 2 3; do
-    awk -v i=$i 'NR % 4 == i' "$OUT/test_ids.txt" > "$OUT/test_ids.$i"
+  for i in 0 1 2 3 4 5 6 7; do
+    awk -v i=$i 'NR % 8 == i' "$OUT/test_ids.txt" > "$OUT/test_ids.$i"
     (mapfile -t ids < "$OUT/test_ids.$i"; [ ${#ids[@]} -gt 0 ] && \
       python3 -m pytest -v -p no:cacheprovider "${ids[@]}" > "$OUT/tests.$i.log" 2>&1) &
   done
   wait
-  cat "$OUT"/tests.[0-3].log
+  cat "$OUT"/tests.[0-7].log
 }
 
 test_counts() {  # from the shard logs, so a phase cut by its limit still reports what ran
-  local logs=("$OUT"/tests.[0-3].log) n
+  local logs=("$OUT"/tests.[0-7].log) n
   n=$(wc -l < "$OUT/test_ids.txt" 2>/dev/null || echo "?")
   echo "GPU tests: $(cat "${logs[@]}" 2>/dev/null | grep -c ' PASSED') passed, $(cat "${logs[@]}" 2>/dev/null | grep -c ' FAILED') failed, $(cat "${logs[@]}" 2>/dev/null | grep -c ' SKIPPED') skipped, $(cat "${logs[@]}" 2>/dev/null | grep -c ' ERROR') errors, of $n collected"
 }
 
-compile_candidates() {  # every tuning candidate compiled once, 6 processes at a time, into Triton's cache
+compile_candidates() {  # every tuning candidate compiled once, 8 processes at a time, into Triton's cache
   local i
-  for i in 0 1 2 3 4 5; do
-    python3 kernels/tune.py --compile-only --shard $i/6 --out /dev/null --budget-s 70 > "$OUT/compile.$i.log" 2>&1 &
+  for i in 0 1 2 3 4 5 6 7; do
+    python3 kernels/tune.py --compile-only --shard $i/8 --out /dev/null --budget-s 70 > "$OUT/compile.$i.log" 2>&1 &
   done
   wait
-  grep -h "compile pass" "$OUT"/compile.[0-5].log
+  grep -h "compile pass" "$OUT"/compile.[0-7].log
 }
 
 export OUT
@@ -88,7 +88,7 @@ phase engine 120 python3 launch/engine_bench.py --out "$OUT/engine.json" --md "$
   echo "* Command: \`bash launch/kernels_h200.sh\` ($(( $(date +%s) - T0 )) s in all); phases:"
   sed 's/^/  * /' "$OUT/times.txt"
   echo "* $(grep -h '^GPU tests:' "$OUT/tests.log" || echo 'GPU tests: no summary (see tests.*.log)')"
-  grep -hE " (FAILED|ERROR)" "$OUT"/tests.[0-3].log 2>/dev/null | head -20 | sed 's/^/  * /'
+  grep -hE " (FAILED|ERROR)" "$OUT"/tests.[0-7].log 2>/dev/null | head -20 | sed 's/^/  * /'
   echo
   echo "## Tuning (kernels/tune.py)"
   echo
