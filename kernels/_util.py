@@ -87,6 +87,11 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT_DTYPES = (torch.int32, torch.int64)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceil division on the host (triton.cdiv can go through the JIT's call path: ~20 us a call)."""
+    return -(-a // b)
+
+
 def next_pow2(n: int, minimum: int = 1) -> int:
     n = max(int(n), minimum)
     return 1 << (n - 1).bit_length()
@@ -95,6 +100,26 @@ def next_pow2(n: int, minimum: int = 1) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 dots exact ("ieee") so float32 tests hold 1e-5; low precision dots ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+_TMA: dict = {}
+
+
+def tma_available(device: torch.device) -> bool:
+    """Host-side TMA descriptors usable here: a CUDA device of compute capability >= 9 and a triton
+    that has triton.tools.tensor_descriptor."""
+    if device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _TMA:
+        ok = torch.cuda.get_device_capability(idx)[0] >= 9
+        if ok:
+            try:
+                from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+            except Exception:  # noqa: BLE001
+                ok = False
+        _TMA[idx] = ok
+    return _TMA[idx]
 
 
 _SM_COUNT: dict = {}

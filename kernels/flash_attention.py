@@ -23,9 +23,10 @@ from typing import Optional
 
 import torch
 
+from . import _tuning
 from ._triton import HAS_TRITON, tl, triton
-from ._util import (FLOAT_DTYPES, INT_DTYPES, check, check_tensor, dot_precision, interpret_mode, next_pow2,
-                    pick_backend)
+from ._util import (FLOAT_DTYPES, INT_DTYPES, cdiv, check, check_tensor, dot_precision, interpret_mode, next_pow2,
+                    pick_backend, tma_available)
 
 __all__ = ["flash_attention", "flash_attention_ref"]
 
@@ -34,15 +35,17 @@ _LOG2E = 1.4426950408889634
 if HAS_TRITON:
 
     @triton.jit
-    def _update(acc, l_i, m_i, s, v, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    def _update(acc, l_i, m_i, s, v, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+        """Online-softmax step on raw scores s (masked entries -inf): the scale (> 0) is applied in
+        one FMA per score, s * scale - m, since max(s) * scale == max(s * scale)."""
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         if MASKED:
             # a row may have seen no key yet (window / padding): keep exp2 away from -inf - -inf
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_use = m_new
         alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
+        p = tl.exp2(s * qk_scale - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         return acc, l_i, m_new
@@ -60,17 +63,19 @@ if HAS_TRITON:
         else:
             return tl.load(ptr + rows[:, None] * s_t + col + offs_d[None, :], mask=mask, other=0.0)
 
-    @triton.jit
+    # G is a plain runtime int (not specialised): one compile serves every head ratio
+    @triton.jit(do_not_specialize=["G", "window"])
     def _flash_fwd_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr,
         kc_ptr, vc_ptr, bt_ptr, pl_ptr,
         q_desc, k_desc, v_desc,
         qk_scale, window,
         s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
-        s_kcblk, s_kctok, s_kch, s_vcblk, s_vctok, s_vch, s_btb,
-        G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        s_kcblk, s_kctok, s_kch, s_vcblk, s_vctok, s_vch, s_btb, G,
+        D: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
         HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+        WARP_SPEC: tl.constexpr,
     ):
         pid = tl.program_id(0)
         h = tl.program_id(1)
@@ -114,21 +119,21 @@ if HAS_TRITON:
                     kvm = nmask[:, None] & dmask[None, :]
                     k = _load_paged(kc_ptr, page, tok, kvh, s_kcblk, s_kctok, s_kch, offs_d, kvm)
                     v = _load_paged(vc_ptr, page, tok, kvh, s_vcblk, s_vctok, s_vch, offs_d, kvm)
-                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
                     valid = nmask[None, :] & (offs_n[None, :] > qpos[:, None] - window)
                     s = tl.where(valid, s, float("-inf"))
-                    acc, l_i, m_i = _update(acc, l_i, m_i, s, v, True, DOT_PREC)
+                    acc, l_i, m_i = _update(acc, l_i, m_i, s, v, qk_scale, True, DOT_PREC)
             else:
                 # every prefix key is visible to every query: full blocks without masks, then the tail
                 P_full = (P // BLOCK_N) * BLOCK_N
-                for n0 in range(0, P_full, BLOCK_N):
+                for n0 in tl.range(0, P_full, BLOCK_N, warp_specialize=WARP_SPEC):
                     offs_n = n0 + offs_nb
                     page = tl.load(bt_row + offs_n // PAGE).to(tl.int64)
                     tok = offs_n % PAGE
                     k = _load_paged(kc_ptr, page, tok, kvh, s_kcblk, s_kctok, s_kch, offs_d, dmask[None, :])
                     v = _load_paged(vc_ptr, page, tok, kvh, s_vcblk, s_vctok, s_vch, offs_d, dmask[None, :])
-                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-                    acc, l_i, m_i = _update(acc, l_i, m_i, s, v, False, DOT_PREC)
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                    acc, l_i, m_i = _update(acc, l_i, m_i, s, v, qk_scale, False, DOT_PREC)
                 for n0 in range(P_full, P, BLOCK_N):
                     offs_n = n0 + offs_nb
                     nmask = offs_n < P
@@ -137,9 +142,9 @@ if HAS_TRITON:
                     kvm = nmask[:, None] & dmask[None, :]
                     k = _load_paged(kc_ptr, page, tok, kvh, s_kcblk, s_kctok, s_kch, offs_d, kvm)
                     v = _load_paged(vc_ptr, page, tok, kvh, s_vcblk, s_vctok, s_vch, offs_d, kvm)
-                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
                     s = tl.where(nmask[None, :], s, float("-inf"))
-                    acc, l_i, m_i = _update(acc, l_i, m_i, s, v, False, DOT_PREC)
+                    acc, l_i, m_i = _update(acc, l_i, m_i, s, v, qk_scale, False, DOT_PREC)
 
         # ---- (2) this chunk: chunk-relative key index [lo2, hi), rows q_start + index of k/v ----
         hi = tl.minimum(m0 + BLOCK_M, Lq)
@@ -154,20 +159,20 @@ if HAS_TRITON:
                 kvm = nmask[:, None] & dmask[None, :]
                 k = _load_rows(k_ptr, k_desc, q_start + n0, rows, kcol, s_kt, offs_d, kvm, USE_TMA)
                 v = _load_rows(v_ptr, v_desc, q_start + n0, rows, vcol, s_vt, offs_d, kvm, USE_TMA)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
                 valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - window)
                 valid = valid & nmask[None, :]
                 s = tl.where(valid, s, float("-inf"))
-                acc, l_i, m_i = _update(acc, l_i, m_i, s, v, True, DOT_PREC)
+                acc, l_i, m_i = _update(acc, l_i, m_i, s, v, qk_scale, True, DOT_PREC)
         else:
             # keys left of the diagonal block: visible to every query of the block, no mask
-            for n0 in range(0, m0, BLOCK_N):
+            for n0 in tl.range(0, m0, BLOCK_N, warp_specialize=WARP_SPEC):
                 offs_n = n0 + offs_nb
                 rows = (q_start + offs_n).to(tl.int64)
                 k = _load_rows(k_ptr, k_desc, q_start + n0, rows, kcol, s_kt, offs_d, dmask[None, :], USE_TMA)
                 v = _load_rows(v_ptr, v_desc, q_start + n0, rows, vcol, s_vt, offs_d, dmask[None, :], USE_TMA)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-                acc, l_i, m_i = _update(acc, l_i, m_i, s, v, False, DOT_PREC)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                acc, l_i, m_i = _update(acc, l_i, m_i, s, v, qk_scale, False, DOT_PREC)
             # diagonal block(s): causal mask (rows past hi, TMA-loaded from the next sequence or
             # zero-filled, are masked out)
             for n0 in range(m0, hi, BLOCK_N):
@@ -177,10 +182,10 @@ if HAS_TRITON:
                 kvm = nmask[:, None] & dmask[None, :]
                 k = _load_rows(k_ptr, k_desc, q_start + n0, rows, kcol, s_kt, offs_d, kvm, USE_TMA)
                 v = _load_rows(v_ptr, v_desc, q_start + n0, rows, vcol, s_vt, offs_d, kvm, USE_TMA)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
                 valid = (offs_n[None, :] <= offs_m[:, None]) & nmask[None, :]
                 s = tl.where(valid, s, float("-inf"))
-                acc, l_i, m_i = _update(acc, l_i, m_i, s, v, True, DOT_PREC)
+                acc, l_i, m_i = _update(acc, l_i, m_i, s, v, qk_scale, True, DOT_PREC)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padded rows (not stored) can have l == 0
         out = acc / l_safe[:, None]
@@ -228,13 +233,7 @@ _DEFAULT_TMA = True  # CUDA bf16/fp16 on Hopper+: q/k/v chunk tiles through TMA 
 
 def _tma_ok(q, k, v, D, dev) -> bool:
     """Host-side TMA descriptors: Hopper+, bf16/fp16, heads packed (stride(1) == D), 16-byte aligned."""
-    if dev.type != "cuda" or q.dtype == torch.float32 or D != next_pow2(D, 16):
-        return False
-    if torch.cuda.get_device_capability(dev)[0] < 9:
-        return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except Exception:  # noqa: BLE001
+    if q.dtype == torch.float32 or D != next_pow2(D, 16) or not tma_available(dev):
         return False
     for t in (q, k, v):
         if t.stride(1) != D or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
@@ -257,6 +256,20 @@ def _config(D: int, dev: torch.device, dtype: torch.dtype, has_prefix: bool):
                                                                                     num_warps=8, num_stages=3))
 
 
+def tuning_key(D: int, dtype: torch.dtype, has_prefix: bool, window: bool) -> dict:
+    """Fields a tuning-table entry must match exactly (kernels/tune.py writes them); G and the chunk
+    length L are matched by nearness."""
+    return dict(D=D, dtype=str(dtype).replace("torch.", ""), prefix=bool(has_prefix), window=bool(window))
+
+
+def _tuned(D, G, has_prefix, window, max_len, dev, dtype) -> Optional[dict]:
+    if dev.type != "cuda" or dtype == torch.float32:
+        return None
+    found = _tuning.lookup("flash_attention", _tuning.device_name(dev), tuning_key(D, dtype, has_prefix, window),
+                           dict(L=max(max_len, 1), G=G))
+    return None if found is None else found[0]
+
+
 def flash_attention(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, prefix_lens, scale: float,
                     sliding_window=None, *, max_seqlen_q: Optional[int] = None, backend: Optional[str] = None,
                     config: Optional[dict] = None):
@@ -267,8 +280,8 @@ def flash_attention(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, prefi
     `[num_blocks, page, Hkv, D]` and block_tables int32 `[B, max_blocks]` may be None when every
     prefix_len is 0 (checked for CPU tensors; on CUDA prefix_lens are then ignored, to avoid a sync).
     max_seqlen_q: host-side bound on chunk lengths (default: computed from cu_seqlens_q, one host
-    sync; required under CUDA-graph capture). config: override the tile heuristics (benchmarks;
-    keys BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA).
+    sync; required under CUDA-graph capture). config: override the tuning table and heuristics
+    (benchmarks, tuning; keys BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA, WARP_SPEC).
     """
     fn = "flash_attention"
     check_tensor(fn, "q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
@@ -295,6 +308,7 @@ def flash_attention(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, prefi
                      last_dim_contiguous=True)
     check(sliding_window is None or (isinstance(sliding_window, int) and sliding_window >= 1),
           f"{fn}: sliding_window must be None or an int >= 1, got {sliding_window!r}")
+    check(float(scale) > 0, f"{fn}: scale must be > 0, got {scale!r}")
     be = pick_backend(backend, dev, HAS_TRITON, fn)
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if not has_cache and B > 0 and dev.type != "cuda":
@@ -306,20 +320,28 @@ def flash_attention(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, prefi
     out = torch.empty((T, HQ, D), dtype=q.dtype, device=dev)
     if T == 0 or B == 0:
         return out
-    cfg = dict(_config(D, dev, q.dtype, has_cache))
-    if config:
-        cfg.update(config)
-    fallback = cfg.pop("PTR_FALLBACK", None)
-    use_tma = bool(cfg.pop("USE_TMA", _DEFAULT_TMA)) and _tma_ok(q, k, v, D, dev)
-    use_tma = use_tma and T >= max(cfg["BLOCK_M"], cfg["BLOCK_N"])  # TMA boxes no taller than the tensor
-    if not use_tma and fallback and not config:
-        cfg.update(fallback)  # pointer loads: 128x128 tiles measured faster
-    BLOCK_M, BLOCK_N = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    check(BLOCK_M % BLOCK_N == 0, f"{fn}: config BLOCK_M {BLOCK_M} must be a multiple of BLOCK_N {BLOCK_N}")
     if max_seqlen_q is None:
         check(not capturing, f"{fn}: pass max_seqlen_q when capturing a CUDA graph (it needs a host sync)")
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
-    n_mblocks = triton.cdiv(max(max_seqlen_q, 1), BLOCK_M)
+    cfg = dict(_config(D, dev, q.dtype, has_cache))
+    fallback = cfg.pop("PTR_FALLBACK", None)
+    tuned = _tuned(D, HQ // HK, has_cache, sliding_window is not None, max_seqlen_q, dev, q.dtype)
+    if tuned is not None:
+        fallback = fallback or dict(cfg, USE_TMA=False)
+        cfg = tuned
+    if config:
+        cfg.update(config)
+    want_tma = bool(cfg.pop("USE_TMA", _DEFAULT_TMA))
+    use_tma = want_tma and _tma_ok(q, k, v, D, dev)
+    use_tma = use_tma and T >= max(cfg["BLOCK_M"], cfg["BLOCK_N"])  # TMA boxes no taller than the tensor
+    if want_tma and not use_tma and fallback and not config:
+        cfg.update(fallback)  # pointer loads: 128x128 tiles measured faster
+        cfg.pop("USE_TMA", None)
+        cfg["WARP_SPEC"] = False  # tuned with TMA loads only
+    warp_spec = bool(cfg.pop("WARP_SPEC", False))
+    BLOCK_M, BLOCK_N = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    check(BLOCK_M % BLOCK_N == 0, f"{fn}: config BLOCK_M {BLOCK_M} must be a multiple of BLOCK_N {BLOCK_N}")
+    n_mblocks = cdiv(max(max_seqlen_q, 1), BLOCK_M)
     if has_cache:
         kc, vc, bt = k_cache, v_cache, block_tables
         cstr = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -343,9 +365,9 @@ def flash_attention(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, prefi
         q_desc, k_desc, v_desc,
         float(scale) * _LOG2E, int(sliding_window or 0),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        *cstr,
-        G=HQ // HK, D=D, BLOCK_D=next_pow2(D, 16), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PAGE=PAGE,
+        *cstr, HQ // HK,
+        D=D, BLOCK_D=next_pow2(D, 16), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PAGE=PAGE,
         HAS_PREFIX=has_cache, HAS_WINDOW=sliding_window is not None, DOT_PREC=dot_precision(q.dtype),
-        USE_TMA=use_tma, **cfg,
+        USE_TMA=use_tma, WARP_SPEC=warp_spec, **cfg,
     )
     return out

@@ -4,45 +4,142 @@ out[t] = sum_k w[t,k] * w2[e] @ (silu(w13[e,:I] @ x[t]) * (w13[e,I:] @ x[t])),  
 with ids outside [0, E) (e.g. -1: "not on this rank") skipped.
 
 Steps (no host sync, so the whole thing can be captured in a CUDA graph):
-  1. align: (token, slot) pairs sorted by expert into BLOCK_M-aligned segments (torch ops);
-     each BLOCK_M block of the sorted list belongs to one expert (block_expert, -1 = unused).
+  1. align (two Triton launches, `moe_align`): (token, slot) pairs sorted by expert, stable, into
+     BLOCK_M-aligned segments; each BLOCK_M block of the sorted list belongs to one expert
+     (block_expert, -1 = unused). Launch 1 counts pairs per expert in each chunk of the pairs;
+     launch 2 turns the counts into segment offsets and places every pair, fills the padding and
+     the block -> expert map. `moe_align_ref` is the same in torch ops.
   2. grouped GEMM gate+up (two accumulators) with silu(gate)*up in the epilogue -> [pairs, I].
   3. grouped GEMM down, times the routing weight (fp32) in the epilogue -> per-pair rows [T*K, H].
   4. weighted reduction back to token order: sum over k in fp32, cast to x.dtype.
+On Hopper+ the weight tiles (and the down GEMM's activation tiles) can be loaded through TMA
+descriptors (config W_TMA); tiles come from the device's tuning table (kernels/_tuning.py) or
+the heuristics in `_config`.
+
+x, topk_ids and topk_weights may be row-strided views (rows of a packed byte buffer, as the
+communicator hands them over): only their last dim must be contiguous; nothing is copied.
 Shapes carry suffixes: x_TH, w13_E2IH (= [E, 2I, H]), w2_EHI.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from . import _tuning
 from ._triton import HAS_TRITON, tl, triton
-from ._util import FLOAT_DTYPES, INT_DTYPES, check, check_tensor, dot_precision, interpret_mode, next_pow2, \
-    pick_backend
+from ._util import (FLOAT_DTYPES, INT_DTYPES, cdiv, check, check_tensor, dot_precision, interpret_mode, next_pow2,
+                    pick_backend, tma_available)
 
-__all__ = ["fused_moe", "fused_moe_ref", "grouped_mm_moe", "moe_align"]
+__all__ = ["fused_moe", "fused_moe_ref", "grouped_mm_moe", "moe_align", "moe_align_ref"]
 
 if HAS_TRITON:
 
     @triton.jit
-    def _moe_gate_up_kernel(
-        x_ptr, w_ptr, out_ptr, sorted_ptr, bexp_ptr,
-        num_pairs, H, I, s_xt, s_we, s_wn,
-        TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
+    def _load_ids(ids_ptr, offs, lim, E, s_it, K: tl.constexpr):
+        """Expert ids of flat pairs offs (pair = t*K + k) as int32, -1 where skipped or past lim."""
+        m = offs < lim
+        e = tl.load(ids_ptr + (offs // K).to(tl.int64) * s_it + offs % K, mask=m, other=-1)
+        ok = m & (e >= 0) & (e < E)
+        return tl.where(ok, e, -1).to(tl.int32), ok
+
+    @triton.jit(do_not_specialize=["N", "per_prog"])
+    def _moe_count_kernel(
+        ids_ptr, counts_ptr, N, E, s_it, per_prog,
+        K: tl.constexpr, BLOCK_E: tl.constexpr, SUB: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        num_m = tl.num_programs(0) // tl.cdiv(I, BLOCK_N)
-        num_n = tl.cdiv(I, BLOCK_N)
-        # grouped ordering: GROUP_M m-blocks share a sweep over n (weights of one expert stay in L2)
+        """counts[p, e] = pairs routed to expert e among pairs [p*per_prog, (p+1)*per_prog)."""
+        p = tl.program_id(0)
+        offs_e = tl.arange(0, BLOCK_E)
+        cnt = tl.zeros([BLOCK_E], dtype=tl.int32)
+        lo = p * per_prog
+        hi = tl.minimum(lo + per_prog, N)
+        for i0 in range(lo, hi, SUB):
+            e, _ = _load_ids(ids_ptr, i0 + tl.arange(0, SUB), hi, E, s_it, K)
+            cnt += tl.sum((e[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+        tl.store(counts_ptr + p * BLOCK_E + offs_e, cnt)
+
+    @triton.jit(do_not_specialize=["N", "per_prog", "P", "max_padded", "fill_per_prog", "blocks_per_prog"])
+    def _moe_place_kernel(
+        ids_ptr, counts_ptr, sorted_ptr, bexp_ptr, seg_ptr, stats_ptr,
+        N, E, s_it, per_prog, P, max_padded, fill_per_prog, blocks_per_prog,
+        K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, SUB: tl.constexpr,
+        BLOCK_M: tl.constexpr, HAS_STATS: tl.constexpr,
+    ):
+        """Segment offsets from the chunk counts, then (programs < P) place their chunk's pairs in
+        pair order, and (every program) write its share of the padding slots and block experts."""
+        p = tl.program_id(0)
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_e = tl.arange(0, BLOCK_E)
+        ii = tl.arange(0, SUB)
+        c = tl.load(counts_ptr + offs_p[:, None] * BLOCK_E + offs_e[None, :], mask=(offs_p < P)[:, None], other=0)
+        total = tl.sum(c, axis=0)
+        before = tl.sum(tl.where((offs_p < p)[:, None], c, 0), axis=0)
+        padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        seg_end = tl.cumsum(padded, axis=0)
+        seg_start = seg_end - padded
+        fill_from = seg_start + total  # each expert's first padding slot
+
+        # (1) place pairs [lo, hi): slot = segment start + pairs of this expert before it
+        running = seg_start + before
+        lo = p * per_prog
+        hi = tl.minimum(lo + per_prog, N)
+        for i0 in range(lo, hi, SUB):
+            offs = i0 + ii
+            e, ok = _load_ids(ids_ptr, offs, hi, E, s_it, K)
+            hit = e[:, None] == offs_e[None, :]  # [SUB, BLOCK_E]
+            base = tl.sum(tl.where(hit, running[None, :], 0), axis=1)
+            same = (e[:, None] == e[None, :]) & (ii[None, :] < ii[:, None])  # same expert, earlier in chunk
+            rank = tl.sum(same.to(tl.int32), axis=1)
+            tl.store(sorted_ptr + base + rank, offs.to(tl.int32), mask=ok)
+            running += tl.sum(hit.to(tl.int32), axis=0)
+
+        # (2) padding slots of [f_lo, f_hi) get N (= no pair)
+        f_lo = p * fill_per_prog
+        f_hi = tl.minimum(f_lo + fill_per_prog, max_padded)
+        for x0 in range(f_lo, f_hi, SUB):
+            x = x0 + ii
+            owner = tl.sum((seg_end[None, :] <= x[:, None]).to(tl.int32), axis=1)  # >= E: past the last segment
+            ff = tl.sum(tl.where(offs_e[None, :] == owner[:, None], fill_from[None, :], 0), axis=1)
+            pad = (x < f_hi) & ((owner >= E) | (x >= ff))
+            tl.store(sorted_ptr + x, tl.full([SUB], 0, tl.int32) + N, mask=pad)
+
+        # (3) expert of each BLOCK_M block, -1 past the used ones
+        nb = max_padded // BLOCK_M
+        b_lo = p * blocks_per_prog
+        b_hi = tl.minimum(b_lo + blocks_per_prog, nb)
+        for b0 in range(b_lo, b_hi, SUB):
+            bb = b0 + ii
+            owner = tl.sum((seg_end[None, :] <= (bb * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+            tl.store(bexp_ptr + bb, tl.where(owner < E, owner, -1), mask=bb < b_hi)
+
+        if p == 0:
+            tl.store(seg_ptr + offs_e, seg_end.to(tl.int64), mask=offs_e < E)
+            if HAS_STATS:
+                tl.atomic_add(stats_ptr + offs_e, total.to(stats_ptr.dtype.element_ty), mask=offs_e < E)
+
+    @triton.jit
+    def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        """GROUP_M m-blocks share a sweep over n (weights of one expert stay in L2)."""
         group = pid // (GROUP_M * num_n)
         first_m = group * GROUP_M
         gsize = tl.minimum(num_m - first_m, GROUP_M)
         pid_m = first_m + (pid % (GROUP_M * num_n)) % gsize
         pid_n = (pid % (GROUP_M * num_n)) // gsize
+        return pid_m, pid_n
+
+    @triton.jit(do_not_specialize=["num_pairs"])
+    def _moe_gate_up_kernel(
+        x_ptr, w_ptr, w_desc, out_ptr, sorted_ptr, bexp_ptr,
+        num_pairs, H, I, s_xt, s_we, s_wn,
+        TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr, W_TMA: tl.constexpr,
+    ):
+        num_n = tl.cdiv(I, BLOCK_N)
+        pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
         e = tl.load(bexp_ptr + pid_m)
         if e < 0:
             return
@@ -54,41 +151,46 @@ if HAS_TRITON:
         nmask = offs_n < I
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tok[:, None] * s_xt + offs_k[None, :]
-        w_base = w_ptr + e.to(tl.int64) * s_we
-        g_ptrs = w_base + offs_n[None, :] * s_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
-        u_ptrs = g_ptrs + I * s_wn
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            kmask = (k0 + offs_k) < H
-            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
-            g = tl.load(g_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            u = tl.load(u_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PREC)
-            acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PREC)
-            a_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K
-            u_ptrs += BLOCK_K
+        if W_TMA:
+            # w13 seen as [E*2I, H]: gate rows e*2I + n, up rows e*2I + I + n. Columns past I read the
+            # next rows (or zeros past the end); they are never stored.
+            g_row = e * 2 * I + pid_n * BLOCK_N
+            for k0 in range(0, H, BLOCK_K):
+                a = tl.load(a_ptrs, mask=valid[:, None] & ((k0 + offs_k) < H)[None, :], other=0.0)
+                g = w_desc.load([g_row, k0])
+                u = w_desc.load([g_row + I, k0])
+                acc_g = tl.dot(a, g.T, acc_g, input_precision=DOT_PREC)
+                acc_u = tl.dot(a, u.T, acc_u, input_precision=DOT_PREC)
+                a_ptrs += BLOCK_K
+        else:
+            g_ptrs = w_ptr + e.to(tl.int64) * s_we + offs_n[None, :] * s_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+            u_ptrs = g_ptrs + I * s_wn
+            for k0 in range(0, H, BLOCK_K):
+                kmask = (k0 + offs_k) < H
+                a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+                acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PREC)
+                acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PREC)
+                a_ptrs += BLOCK_K
+                g_ptrs += BLOCK_K
+                u_ptrs += BLOCK_K
         hval = acc_g * tl.sigmoid(acc_g) * acc_u
         rows = offs_m.to(tl.int64)
         tl.store(out_ptr + rows[:, None] * I + offs_n[None, :], hval.to(out_ptr.dtype.element_ty),
                  mask=valid[:, None] & nmask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_pairs"])
     def _moe_down_kernel(
-        a_ptr, w_ptr, out_ptr, sorted_ptr, bexp_ptr, tw_ptr,
-        num_pairs, H, I, s_we, s_wn,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
+        a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, bexp_ptr, tw_ptr,
+        num_pairs, H, I, s_we, s_wn, s_tw,
+        TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr, W_TMA: tl.constexpr,
     ):
-        pid = tl.program_id(0)
         num_n = tl.cdiv(H, BLOCK_N)
-        num_m = tl.num_programs(0) // num_n
-        group = pid // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        gsize = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % gsize
-        pid_n = (pid % (GROUP_M * num_n)) // gsize
+        pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
         e = tl.load(bexp_ptr + pid_m)
         if e < 0:
             return
@@ -98,18 +200,27 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < H
         offs_k = tl.arange(0, BLOCK_K)
-        rows = offs_m.to(tl.int64)
-        a_ptrs = a_ptr + rows[:, None] * I + offs_k[None, :]
-        b_ptrs = w_ptr + e.to(tl.int64) * s_we + offs_n[None, :] * s_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            kmask = (k0 + offs_k) < I
-            a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
-            bw = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc = tl.dot(a, bw, acc, input_precision=DOT_PREC)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
-        tw = tl.load(tw_ptr + pair, mask=valid, other=0.0)
+        if W_TMA:
+            # activations [padded pairs, I] by sorted position, w2 seen as [E*H, I]; padding rows of the
+            # activations are never written, so their (garbage) output rows are masked at the store
+            w_row = e * H + pid_n * BLOCK_N
+            for k0 in range(0, I, BLOCK_K):
+                a = a_desc.load([pid_m * BLOCK_M, k0])
+                bw = w_desc.load([w_row, k0])
+                acc = tl.dot(a, bw.T, acc, input_precision=DOT_PREC)
+        else:
+            rows = offs_m.to(tl.int64)
+            a_ptrs = a_ptr + rows[:, None] * I + offs_k[None, :]
+            b_ptrs = w_ptr + e.to(tl.int64) * s_we + offs_n[None, :] * s_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+            for k0 in range(0, I, BLOCK_K):
+                kmask = (k0 + offs_k) < I
+                a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+                bw = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+                acc = tl.dot(a, bw, acc, input_precision=DOT_PREC)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+        tw = tl.load(tw_ptr + (pair // TOPK).to(tl.int64) * s_tw + pair % TOPK, mask=valid, other=0.0)
         acc = acc * tw[:, None]
         prow = pair.to(tl.int64)
         tl.store(out_ptr + prow[:, None] * H + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -131,13 +242,12 @@ if HAS_TRITON:
         tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=hmask)
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """Sort (token, slot) pairs by expert into block_m-aligned segments, without a host sync.
+def _max_padded(N: int, E: int, block_m: int) -> int:
+    return (N + E * (block_m - 1) + block_m - 1) // block_m * block_m
 
-    Returns (sorted_ids int32 [max_padded] = flat pair index t*K+k, or T*K for padding;
-             block_expert int32 [max_padded // block_m], -1 for blocks past the used ones;
-             seg_end int64 [E] = end of each expert's padded segment).
-    """
+
+def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_counts=None):
+    """Torch-ops version of `moe_align` (any device, no host sync; ~20 small launches)."""
     T, K = topk_ids.shape
     E = num_experts
     dev = topk_ids.device
@@ -145,6 +255,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     flat = topk_ids.reshape(-1).to(torch.int64)
     key = torch.where((flat >= 0) & (flat < E), flat, torch.full_like(flat, E))  # E = skipped bucket
     counts = torch.zeros(E + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))[:E]
+    if expert_counts is not None:
+        expert_counts += counts.to(expert_counts.dtype)
     padded = (counts + block_m - 1) // block_m * block_m
     seg_end = torch.cumsum(padded, 0)
     seg_start = seg_end - padded
@@ -152,7 +264,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     order = torch.argsort(key, stable=True)  # [N] pair ids grouped by expert, token order inside
     skey = key[order]
     skc = skey.clamp(max=E - 1)
-    max_padded = (N + E * (block_m - 1) + block_m - 1) // block_m * block_m
+    max_padded = _max_padded(N, E, block_m)
     dest = seg_start[skc] + torch.arange(N, device=dev) - cnt_start[skc]
     dest = torch.where(skey < E, dest, torch.full_like(dest, max_padded))  # skipped pairs -> spill slot
     sorted_ids = torch.full((max_padded + 1,), N, dtype=torch.int32, device=dev)
@@ -161,6 +273,67 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     starts = torch.arange(0, max_padded, block_m, device=dev)
     bexp = torch.searchsorted(seg_end, starts, right=True)
     block_expert = torch.where(bexp < E, bexp, torch.full_like(bexp, -1)).to(torch.int32)
+    return sorted_ids, block_expert, seg_end
+
+
+@functools.lru_cache(maxsize=1024)
+def _align_grid(N: int, E: int, max_padded: int, block_m: int):
+    """Chunking of the two align launches: P placement chunks (the counts tile [P, BLOCK_E] is kept
+    under 8192 entries), and enough programs that the padding fill is spread over up to ~256."""
+    BLOCK_E = next_pow2(E, 16)
+    SUB = max(16, min(128, 16384 // BLOCK_E))
+    p_max = max(1, min(128, 8192 // BLOCK_E))
+    per_prog = cdiv(cdiv(max(N, 1), p_max), SUB) * SUB
+    P = cdiv(max(N, 1), per_prog)
+    fill_per_prog = max(2 * SUB, cdiv(cdiv(max_padded, 256), SUB) * SUB)
+    grid = max(P, cdiv(max_padded, fill_per_prog))
+    blocks_per_prog = cdiv(max_padded // block_m, grid)
+    return BLOCK_E, SUB, per_prog, P, fill_per_prog, blocks_per_prog, grid
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, backend: Optional[str] = None,
+              expert_counts: Optional[torch.Tensor] = None):
+    """Sort (token, slot) pairs by expert into block_m-aligned segments, without a host sync.
+
+    topk_ids int32/int64 `[T, K]` (rows may be strided; ids outside [0, E) are skipped).
+    Returns (sorted_ids int32 [max_padded] = flat pair index t*K+k, or T*K for padding;
+             block_expert int32 [max_padded // block_m], -1 for blocks past the used ones;
+             seg_end int64 [E] = end of each expert's padded segment).
+    expert_counts: optional int32/int64 `[E]` tensor on the same device; the pairs routed to each
+    expert are added to it (graph-safe activation statistics).
+    Two Triton launches on CUDA (`backend` as in every wrapper); `moe_align_ref` elsewhere.
+    """
+    fn = "moe_align"
+    check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=INT_DTYPES, last_dim_contiguous=True)
+    check(isinstance(block_m, int) and block_m >= 1 and block_m & (block_m - 1) == 0,
+          f"{fn}: block_m must be a power of two, got {block_m!r}")
+    check(isinstance(num_experts, int) and num_experts >= 1, f"{fn}: num_experts must be an int >= 1")
+    dev = topk_ids.device
+    if expert_counts is not None:
+        check_tensor(fn, "expert_counts", expert_counts, ndim=1, shape=(num_experts,), dtypes=INT_DTYPES,
+                     device=dev, contiguous=True)
+    be = pick_backend(backend, dev, HAS_TRITON, fn)
+    if be == "ref":
+        return moe_align_ref(topk_ids, num_experts, block_m, expert_counts)
+    T, K = topk_ids.shape
+    E, N = num_experts, T * K
+    max_padded = _max_padded(N, E, block_m)
+    sorted_ids = torch.empty((max_padded,), dtype=torch.int32, device=dev)
+    block_expert = torch.empty((max_padded // block_m,), dtype=torch.int32, device=dev)
+    seg_end = torch.empty((E,), dtype=torch.int64, device=dev)
+    BLOCK_E, SUB, per_prog, P, fill_per_prog, blocks_per_prog, grid = _align_grid(N, E, max_padded, block_m)
+    counts = torch.empty((P, BLOCK_E), dtype=torch.int32, device=dev)
+    warps = 8 if BLOCK_E >= 128 else 4
+    s_it = topk_ids.stride(0) if T > 1 else K
+    _moe_count_kernel[(P,)](topk_ids, counts, N, E, s_it, per_prog, K=max(K, 1), BLOCK_E=BLOCK_E, SUB=SUB,
+                            num_warps=warps)
+    _moe_place_kernel[(grid,)](
+        topk_ids, counts, sorted_ids, block_expert, seg_end,
+        expert_counts if expert_counts is not None else counts,
+        N, E, s_it, per_prog, P, max_padded, fill_per_prog, blocks_per_prog,
+        K=max(K, 1), BLOCK_P=next_pow2(P), BLOCK_E=BLOCK_E, SUB=SUB, BLOCK_M=block_m,
+        HAS_STATS=expert_counts is not None, num_warps=warps,
+    )
     return sorted_ids, block_expert, seg_end
 
 
@@ -210,8 +383,8 @@ def grouped_mm_moe(x, w13, w2, topk_ids, topk_weights):
 
 
 def _config(T: int, K: int, E: int, H: int, I: int, dev: torch.device, dtype: torch.dtype):
-    """Tile config; the optional "down" entry overrides BLOCK_N/BLOCK_K/GROUP_M/num_warps/num_stages for
-    the down GEMM (BLOCK_M is shared: it is the alignment of the sorted pairs)."""
+    """Tile config; the optional "down" entry overrides BLOCK_N/BLOCK_K/GROUP_M/num_warps/num_stages/W_TMA
+    for the down GEMM (BLOCK_M is shared: it is the alignment of the sorted pairs)."""
     if interpret_mode() and dev.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     avg = T * K / max(E, 1)  # rows per expert
@@ -227,15 +400,63 @@ def _config(T: int, K: int, E: int, H: int, I: int, dev: torch.device, dtype: to
                 down=dict(BLOCK_N=256, BLOCK_K=64, num_stages=4))
 
 
-def fused_moe(x, w13, w2, topk_ids, topk_weights, *, backend: Optional[str] = None, config: Optional[dict] = None):
+def tuning_key(E: int, K: int, H: int, I: int, dtype: torch.dtype) -> dict:
+    """Fields a tuning-table entry must match exactly (kernels/tune.py writes them); T by nearness."""
+    return dict(E=E, K=K, H=H, I=I, dtype=str(dtype).replace("torch.", ""))
+
+
+def _pick_config(T, K, E, H, I, dev, dtype) -> dict:
+    if dev.type == "cuda" and dtype != torch.float32:
+        found = _tuning.lookup("fused_moe", _tuning.device_name(dev), tuning_key(E, K, H, I, dtype), dict(T=T))
+        if found is not None:
+            return found[0]
+    return _config(T, K, E, H, I, dev, dtype)
+
+
+_PLANS: dict = {}
+
+
+def _launch_plan(T, K, E, H, I, dev, dtype):
+    """(gate_up kwargs, down kwargs, BLOCK_M) for a shape, cached: the eager path pays the table lookup
+    and config merging once per shape, not per call (callers must not edit what they get)."""
+    key = (T, K, E, H, I, dev, dtype, _tuning.generation)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = _split_config(_pick_config(T, K, E, H, I, dev, dtype))
+    return plan
+
+
+def _split_config(cfg: dict):
+    """(gate_up kwargs, down kwargs) with the launch options; BLOCK_M is in both."""
+    cfg = dict(cfg)
+    down = dict(cfg.pop("down", None) or {})
+    gate_up = {"W_TMA": False, **cfg}
+    down = {**gate_up, **down}
+    down["BLOCK_M"] = gate_up["BLOCK_M"]
+    return gate_up, down
+
+
+def _w_tma_ok(x, w13, w2) -> bool:
+    """TMA for the weight tiles: Hopper+, 2-byte dtypes, rows 16-byte aligned."""
+    if not tma_available(x.device) or x.dtype == torch.float32:
+        return False
+    return all(t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0 for t in (w13, w2))
+
+
+def fused_moe(x, w13, w2, topk_ids, topk_weights, *, backend: Optional[str] = None, config: Optional[dict] = None,
+              expert_counts: Optional[torch.Tensor] = None):
     """x `[T, H]`, w13 `[E, 2I, H]` (gate rows then up rows), w2 `[E, H, I]`, topk_ids int `[T, K]`
     (local expert slot; -1 = skip), topk_weights float32 `[T, K]` -> out `[T, H]` in x.dtype.
 
-    Tokens whose every id is skipped get zeros. ids >= E are skipped as well (no device check).
-    config: override the tile heuristics (benchmarks).
+    x, topk_ids and topk_weights need only a contiguous last dim (row-strided views are read in
+    place). Tokens whose every id is skipped get zeros. ids >= E are skipped as well (no device
+    check). config: override the tuning table and heuristics (benchmarks, tuning). expert_counts:
+    optional int `[E]` tensor that the pairs routed to each expert are added to (see moe_align).
     """
     fn = "fused_moe"
-    check_tensor(fn, "x", x, ndim=2, dtypes=FLOAT_DTYPES, contiguous=True)
+    check_tensor(fn, "x", x, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     T, H = x.shape
     dev = x.device
     check_tensor(fn, "w13", w13, ndim=3, shape=(None, None, H), dtypes=(x.dtype,), device=dev, contiguous=True)
@@ -243,43 +464,64 @@ def fused_moe(x, w13, w2, topk_ids, topk_weights, *, backend: Optional[str] = No
     check(I2 % 2 == 0 and I2 > 0, f"{fn}: w13 dim 1 must be 2*I > 0, got {I2}")
     I = I2 // 2
     check_tensor(fn, "w2", w2, ndim=3, shape=(E, H, I), dtypes=(x.dtype,), device=dev, contiguous=True)
-    check_tensor(fn, "topk_ids", topk_ids, ndim=2, shape=(T, None), dtypes=INT_DTYPES, device=dev, contiguous=True)
+    check_tensor(fn, "topk_ids", topk_ids, ndim=2, shape=(T, None), dtypes=INT_DTYPES, device=dev,
+                 last_dim_contiguous=True)
     K = topk_ids.shape[1]
     check_tensor(fn, "topk_weights", topk_weights, ndim=2, shape=(T, K), dtypes=(torch.float32,), device=dev,
-                 contiguous=True)
+                 last_dim_contiguous=True)
     be = pick_backend(backend, dev, HAS_TRITON, fn)
     if be == "ref":
+        if expert_counts is not None:
+            moe_align(topk_ids, E, 1, backend="ref", expert_counts=expert_counts)
         return fused_moe_ref(x, w13, w2, topk_ids, topk_weights)
     out = torch.empty((T, H), dtype=x.dtype, device=dev)
     if T == 0 or K == 0:
         return out.zero_()
-    cfg = dict(_config(T, K, E, H, I, dev, x.dtype))
     if config:
+        cfg = _pick_config(T, K, E, H, I, dev, x.dtype)
         cfg.update(config)
-    down = dict(cfg)
-    down.pop("down", None)
-    down.update(cfg.pop("down", None) or {})
-    BM, BN, BK, GM = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("GROUP_M")
-    down.pop("BLOCK_M")
-    BN2, BK2, GM2 = down.pop("BLOCK_N"), down.pop("BLOCK_K"), down.pop("GROUP_M")
-    sorted_ids, block_expert, _ = moe_align(topk_ids, E, BM)
+        gu, dn = _split_config(cfg)
+    else:
+        gu, dn = (dict(c) for c in _launch_plan(T, K, E, H, I, dev, x.dtype))
+    if (gu["W_TMA"] or dn["W_TMA"]) and not _w_tma_ok(x, w13, w2):
+        gu["W_TMA"] = dn["W_TMA"] = False
+    BM = gu.pop("BLOCK_M")
+    dn.pop("BLOCK_M")
+    sorted_ids, block_expert, _ = moe_align(topk_ids, E, BM, backend=be, expert_counts=expert_counts)
     num_m = block_expert.shape[0]
     N = T * K
     inter = torch.empty((sorted_ids.shape[0], I), dtype=x.dtype, device=dev)  # rows by sorted position
     part = torch.empty((N, H), dtype=x.dtype, device=dev)  # rows by pair (t*K + k)
     prec = dot_precision(x.dtype)
-    _moe_gate_up_kernel[(num_m * triton.cdiv(I, BN),)](
-        x, w13, inter, sorted_ids, block_expert,
-        N, H, I, x.stride(0), w13.stride(0), w13.stride(1),
-        TOPK=K, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, DOT_PREC=prec, **cfg,
+    s_xt = x.stride(0) if T > 1 else H
+    s_it = topk_ids.stride(0) if T > 1 else K
+    s_tw = topk_weights.stride(0) if T > 1 else K
+
+    BN, BK = gu["BLOCK_N"], gu["BLOCK_K"]
+    w13_desc = w13
+    if gu["W_TMA"]:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        w13_desc = TensorDescriptor(w13, [E * I2, H], [H, 1], [BN, BK])
+    _moe_gate_up_kernel[(num_m * cdiv(I, BN),)](
+        x, w13, w13_desc, inter, sorted_ids, block_expert,
+        N, H, I, s_xt, w13.stride(0), w13.stride(1),
+        TOPK=K, BLOCK_M=BM, DOT_PREC=prec, **gu,
     )
-    _moe_down_kernel[(num_m * triton.cdiv(H, BN2),)](
-        inter, w2, part, sorted_ids, block_expert, topk_weights,
-        N, H, I, w2.stride(0), w2.stride(1),
-        BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, GROUP_M=GM2, DOT_PREC=prec, **down,
+    BN2, BK2 = dn["BLOCK_N"], dn["BLOCK_K"]
+    a_desc = w2_desc = w2
+    if dn["W_TMA"]:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = TensorDescriptor(inter, [inter.shape[0], I], [I, 1], [BM, BK2])
+        w2_desc = TensorDescriptor(w2, [E * H, I], [I, 1], [BN2, BK2])
+    _moe_down_kernel[(num_m * cdiv(H, BN2),)](
+        inter, a_desc, w2, w2_desc, part, sorted_ids, block_expert, topk_weights,
+        N, H, I, w2.stride(0), w2.stride(1), s_tw,
+        TOPK=K, BLOCK_M=BM, DOT_PREC=prec, **dn,
     )
     BLOCK_H = min(next_pow2(H, 16), 1024)
-    _moe_reduce_kernel[(T, triton.cdiv(H, BLOCK_H))](
-        part, topk_ids, out, H, E, topk_ids.stride(0), TOPK=K, BLOCK_H=BLOCK_H, num_warps=4,
+    _moe_reduce_kernel[(T, cdiv(H, BLOCK_H))](
+        part, topk_ids, out, H, E, s_it, TOPK=K, BLOCK_H=BLOCK_H, num_warps=4,
     )
     return out

@@ -17,8 +17,9 @@ from typing import Optional
 
 import torch
 
+from . import _tuning
 from ._triton import HAS_TRITON, tl, triton
-from ._util import (FLOAT_DTYPES, INT_DTYPES, check, check_tensor, dot_precision, interpret_mode, next_pow2,
+from ._util import (FLOAT_DTYPES, INT_DTYPES, cdiv, check, check_tensor, dot_precision, interpret_mode, next_pow2,
                     pick_backend, sm_count)
 
 __all__ = ["paged_decode_attention", "paged_decode_attention_ref", "decode_num_splits"]
@@ -27,19 +28,19 @@ _LOG2E = 1.4426950408889634
 
 if HAS_TRITON:
 
-    @triton.jit
+    # G and NUM_SPLITS are plain runtime ints (not specialised): one compile serves every head ratio
+    @triton.jit(do_not_specialize=["G", "NUM_SPLITS", "window"])
     def _decode_split_kernel(
         q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, o_ptr, po_ptr, plse_ptr,
-        qk_scale, window, chunk,
+        qk_scale, window, G, NUM_SPLITS,
         s_qb, s_qh,
         s_kblk, s_ktok, s_kh,
         s_vblk, s_vtok, s_vh,
         s_btb,
         s_ob, s_oh,
-        NUM_SPLITS,
-        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, SINGLE: tl.constexpr,
-        DOT_PREC: tl.constexpr,
+        PREFETCH: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -48,6 +49,11 @@ if HAS_TRITON:
         start = 0
         if HAS_WINDOW:
             start = tl.maximum(seq_len - window, 0)
+        # this sequence's keys split into NUM_SPLITS equal BLOCK_N-aligned shares (by its own length,
+        # so a loose host-side bound on the context costs no empty work)
+        n_keys = seq_len - start
+        chunk = (n_keys + NUM_SPLITS - 1) // NUM_SPLITS
+        chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
         lo = start + sp * chunk
         hi = tl.minimum(lo + chunk, seq_len)
 
@@ -64,33 +70,43 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
         bt_row = bt_ptr + b.to(tl.int64) * s_btb
         offs_base = tl.arange(0, BLOCK_N)
+        if PREFETCH:
+            # block-table entries of the next tile are loaded one iteration ahead into registers, so
+            # the K/V copies do not wait on them and the pipeliner spends every stage on K/V
+            nxt = lo + offs_base
+            page_n = tl.load(bt_row + nxt // PAGE, mask=nxt < hi, other=0)
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + offs_base
             nmask = offs_n < hi
-            page = tl.load(bt_row + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
+            if PREFETCH:
+                page = page_n.to(tl.int64)
+                nxt = offs_n + BLOCK_N
+                page_n = tl.load(bt_row + nxt // PAGE, mask=nxt < hi, other=0)
+            else:
+                page = tl.load(bt_row + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
             tok = offs_n % PAGE
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(kc_ptr + page[:, None] * s_kblk + tok[:, None] * s_ktok + kvh * s_kh + offs_d[None, :],
                         mask=kv_mask, other=0.0)
             v = tl.load(vc_ptr + page[:, None] * s_vblk + tok[:, None] * s_vtok + kvh * s_vh + offs_d[None, :],
                         mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
             s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # the scale is folded into one FMA per score: max(s) * scale == max(s * scale) for scale > 0
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            p = tl.exp2(s * qk_scale - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
 
         omask = gmask[:, None] & dmask[None, :]
+        empty = l_i == 0.0  # no key in this split (or a padded sequence of length 0)
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
         if SINGLE:
-            out = acc / l_i[:, None]
             tl.store(o_ptr + b.to(tl.int64) * s_ob + heads[:, None] * s_oh + offs_d[None, :],
                      out.to(o_ptr.dtype.element_ty), mask=omask)
         else:
-            empty = l_i == 0.0
-            out = acc / tl.where(empty, 1.0, l_i)[:, None]
             lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
             # partials: po [B, Hq, S, D] fp32, plse [B, Hq, S] fp32 (log2 domain)
             row = (b.to(tl.int64) * (G * tl.num_programs(1)) + heads) * NUM_SPLITS + sp
@@ -113,7 +129,8 @@ if HAS_TRITON:
         w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - mx))
         parts = tl.load(po_ptr + (row + offs_s)[:, None] * D + offs_d[None, :],
                         mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
-        out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
+        den = tl.sum(w, axis=0)
+        out = tl.sum(parts * w[:, None], axis=0) / tl.where(den == 0.0, 1.0, den)  # 0: zero-length sequence
         tl.store(o_ptr + b.to(tl.int64) * s_ob + h * s_oh + offs_d, out.to(o_ptr.dtype.element_ty),
                  mask=offs_d < D)
 
@@ -147,15 +164,53 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int,
     progs = batch * num_kv_heads
     want = max(1, math.ceil(2 * num_sms / max(progs, 1)))
     max_by_len = max(1, math.ceil(max_len / max(min_chunk, block_n)))
-    return int(min(want, max_by_len, 128))
+    return int(min(want, max_by_len, MAX_SPLITS))
 
 
-def _config(D: int, G: int, dev: torch.device, dtype: torch.dtype):
+MAX_SPLITS = 128
+
+
+def _config(D: int, dev: torch.device, dtype: torch.dtype):
     if interpret_mode() and dev.type != "cuda":
-        return dict(BLOCK_N=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_N=16, num_warps=4, num_stages=1, PREFETCH=False)
     if dtype == torch.float32:
-        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=64 if D > 64 else 128, num_warps=4, num_stages=3)
+        return dict(BLOCK_N=32, num_warps=4, num_stages=2, PREFETCH=False)
+    return dict(BLOCK_N=64 if D > 64 else 128, num_warps=4, num_stages=3, PREFETCH=False)
+
+
+def tuning_key(G: int, HK: int, D: int, page: int, dtype: torch.dtype, window: bool) -> dict:
+    """Fields a tuning-table entry must match exactly (kernels/tune.py writes them)."""
+    return dict(G=G, HK=HK, D=D, page=page, dtype=str(dtype).replace("torch.", ""), window=bool(window))
+
+
+def splits_from_entry(key: dict, splits: int, B: int, eff_len: int) -> int:
+    """Split count for (B, eff_len) from a table entry measured at (key B, key L) with `splits`: the
+    entry's own count on its shape, else the same number of programs (B * splits), capped so that a
+    split keeps >= 128 keys."""
+    if key.get("B") == B and key.get("L") == eff_len:
+        return splits
+    s = round(key.get("B", B) * splits / max(B, 1))
+    return max(1, min(s, math.ceil(max(eff_len, 1) / 128), MAX_SPLITS))
+
+
+def _pick(B: int, HK: int, G: int, D: int, page: int, eff_len: int, dev, dtype, window: bool, sms: int):
+    """(tile config, num_splits): the device's tuning table where it has an entry, else the heuristics.
+    An entry measured at another (B, L) keeps its tiles and scales its split count to the same number
+    of programs (capped so that a split keeps >= 128 keys)."""
+    cfg = _config(D, dev, dtype)
+    splits = None
+    if dev.type == "cuda" and dtype != torch.float32:
+        found = _tuning.lookup("paged_decode_attention", _tuning.device_name(dev),
+                               tuning_key(G, HK, D, page, dtype, window), dict(B=B, L=eff_len))
+        if found is not None:
+            tcfg, key = found
+            ts = int(tcfg.pop("num_splits", 0) or 0)
+            cfg.update(tcfg)
+            if ts:
+                splits = splits_from_entry(key, ts, B, eff_len)
+    if splits is None:
+        splits = decode_num_splits(B, HK, eff_len, sms, cfg["BLOCK_N"])
+    return cfg, splits
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, sliding_window=None, *,
@@ -164,8 +219,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
     """q `[B, Hq, D]`, caches `[num_blocks, page, Hkv, D]`, block_tables int32 `[B, max_blocks]`,
     seq_lens int32 `[B]` (>= 1, current token included) -> out `[B, Hq, D]` in q.dtype.
 
-    max_seq_len: optional host-side bound on seq_lens (default: max_blocks * page, no sync);
-    num_splits / config: override the heuristics (benchmarks).
+    max_seq_len: optional host-side bound on seq_lens (default: max_blocks * page, no sync); it only
+    sizes the split count, each sequence's keys are shared among the splits by its own length.
+    num_splits / config: override the tuning table and heuristics (benchmarks, tuning; config keys
+    BLOCK_N, num_warps, num_stages, PREFETCH).
     """
     fn = "paged_decode_attention"
     check_tensor(fn, "q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
@@ -182,22 +239,26 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
     check_tensor(fn, "seq_lens", seq_lens, ndim=1, shape=(B,), dtypes=INT_DTYPES, device=dev, contiguous=True)
     check(sliding_window is None or (isinstance(sliding_window, int) and sliding_window >= 1),
           f"{fn}: sliding_window must be None or an int >= 1, got {sliding_window!r}")
+    check(float(scale) > 0, f"{fn}: scale must be > 0, got {scale!r}")
+    check(num_splits is None or (isinstance(num_splits, int) and 1 <= num_splits <= 4096),
+          f"{fn}: num_splits must be None or an int in [1, 4096], got {num_splits!r}")
     be = pick_backend(backend, dev, HAS_TRITON, fn)
     if be == "ref":
         return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
     G = HQ // HK
+    check(G <= 256, f"{fn}: {G} query heads per kv head is more than this kernel handles (256)")
     out = torch.empty((B, HQ, D), dtype=q.dtype, device=dev)
     if B == 0:
         return out
-    cfg = dict(_config(D, G, dev, q.dtype))
+    max_len = max_seq_len if max_seq_len is not None else block_tables.shape[1] * PAGE
+    eff_len = min(max_len, sliding_window) if sliding_window is not None else max_len
+    cfg, S = _pick(B, HK, G, D, PAGE, eff_len, dev, q.dtype, sliding_window is not None, sm_count(dev))
     if config:
         cfg.update(config)
     BLOCK_N = cfg.pop("BLOCK_N")
-    max_len = max_seq_len if max_seq_len is not None else block_tables.shape[1] * PAGE
-    eff_len = min(max_len, sliding_window) if sliding_window is not None else max_len
-    S = num_splits or decode_num_splits(B, HK, eff_len, sm_count(dev), BLOCK_N)
-    chunk = triton.cdiv(triton.cdiv(max(eff_len, 1), S), BLOCK_N) * BLOCK_N
-    S = max(1, triton.cdiv(max(eff_len, 1), chunk))
+    prefetch = bool(cfg.pop("PREFETCH", False))
+    S = num_splits or S
+    S = max(1, min(S, cdiv(max(eff_len, 1), BLOCK_N)))  # never more splits than key blocks
     BLOCK_D = next_pow2(D, 16)
     BLOCK_G = next_pow2(G, 16)
     if S > 1:
@@ -207,15 +268,14 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
         po = plse = out  # unused
     _decode_split_kernel[(B, HK, S)](
         q, k_cache, v_cache, block_tables, seq_lens, out, po, plse,
-        float(scale) * _LOG2E, int(sliding_window or 0), chunk,
+        float(scale) * _LOG2E, int(sliding_window or 0), G, S,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        S,
-        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, PAGE=PAGE,
-        HAS_WINDOW=sliding_window is not None, SINGLE=S == 1, DOT_PREC=dot_precision(q.dtype),
+        BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, PAGE=PAGE,
+        HAS_WINDOW=sliding_window is not None, SINGLE=S == 1, PREFETCH=prefetch, DOT_PREC=dot_precision(q.dtype),
         **cfg,
     )
     if S > 1:

@@ -203,6 +203,37 @@ def test_paged_decode(dtype, case, splits, gen):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype,case,runs", [
+    (torch.float32, DECODE_CASES[3], ((True, None), (False, 64), (True, 64))),
+    (torch.float16, DECODE_CASES[0], ((True, 2),)),
+])
+def test_paged_decode_prefetch_and_many_splits(dtype, case, runs, gen):
+    """Block-table prefetch on/off, and more splits than key blocks (empty splits merge to nothing)."""
+    mod = _module("paged_decode_attention")
+    _need_interpreted(mod, "_decode_split_kernel")
+    HQ, HK, D, page, lens, window = case
+    B = len(lens)
+    kc, vc, bt = kt.make_paged_cache(lens, page, HK, D, dtype, gen=gen)
+    q = randn(B, HQ, D, dtype=dtype, gen=gen)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    f64 = kt.decode_f64(q, kc, vc, bt, sl, D ** -0.5, window)
+    for prefetch, splits in runs:
+        with poisoned_alloc():
+            out = mod.paged_decode_attention(q, kc, vc, bt, sl, D ** -0.5, window, num_splits=splits,
+                                             config=dict(PREFETCH=prefetch), backend="triton")
+        assert rel_err(out, f64) < TOL[dtype], (prefetch, splits)
+
+
+def test_decode_splits_from_table_entry():
+    from kernels.paged_decode_attention import splits_from_entry
+
+    key = dict(B=16, L=32768)
+    assert splits_from_entry(key, 40, 16, 32768) == 40  # its own shape: as measured
+    assert splits_from_entry(key, 40, 64, 32768) == 10  # same number of programs
+    assert splits_from_entry(key, 40, 1, 2048) == 16  # capped: >= 128 keys per split
+    assert splits_from_entry(key, 1, 256, 8192) == 1
+
+
 # ----------------------------------------------------------------------------- prefill flash attention
 
 PREFILL_CASES = [
@@ -256,6 +287,22 @@ def test_flash_attention_strided_qkv(gen):
     out = mod.flash_attention(q, k, v, cu, None, None, None, pl, 0.25, backend="triton")
     f64 = kt.prefill_f64(q, k, v, cu, None, None, None, pl, 0.25)
     assert rel_err(out, f64) < 1e-5
+
+
+def test_flash_attention_warp_spec_config(gen):
+    """The warp-specialised loop option (a Hopper knob for the tuner) keeps results on the interpreter."""
+    mod = _module("flash_attention")
+    _need_interpreted(mod, "_flash_fwd_kernel")
+    HQ, HK, D, page, lens, pls, window = PREFILL_CASES[2]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    T = int(cu[-1])
+    q, k, v = (randn(T, h, D, gen=gen) for h in (HQ, HK, HK))
+    pl = torch.tensor(pls, dtype=torch.int32)
+    kc, vc, bt = kt.make_paged_cache(pls, page, HK, D, torch.float32, gen=gen)
+    with poisoned_alloc():
+        out = mod.flash_attention(q, k, v, cu, kc, vc, bt, pl, D ** -0.5, window, backend="triton",
+                                  config=dict(WARP_SPEC=True))
+    assert rel_err(out, kt.prefill_f64(q, k, v, cu, kc, vc, bt, pl, D ** -0.5, window)) < 1e-5
 
 
 # ----------------------------------------------------------------------------- fused MoE
@@ -338,19 +385,156 @@ def test_grouped_mm_baseline(gen):
     assert rel_err(out, kt.moe_f64(x, w13, w2, ids, wts)) < 1e-5
 
 
-def test_moe_align(gen):
-    from kernels.fused_moe import moe_align
-
+@pytest.mark.parametrize("backend", ["triton", "ref"])
+def test_moe_align(backend, gen):
+    mod = _module("fused_moe")
+    if backend == "triton":
+        _need_interpreted(mod, "_moe_place_kernel")
     ids = torch.tensor([[2, 0], [2, -1], [0, 2], [5, 2]], dtype=torch.int32)  # 5 >= E: skipped
-    sorted_ids, bexp, seg_end = moe_align(ids, 4, 4)
+    raw = torch.full((4, 5), 99, dtype=torch.int32)
+    raw[:, 1:3] = ids
+    view = raw[:, 1:3]  # row-strided, as the communicator hands ids over
+    counts = torch.full((4,), 3, dtype=torch.int64)
+    with poisoned_alloc():
+        sorted_ids, bexp, seg_end = mod.moe_align(view, 4, 4, backend=backend, expert_counts=counts)
     # expert 0: pairs 1, 4; expert 2: pairs 0, 2, 5, 7; experts 1, 3: none
     assert seg_end.tolist() == [4, 4, 8, 8]
     assert sorted_ids[:8].tolist() == [1, 4, 8, 8, 0, 2, 5, 7]
     assert (sorted_ids[8:] == 8).all()
     assert bexp[:2].tolist() == [0, 2] and (bexp[2:] == -1).all()
+    assert counts.tolist() == [5, 3, 7, 3]
 
 
-# ----------------------------------------------------------------------------- validation
+ALIGN_CASES = [  # T, K, E, block_m
+    (0, 2, 4, 16), (1, 8, 32, 16), (5, 2, 4, 4), (37, 4, 16, 16), (130, 8, 16, 64), (600, 2, 8, 128),
+    (50, 1, 3, 32),
+]
+
+
+def test_moe_align_matches_reference(gen):
+    """The two-launch Triton alignment equals the torch one exactly (stable order inside an expert),
+    over chunk boundaries, empty experts, skipped and out-of-range ids, int32 and int64 ids."""
+    mod = _module("fused_moe")
+    _need_interpreted(mod, "_moe_place_kernel")
+    for T, K, E, bm in ALIGN_CASES:
+        for dt in (torch.int32, torch.int64):
+            ids = torch.randint(-1, E + 2, (T, K), generator=gen).to(dt)
+            ca, cb = torch.zeros(E, dtype=torch.int32), torch.zeros(E, dtype=torch.int32)
+            with poisoned_alloc():
+                got = mod.moe_align(ids, E, bm, backend="triton", expert_counts=ca)
+            want = mod.moe_align_ref(ids, E, bm, cb)
+            for g_, w_ in zip(got, want):
+                assert torch.equal(g_.long(), w_.long()), (T, K, E, bm, dt)
+            assert torch.equal(ca, cb)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_moe_row_strided_views(dtype, gen):
+    """x / topk_ids / topk_weights as views of one packed byte buffer (stride(0) != row width): read
+    in place, same result as dense copies; expert_counts adds the pairs per expert."""
+    mod = _module("fused_moe")
+    _need_interpreted(mod, "_moe_gate_up_kernel")
+    T, E, K, H, I = 13, 6, 2, 32, 24
+    es = torch.tensor([], dtype=dtype).element_size()
+    x = randn(T, H, dtype=dtype, gen=gen)
+    ids = _moe_ids(T, E, K, gen, "with_skips")
+    ids[2, 1] = E + 3  # out of range: skipped
+    wts = torch.rand(T, K, generator=gen) + 0.05
+    row = H * es + 4 * K + 4 * K + 12  # x | ids | weights | slack
+    raw = torch.zeros(T, row, dtype=torch.uint8)
+    raw[:, : H * es] = x.view(torch.uint8).view(T, H * es)
+    raw[:, H * es: H * es + 4 * K] = ids.view(torch.uint8).view(T, 4 * K)
+    raw[:, H * es + 4 * K: H * es + 8 * K] = wts.view(torch.uint8).view(T, 4 * K)
+    xv = raw[:, : H * es].view(dtype)
+    iv = raw[:, H * es: H * es + 4 * K].view(torch.int32)
+    wv = raw[:, H * es + 4 * K: H * es + 8 * K].view(torch.float32)
+    assert xv.stride(0) != H and iv.stride(0) != K and not xv.is_contiguous()
+    w13 = randn(E, 2 * I, H, dtype=dtype, gen=gen, scale=H ** -0.5)
+    w2 = randn(E, H, I, dtype=dtype, gen=gen, scale=I ** -0.5)
+    counts = torch.zeros(E, dtype=torch.int64)
+    with poisoned_alloc():
+        out = mod.fused_moe(xv, w13, w2, iv, wv, backend="triton", expert_counts=counts)
+    dense = mod.fused_moe(x, w13, w2, ids, wts, backend="triton")
+    assert torch.equal(out, dense)
+    assert rel_err(out, kt.moe_f64(x, w13, w2, ids, wts)) < TOL[dtype]
+    valid = ids[(ids >= 0) & (ids < E)].long()
+    assert torch.equal(counts, torch.bincount(valid, minlength=E))
+
+
+# ----------------------------------------------------------------------------- tuning tables
+
+def test_tuning_table_lookup(tmp_path, monkeypatch):
+    import json
+
+    from kernels import _tuning
+
+    table = {"device": "Fake GPU", "tables": {"fused_moe": [
+        {"key": {"E": 8, "K": 2, "T": 128}, "config": {"BLOCK_M": 64, "down": {"BLOCK_N": 32}}},
+        {"key": {"E": 8, "K": 2, "T": 8192}, "config": {"BLOCK_M": 128}},
+        {"key": {"E": 16, "K": 2, "T": 100}, "config": {"BLOCK_M": 16}},
+        {"bad": 1}]}}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(_tuning.ENV, str(path))
+    _tuning.reset()
+    try:
+        cfg, key = _tuning.lookup("fused_moe", "Fake GPU", {"E": 8, "K": 2}, {"T": 200})
+        assert cfg["BLOCK_M"] == 64 and key["T"] == 128
+        cfg["down"]["BLOCK_N"] = 1  # callers get copies
+        assert _tuning.lookup("fused_moe", "Fake GPU", {"E": 8, "K": 2}, {"T": 200})[0]["down"]["BLOCK_N"] == 32
+        assert _tuning.lookup("fused_moe", "Fake GPU", {"E": 8, "K": 2}, {"T": 5000})[0]["BLOCK_M"] == 128
+        assert _tuning.lookup("fused_moe", "Fake GPU", {"E": 4, "K": 2}, {"T": 5000}) is None
+        assert _tuning.lookup("fused_moe", "Other GPU", {"E": 8, "K": 2}, {"T": 5000}) is None
+        assert _tuning.lookup("fused_moe", None, {"E": 8}, {"T": 1}) is None
+        monkeypatch.setenv(_tuning.ENV, "off")
+        _tuning.reset()
+        assert _tuning.lookup("fused_moe", "Fake GPU", {"E": 8, "K": 2}, {"T": 200}) is None
+    finally:
+        monkeypatch.delenv(_tuning.ENV)
+        _tuning.reset()
+    assert _tuning.device_slug("NVIDIA H200") == "nvidia-h200"
+
+
+def test_shipped_tuning_tables_are_valid():
+    """Every table shipped in kernels/tuning/ parses and names configs the wrappers understand."""
+    import glob
+    import json
+
+    from kernels import _tuning
+
+    known = {"paged_decode_attention": {"BLOCK_N", "num_warps", "num_stages", "PREFETCH", "num_splits"},
+             "flash_attention": {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "WARP_SPEC"},
+             "fused_moe": {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "W_TMA", "down"}}
+    for path in glob.glob(f"{_tuning.TABLE_DIR}/*.json"):
+        data = json.load(open(path))
+        assert isinstance(data["device"], str) and path.endswith(_tuning.device_slug(data["device"]) + ".json")
+        for kernel, entries in data["tables"].items():
+            for e in entries:
+                assert set(e["config"]) <= known[kernel], (path, kernel, e["config"])
+
+
+def test_bench_markdown_renders():
+    """The GPU report's table writer handles full, partial and failed rows (it runs once, on a GPU)."""
+    from kernels.bench import markdown
+
+    res = {"device": "X", "ceilings": {"read_GBps": 4000.0, "copy_GBps": 4100.0, "matmul_bf16_TFLOPs": 780.0},
+           "rows": [dict(kernel="decode", B=16, ctx=32768, HQ=32, HK=4, time_us=300.0, GBps=3800.0, frac_read=0.95,
+                         sdpa_us=310.0, vs_sdpa=1.03, goal_met=True),
+                    dict(kernel="decode", B=64, ctx=8192, HQ=32, HK=8, error="OOM"),
+                    dict(kernel="prefill", n_seqs=1, chunk=8192, prefix=0, HQ=32, HK=4, time_us=900.0, TFLOPs=600.0,
+                         frac_matmul=0.77, sdpa_us={"cudnn": 880.0, "flash_error": "x"}, vs_cudnn=0.98,
+                         sdpa_best="cudnn", vs_sdpa_best=0.98, goal_met=False),
+                    dict(kernel="fused_moe", model="m", T=16, experts_used=80, time_us=200.0, eager_us=210.0,
+                         eager_over_graph=1.05, frac_read=1.2, TFLOPs=1.0, frac_matmul=0.001, vs_grouped_mm=1.5,
+                         align={"triton_eager_us": 20.0, "ref_eager_us": 150.0}, goal="g", goal_met=True,
+                         ceiling_exceeded="frac_read > 1")],
+           "errors": [{"moe": "tb"}]}
+    md = markdown(res)
+    assert "| B=16 ctx=32768 32/4 | 300.0 |" in md and "(ERROR)" in md and "Ceiling exceeded" in md
+    assert "0.98x" in md and "moe" in md
+
+
+# ----------------------------------------------------------------------------- validation# ----------------------------------------------------------------------------- validation
 
 def test_validation_messages():
     import kernels
@@ -393,3 +577,108 @@ def test_auto_backend_on_cpu_is_reference(gen):
     x = randn(4, 32, gen=gen)
     w = randn(32, gen=gen)
     assert torch.equal(kernels.rmsnorm(x, w, 1e-6), kernels.rmsnorm_ref(x, w, 1e-6))
+
+
+# ----------------------------------------------------------------------------- engine benchmark bookkeeping
+
+def test_engine_bench_counts_expert_reads_on_cpu(tmp_path):
+    """launch/engine_bench.py's per-step accounting (experts hit via fused_moe's expert_counts, KV and
+    weight bytes, TTFT) on the tiny model with the CPU engine; the GPU run only adds timing."""
+    import json
+
+    from afsplit.config import load_config
+    from afsplit.engine import LLMEngine
+
+    import kernels
+    from launch import engine_bench as eb
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(  # a tiny Qwen3-MoE shape; random weights, no checkpoint
+        model_type="qwen3_moe", vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=48, intermediate_size=96, norm_topk_prob=True, eos_token_id=257)))
+    cfg = load_config("configs/tiny-1proc.yaml", [f"model.path={tmp_path}", "model.tiny=", "model.weights=random",
+                                                  "runtime.max_num_seqs=4", "runtime.max_num_batched_tokens=64"])
+    eng = LLMEngine(cfg)
+    spec = eng.spec
+    orig = kernels.fused_moe
+    counter = eb.ExpertHitCounter(spec.num_moe_layers, spec.num_experts, eng.device)
+    try:
+        r = eb.run_requests(eng, 4, 20, 4, counter, 1.0, lambda s: None)
+    finally:
+        counter.remove()
+    assert kernels.fused_moe is orig
+    assert r["output_tokens"] == 16 and r["missed_counter_calls"] == 0 and r["mean_ttft_ms"] > 0
+    dec = [s for s in r["per_step"] if "floor_ms" in s]
+    assert dec and r["full_batch_steps"] >= 1
+    L, E, K = spec.num_moe_layers, spec.num_experts, spec.top_k
+    dt = 4  # float32
+    for s in dec:
+        assert L * K <= s["experts_hit"] <= L * min(E, s["batch"] * K)
+        assert s["bytes"]["experts"] == s["experts_hit"] * 3 * spec.hidden_size * spec.moe_intermediate_size * dt
+    kv_tok = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * dt
+    for s in dec:  # sequences of 20 prompt tokens: 21..23 keys each while decoding 4 new tokens
+        keys, rem = divmod(s["bytes"]["kv"], kv_tok)
+        assert rem == 0 and 21 * s["batch"] <= keys <= 23 * s["batch"]
+    md = eb.markdown(dict(runs=[r, dict(requests=8, error="x")], read_GBps=1.0))
+    assert "| 4 x (20, 4) |" in md and "| 8 | x |" in md
+
+
+def test_tune_and_bench_flow_on_cpu(tmp_path, monkeypatch):
+    """kernels/tune.py and kernels/bench.py run once, on a GPU; here their control flow runs on CPU
+    (tiny shapes, the wrappers' torch references, stub timers): the table they write loads back,
+    compile-only shards split the candidates between them, and every bench part produces rows."""
+    import json
+    import sys as _sys
+
+    from kernels import _tuning, bench, tune
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    fake_t = iter(range(1, 10 ** 6))
+    monkeypatch.setattr(bench, "time_graph", lambda fn, n_sets=1, **kw: (fn(0), next(fake_t) * 1e-6)[1])
+    monkeypatch.setattr(bench, "time_eager_loop", lambda fn, n_sets=1, **kw: (fn(0), 2e-6)[1])
+    monkeypatch.setattr(bench, "DECODE_SHAPES", [(2, 128, 4, 2)])
+    monkeypatch.setattr(bench, "PREFILL_SHAPES", [(1, 32, 0, 4, 2), (1, 16, 16, 4, 2)])
+    monkeypatch.setitem(bench.MOE_MODELS, "tiny", (4, 2, 32, 16))
+    monkeypatch.setattr(bench, "MOE_SHAPES", [("tiny", 3), ("tiny", 40)])
+    for name in ("DECODE_EXTRA", "PREFILL_EXTRA", "MOE_EXTRA"):
+        monkeypatch.setattr(tune, name, [])
+    out = tmp_path / "fake-gpu.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny CPU ops (the references' index_add_) are much slower threaded
+    try:
+        monkeypatch.setattr(_sys, "argv", ["tune.py", "--out", str(out), "--md", str(tmp_path / "t.md")])
+        tune.main()
+        table = json.loads(out.read_text())
+        assert table["device"] == "cpu"
+        kinds = {k: len(v) for k, v in table["tables"].items()}
+        assert kinds == {"paged_decode_attention": 1, "flash_attention": 2, "fused_moe": 2}
+        for entries in table["tables"].values():
+            for e in entries:
+                assert e["time_us"] > 0 and e["config"] and all("error" not in c for c in e["candidates"])
+        assert "| fused_moe |" in (tmp_path / "t.md").read_text()
+        # compile-only shards: every candidate of a shape runs in exactly one shard
+        seen = []
+        for shard in range(3):
+            tune.Mode.compile_only, tune.Mode.shard, tune.Mode.shards = True, shard, 3
+            seen += [json.dumps(r["config"], sort_keys=True) for e in tune.tune_moe(tune.Deadline(1e18), False,
+                                                                                 lambda s: None) for r in e]
+            got = []
+            for r in tune.try_candidates(lambda c: torch.ones(1), [dict(BLOCK_N=i, num_splits=5) for i in range(12)],
+                                         torch.ones(1), tune.Deadline(1e18), lambda s: None, "x")[0]:
+                got.append(r["config"]["BLOCK_N"])
+            seen.append(got)
+        flat = sorted(i for g in seen if isinstance(g, list) for i in g)
+        assert flat == list(range(12))
+        ceil = {"read_GBps": 1.0, "copy_GBps": 1.0, "matmul_bf16_TFLOPs": 1.0}
+        rows = bench.bench_decode(ceil, False, lambda s: None) + bench.bench_prefill(ceil, False, lambda s: None)
+        rows += bench.bench_moe(ceil, False, lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+        tune.Mode.compile_only, tune.Mode.shard, tune.Mode.shards = False, 0, 1
+        monkeypatch.delenv(_tuning.ENV, raising=False)
+        _tuning.reset()
+    assert [r["kernel"] for r in rows] == ["decode", "prefill", "prefill", "fused_moe", "fused_moe"]
+    assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    assert all("ceiling_exceeded" in r for r in rows if r["kernel"] == "decode")  # 1 GB/s "ceiling"
+    md = bench.markdown(dict(bench.run_info(), ceilings=ceil, rows=rows))
+    assert md.count("\n| ") >= 5

@@ -254,3 +254,126 @@ def test_fused_moe_gpu_one_expert_and_empty(gen):
     out = fused_moe(x, w13, w2, ids, wts)
     assert rel_err(out, kt.moe_f64(x, w13, w2, ids, wts)) < 1e-2
     assert fused_moe(x[:0], w13, w2, ids[:0], wts[:0]).shape == (0, H)
+
+
+# ----------------------------------------------------------------------------- issue 15 options
+
+@pytest.mark.parametrize("HQ,HK", [(32, 4), (64, 4)])
+def test_paged_decode_gpu_prefetch_and_splits(HQ, HK, gen):
+    """Block-table prefetch and deep pipelines (tuner candidates), many splits, bf16."""
+    from kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
+
+    lens = [1, 17, 5000, 2047, 700]
+    kc, vc, bt = kt.make_paged_cache(lens, 16, HK, 128, torch.bfloat16, device=DEV, gen=gen)
+    q = randn(len(lens), HQ, 128, dtype=torch.bfloat16, device=DEV, gen=gen)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    ref64 = paged_decode_attention_ref(q.double(), kc.double(), vc.double(), bt, sl, 128 ** -0.5)
+    for cfg, splits in ((dict(BLOCK_N=64, num_warps=4, num_stages=4, PREFETCH=True), 1),
+                        (dict(BLOCK_N=32, num_warps=4, num_stages=6, PREFETCH=True), 40),
+                        (dict(BLOCK_N=64, num_warps=4, num_stages=5, PREFETCH=False), 128)):
+        with poisoned_alloc():
+            out = paged_decode_attention(q, kc, vc, bt, sl, 128 ** -0.5, config=cfg, num_splits=splits)
+        assert rel_err(out, ref64) < TOL[torch.bfloat16], (cfg, splits)
+
+
+def test_flash_attention_gpu_warp_spec(gen):
+    """WARP_SPEC (tl.range warp_specialize) where this Triton compiles it for this GPU."""
+    from kernels.flash_attention import flash_attention, flash_attention_ref
+
+    HQ, HK, D, lens, pls, window = PREFILL[1]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    T = int(cu[-1])
+    q, k, v = (randn(T, h, D, dtype=torch.bfloat16, device=DEV, gen=gen) for h in (HQ, HK, HK))
+    pl = torch.tensor(pls, dtype=torch.int32, device=DEV)
+    kc, vc, bt = kt.make_paged_cache(pls, 16, HK, D, torch.bfloat16, device=DEV, gen=gen)
+    ref64 = flash_attention_ref(q.double(), k.double(), v.double(), cu, _d(kc), _d(vc), bt, pl, D ** -0.5)
+    cfg = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, USE_TMA=True, WARP_SPEC=True)
+    try:
+        with poisoned_alloc():
+            out = flash_attention(q, k, v, cu, kc, vc, bt, pl, D ** -0.5, config=cfg)
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - a compiler that cannot warp-specialise this loop
+        pytest.skip(f"WARP_SPEC not compiled by this triton/GPU: {repr(e)[:200]}")
+    assert rel_err(out, ref64) < TOL[torch.bfloat16]
+
+
+ALIGN_GPU = [(8192, 8, 128, 128), (3, 8, 128, 16), (4096, 2, 8, 64), (1000, 6, 64, 32), (70000, 1, 16, 16)]
+
+
+@pytest.mark.parametrize("T,K,E,bm", ALIGN_GPU)
+def test_moe_align_gpu(T, K, E, bm, gen):
+    """Triton alignment == torch alignment, exactly, with skipped / out-of-range ids and strided ids."""
+    from kernels.fused_moe import moe_align, moe_align_ref
+
+    ids = torch.randint(-1, E + 2, (T, K + 2), generator=gen).to(torch.int32).to(DEV)[:, 1:K + 1]
+    ca = torch.zeros(E, dtype=torch.int64, device=DEV)
+    cb = torch.zeros(E, dtype=torch.int64, device=DEV)
+    with poisoned_alloc():
+        got = moe_align(ids, E, bm, expert_counts=ca)
+    want = moe_align_ref(ids, E, bm, cb)
+    for g_, w_ in zip(got, want):
+        assert torch.equal(g_.long(), w_.long())
+    assert torch.equal(ca, cb)
+    assert torch.equal(moe_align(ids.long(), E, bm)[0], got[0])
+
+
+@pytest.mark.parametrize("T,E,K,H,I,cfg", [
+    (20, 16, 4, 512, 256, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4, W_TMA=True,
+                               down=dict(BLOCK_N=64, BLOCK_K=128, W_TMA=True))),
+    (700, 8, 2, 512, 384, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, W_TMA=True,
+                               down=dict(BLOCK_N=256, BLOCK_K=64, W_TMA=True))),
+    (300, 8, 2, 256, 200, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3, W_TMA=True,
+                               down=dict(BLOCK_N=128, W_TMA=False))),  # I not a multiple of the tiles
+])
+def test_fused_moe_gpu_tma_weights(T, E, K, H, I, cfg, gen):
+    from kernels.fused_moe import fused_moe, fused_moe_ref
+
+    dt = torch.bfloat16
+    x = randn(T, H, dtype=dt, device=DEV, gen=gen)
+    w13 = randn(E, 2 * I, H, dtype=dt, device=DEV, gen=gen, scale=H ** -0.5)
+    w2 = randn(E, H, I, dtype=dt, device=DEV, gen=gen, scale=I ** -0.5)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(torch.int32)
+    ids[::5, 0] = -1
+    ids, wts = ids.to(DEV), (torch.rand(T, K, generator=gen) + 0.05).to(DEV)
+    ref64 = fused_moe_ref(x.double(), w13.double(), w2.double(), ids, wts)
+    with poisoned_alloc():
+        out = fused_moe(x, w13, w2, ids, wts, config=cfg)
+    assert rel_err(out, ref64) < TOL[dt]
+
+
+def test_fused_moe_gpu_strided_views_in_graph(gen):
+    """Row-strided x / ids / weights (views of one packed byte buffer) read in place, no host sync,
+    captured in a CUDA graph: replay == eager == dense copies."""
+    from kernels.fused_moe import fused_moe
+
+    T, E, K, H, I = 96, 128, 8, 2048, 768
+    dt = torch.bfloat16
+    row = H * 2 + 4 * K + 4 * K + 16
+    raw = torch.zeros(T, row, dtype=torch.uint8, device=DEV)
+    xv = raw[:, : H * 2].view(dt)
+    iv = raw[:, H * 2: H * 2 + 4 * K].view(torch.int32)
+    wv = raw[:, H * 2 + 4 * K: H * 2 + 8 * K].view(torch.float32)
+    xv.copy_(randn(T, H, dtype=dt, device=DEV, gen=gen))
+    iv.copy_(torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(torch.int32))
+    iv[::7, 3] = -1
+    wv.copy_(torch.rand(T, K, generator=gen))
+    w13 = randn(E, 2 * I, H, dtype=dt, device=DEV, gen=gen, scale=H ** -0.5)
+    w2 = randn(E, H, I, dtype=dt, device=DEV, gen=gen, scale=I ** -0.5)
+    dense = fused_moe(xv.contiguous(), w13, w2, iv.contiguous(), wv.contiguous())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager = fused_moe(xv, w13, w2, iv, wv)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fused_moe(xv, w13, w2, iv, wv)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = fused_moe(xv, w13, w2, iv, wv)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(eager, dense) and torch.equal(captured, dense)

@@ -1,0 +1,312 @@
+"""Single-GPU engine benchmark: decode step time against its weight + KV read floor, and TTFT.
+
+    PYTHONUNBUFFERED=1 python3 launch/engine_bench.py --out $OUT/engine.json [--md $OUT/engine.md] \
+        [--requests 64,256] [--input-len 512] [--output-len 128] [--no-warmup] [--set runtime.x=y ...]
+
+Qwen3-30B-A3B shapes with random weights (model.preset qwen3-30b-a3b, weights random, routing
+skewed Zipf(1.0) as in configs/qwen3-30b-a3b-*.yaml) in one process on one GPU (the LLMEngine,
+CUDA graphs for decode as configured). For each request count N: N requests of `input-len` random
+tokens, `output-len` new tokens each (greedy, ignore_eos), all arriving at once; with warm-up (the
+default) the same prompts first run for 3 tokens (compiles, captures the decode graph of that
+batch), then the measured run.
+
+Per decode step (every scheduled sequence decodes one token) the floor is the bytes the step has
+to read at least, divided by the read ceiling measured in this process (kernels/bench.py's probe):
+  * expert weights actually read: per MoE layer, the experts that got >= 1 token in that step
+    (counted on the device by fused_moe's `expert_counts`, inside the graphs, no host sync) x
+    3*H*I*dtype bytes;
+  * attention-side weights: every tensor of the attention layers (QKV, O, norms, router, shared
+    experts) + final norm + lm_head, and the embedding rows of the batch;
+  * KV: sum over the batch of (context length) x layers x 2 x kv_heads x head_dim x dtype bytes.
+Reported: median decode step time, floor / step (goal >= 0.93 at 64 requests), and mean TTFT
+(request arrival to first token), TPOT and output throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+CONFIG_YAML = """\
+model:
+  weights: random
+  preset: qwen3-30b-a3b
+  dtype: bfloat16
+  max_model_len: {max_model_len}
+  routing_skew: 1.0
+topology:
+  device: cuda
+  nodes:
+    - {{colocated: 1}}
+runtime:
+  block_size: 16
+  kv_cache_memory_gb: {kv_gb}
+  max_num_seqs: {max_seqs}
+  max_num_batched_tokens: 8192
+  micro_batches: 1
+"""
+
+
+class ExpertHitCounter:
+    """Per MoE layer, pairs routed to each expert, accumulated on the device by fused_moe.
+
+    Installed by replacing `kernels.fused_moe` (what afsplit.ops calls) with a wrapper that passes
+    the layer's row of one [layers, E] int64 buffer as `expert_counts`; the layer is told apart by
+    its w13 tensor. Rows are handed out on first use, which is always an eager call (prefill runs
+    eagerly before any decode graph is captured), so the graphs capture the accumulation too.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, device):
+        import kernels
+
+        self.kernels = kernels
+        self.buf = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
+        self.rows: dict[int, int] = {}
+        self.missed = 0
+        self.orig = kernels.fused_moe
+        self.prev = self.buf.to("cpu", copy=True)
+
+        def counting(x, w13, w2, topk_ids, topk_weights, **kw):
+            i = self.rows.get(w13.data_ptr())
+            capturing = w13.is_cuda and torch.cuda.is_current_stream_capturing()
+            if i is None and len(self.rows) < num_layers and not capturing:
+                i = self.rows[w13.data_ptr()] = len(self.rows)
+            if i is None:
+                self.missed += 1
+                return self.orig(x, w13, w2, topk_ids, topk_weights, **kw)
+            return self.orig(x, w13, w2, topk_ids, topk_weights, expert_counts=self.buf[i], **kw)
+
+        kernels.fused_moe = counting
+
+    def step_hits(self) -> list[int]:
+        """Experts with >= 1 token per layer since the last call (one small device -> host copy)."""
+        cur = self.buf.to("cpu", copy=True)
+        hits = ((cur - self.prev) > 0).sum(1).tolist()
+        self.prev = cur
+        return hits
+
+    def remove(self) -> None:
+        self.kernels.fused_moe = self.orig
+
+
+def tensors_bytes(obj, seen: set) -> int:
+    """Bytes of every distinct tensor reachable from obj (dataclasses, dicts, lists, tuples)."""
+    if isinstance(obj, torch.Tensor):
+        key = (obj.data_ptr(), obj.numel())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(tensors_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    if isinstance(obj, dict):
+        return sum(tensors_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensors_bytes(v, seen) for v in obj)
+    return 0
+
+
+def attention_weight_bytes(w, batch: int) -> int:
+    """Attention-side weights one decode step reads: the layers, final norm, lm_head, embedding rows."""
+    seen: set = set()
+    n = tensors_bytes(w.layers, seen) + tensors_bytes(w.final_norm, seen) + tensors_bytes(w.lm_head, seen)
+    if (w.embed.data_ptr(), w.embed.numel()) not in seen:  # untied: only the batch's rows are read
+        n += batch * w.embed.shape[1] * w.embed.element_size()
+    return n
+
+
+def run_requests(engine, n: int, input_len: int, output_len: int, counter, read_GBps: float, log) -> dict:
+    from afsplit.sampling_params import SamplingParams
+    from afsplit.sequence import SeqStatus
+
+    from launch.make_prompts import make_prompts
+
+    spec = engine.spec
+    prompts = [{"prompt_token_ids": p["prompt_token_ids"]} for p in
+               make_prompts(n, input_len, output_len, spec.vocab_size, seed=n)]
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    dt_bytes = torch.tensor([], dtype=engine.dtype).element_size()
+    kv_per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * dt_bytes
+    expert_bytes = 3 * spec.hidden_size * spec.moe_intermediate_size * dt_bytes
+    _, seqs, _ = engine.admit(prompts, params)
+    for s in seqs:
+        engine.scheduler.add(s)
+    steps = []
+    attn_bytes = {}  # batch -> bytes (the walk over the weights is done once per batch size)
+    counter.step_hits()
+    t_start = time.time()
+    while engine.scheduler.has_work():
+        decoding = [s for s in seqs if s.status == SeqStatus.RUNNING and s.num_uncomputed == 1]
+        ctx = sum(s.num_computed_tokens + 1 for s in decoding)
+        t0 = time.perf_counter()
+        engine.step()
+        ms = (time.perf_counter() - t0) * 1e3
+        tokens, decodes = engine.last_step
+        hits = counter.step_hits()
+        st = dict(tokens=tokens, decodes=decodes, ms=ms, experts_hit=sum(hits))
+        if tokens == decodes == len(decoding) and tokens > 0:
+            if tokens not in attn_bytes:
+                attn_bytes[tokens] = attention_weight_bytes(engine.model.w, tokens)
+            b = {"experts": sum(hits) * expert_bytes, "attention": attn_bytes[tokens], "kv": ctx * kv_per_token}
+            st.update(batch=tokens, bytes=b, floor_ms=sum(b.values()) / (read_GBps * 1e9) * 1e3)
+        steps.append(st)
+    wall = time.time() - t_start
+    dec = [s for s in steps if "floor_ms" in s]
+    full = [s for s in dec if s["batch"] == n] or dec
+    ttft = [1e3 * (s.token_times[0] - s.arrival_time) for s in seqs if s.token_times]
+    tpot = [1e3 * (s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1) for s in seqs
+            if len(s.token_times) > 1]
+    res = dict(requests=n, input_len=input_len, output_len=output_len, wall_s=wall, steps=len(steps),
+               decode_steps=len(dec), prefill_or_mixed_steps=len(steps) - len(dec),
+               output_tokens=sum(len(s.output_token_ids) for s in seqs),
+               mean_ttft_ms=statistics.mean(ttft) if ttft else None,
+               median_ttft_ms=statistics.median(ttft) if ttft else None,
+               mean_tpot_ms=statistics.mean(tpot) if tpot else None,
+               missed_counter_calls=counter.missed)
+    res["output_tok_per_s"] = res["output_tokens"] / wall
+    if full:
+        res.update(
+            decode_step_ms_median=statistics.median(s["ms"] for s in full),
+            decode_step_ms_mean=statistics.mean(s["ms"] for s in full),
+            floor_ms_mean=statistics.mean(s["floor_ms"] for s in full),
+            experts_hit_per_step_mean=statistics.mean(s["experts_hit"] for s in full),
+            bytes_mean={k: statistics.mean(s["bytes"][k] for s in full) for k in ("experts", "attention", "kv")},
+            full_batch_steps=len(full))
+        res["floor_over_step"] = res["floor_ms_mean"] / res["decode_step_ms_median"]
+        res["expert_weights_only_floor_ms"] = res["bytes_mean"]["experts"] / (read_GBps * 1e9) * 1e3
+    res["per_step"] = steps
+    log(fmt(res))
+    return res
+
+
+def fmt(r: dict) -> str:
+    if "decode_step_ms_median" not in r:
+        return f"{r['requests']} requests: no full decode step measured"
+    b = r["bytes_mean"]
+    return (f"{r['requests']} x ({r['input_len']} in, {r['output_len']} out): decode step {r['decode_step_ms_median']:.2f} ms "
+            f"(median of {r['full_batch_steps']}), floor {r['floor_ms_mean']:.2f} ms = {r['floor_over_step']:.3f} of the "
+            f"step [experts {b['experts'] / 1e9:.2f} GB ({r['experts_hit_per_step_mean']:.0f} hit), attention weights "
+            f"{b['attention'] / 1e9:.2f} GB, KV {b['kv'] / 1e9:.2f} GB]; mean TTFT {r['mean_ttft_ms']:.0f} ms, "
+            f"TPOT {r['mean_tpot_ms']:.2f} ms, {r['output_tok_per_s']:.0f} tok/s")
+
+
+def markdown(res: dict) -> str:
+    out = [f"Device {res.get('device')}, {res.get('date')}, commit {res.get('commit')}; read ceiling "
+           f"{res.get('read_GBps', 0):.0f} GB/s ({res.get('read_probe')}); config: {res.get('config_summary')}.", "",
+           "| requests x (in, out) | decode step (ms, median) | floor (ms) | floor / step | experts hit / step | "
+           "experts GB | attn weights GB | KV GB | mean TTFT (ms) | TPOT (ms) | output tok/s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res.get("runs", []):
+        if "decode_step_ms_median" not in r:
+            out.append(f"| {r.get('requests')} | {r.get('error', 'no decode step')} | | | | | | | | | |")
+            continue
+        b = r["bytes_mean"]
+        out.append(f"| {r['requests']} x ({r['input_len']}, {r['output_len']}) | {r['decode_step_ms_median']:.2f} | "
+                   f"{r['floor_ms_mean']:.2f} | {r['floor_over_step']:.3f} | {r['experts_hit_per_step_mean']:.0f} | "
+                   f"{b['experts'] / 1e9:.2f} | {b['attention'] / 1e9:.2f} | {b['kv'] / 1e9:.2f} | "
+                   f"{r['mean_ttft_ms']:.0f} | {r['mean_tpot_ms']:.2f} | {r['output_tok_per_s']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="JSON results (rewritten after every request count)")
+    ap.add_argument("--md", help="also write a markdown table here")
+    ap.add_argument("--requests", default="64,256", help="comma-separated request counts, run in this order")
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--kv-gb", type=float, default=20.0)
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="config override (repeatable), e.g. --set runtime.cuda_graphs=false")
+    args = ap.parse_args()
+    logging_setup()
+
+    def log(s):
+        print(s, flush=True)
+
+    from afsplit.config import load_config
+    from afsplit.cuda_graphs import warm_up_requests
+    from afsplit.engine import LLMEngine
+
+    from kernels.bench import READ_PROBE, read_ceiling_GBps, run_info
+
+    counts = [int(c) for c in args.requests.split(",") if c.strip()]
+    res = dict(run_info(), kind="engine_bench", requests=counts, warmup=args.warmup, overrides=args.overrides,
+               tuning_table=os.environ.get("AFSPLIT_KERNEL_TUNING") or None, runs=[])
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        if args.md:
+            with open(args.md, "w") as f:
+                f.write(markdown(res))
+
+    res["read_GBps"] = read_ceiling_GBps()
+    res["read_probe"] = READ_PROBE
+    log(f"read ceiling {res['read_GBps']:.0f} GB/s ({READ_PROBE})")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(CONFIG_YAML.format(max_model_len=args.max_model_len, kv_gb=args.kv_gb, max_seqs=max(counts)))
+        cfg_path = f.name
+    config = load_config(cfg_path, args.overrides)
+    os.unlink(cfg_path)
+    res["config"] = config.to_dict()
+    res["config_summary"] = (f"qwen3-30b-a3b random weights (routing_skew 1.0), bf16, 1 GPU, "
+                             f"cuda_graphs={config.runtime.cuda_graphs}, micro_batches={config.runtime.micro_batches}, "
+                             f"max_model_len={config.model.max_model_len}, warm-up={'on' if args.warmup else 'off'}")
+    t0 = time.time()
+    engine = LLMEngine(config)
+    res["engine_build_s"] = time.time() - t0
+    spec = engine.spec
+    counter = ExpertHitCounter(spec.num_moe_layers, spec.num_experts, engine.device)
+    save()
+    try:
+        for n in counts:
+            run = dict(requests=n)
+            try:
+                if args.warmup:
+                    from launch.make_prompts import make_prompts
+
+                    t1 = time.time()
+                    warm = [{"prompt_token_ids": p["prompt_token_ids"]} for p in
+                            make_prompts(n, args.input_len, 3, spec.vocab_size, seed=n)]
+                    engine.generate(*warm_up_requests(warm), use_tqdm=False)
+                    run["warmup_s"] = time.time() - t1
+                run.update(run_requests(engine, n, args.input_len, args.output_len, counter, res["read_GBps"], log))
+            except Exception as e:  # noqa: BLE001
+                import traceback
+
+                run["error"] = repr(e)[:300]
+                run["traceback"] = traceback.format_exc()[-2000:]
+                log(f"{n} requests FAILED: {run['traceback']}")
+            res["runs"].append(run)
+            save()
+    finally:
+        counter.remove()
+    print(markdown(res))
+    res["date_end"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    save()
+
+
+def logging_setup():
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+if __name__ == "__main__":
+    main()
