@@ -32,10 +32,9 @@ def plan_config(cand, shape, model: str, workload, header: str = "") -> tuple[di
         "runtime": {"max_num_seqs": cand.batch, "micro_batches": str(cand.m),
                     "kv_cache_memory_gb": round(max(0.1, kv_gb), 2),
                     "max_num_batched_tokens": workload.max_batched_tokens},
-        "comm": {"transport": cand.transport},
+        # the padded regions the plan's exchange model prices (and CUDA graphs need)
+        "comm": {"transport": cand.transport, "metadata": "padded"},
     }
-    if cand.transport == "direct":
-        cfg["comm"]["metadata"] = "padded"  # the padded regions the plan's exchange model assumes (CUDA graphs)
     from afsplit.config import config_from_dict
 
     config_from_dict(yaml.safe_load(yaml.safe_dump(cfg)), "planned config")  # what check-config will say

@@ -121,7 +121,7 @@ class LayerBench:
         def fn():
             x, _ = model.attention_block(0, h, res, meta, self.kv)
             model.route(0, x)
-            return model.add_shared_expert(0, x, x)
+            return model.shared_expert(0, x)
 
         return fn
 

@@ -69,7 +69,9 @@ def study(profiles: dict, models: list[str], gpus_list: list[int], gpus_per_node
                 pts = pl.all_points()
                 v = {"points": len(pts), "seconds": round(time.perf_counter() - t0, 2)}
                 if not pts:
-                    layouts = [lay for lay, _ in instance_layouts(gpus, gpus_per_node)]
+                    # the reason of the largest colocated instance (all GPUs' memory, evenly shared)
+                    layouts = sorted((lay for lay, _ in instance_layouts(gpus, gpus_per_node)),
+                                     key=lambda lay: (-lay.gpus, lay.kind != "colocated"))
                     v["why_none"] = next(filter(None, (pl.layout_problem(lay) for lay in layouts)), ("", "?"))[1]
                 af = [p for p in pts if p.layout.kind == "af"]
                 co = [p for p in pts if p.layout.kind != "af"]
@@ -117,7 +119,7 @@ def plot(result: dict, models: list[str], gpus_list: list[int], path: Path, titl
             ax.set_ylabel("tokens/s per GPU")
             ax.set_xlim(0, 200)
             ax.grid(alpha=0.3)
-            if ax.lines:
+            if any(line.get_label() and not line.get_label().startswith("_") for line in ax.lines):
                 ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -154,3 +154,24 @@ def h200_estimate(shape: ModelShape, inter_gbps: float = 400.0, inter_latency_us
                              device="NVIDIA H200 (estimate from recorded rates)",
                              note="synthetic: rooflines with rates recorded in DESIGN.md and docs/benchmarks; "
                                   "replace with `afsplit profile` output")
+
+
+def main(argv=None) -> int:
+    """python -m afsplit.planner.synthetic --model MODEL --out P.json: write the H200 estimate for MODEL."""
+    import argparse
+    import json
+
+    from afsplit.planner.shapes import resolve_shape
+
+    ap = argparse.ArgumentParser(description="Write an H200 profile estimated from recorded rates (kind: synthetic).")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    with open(args.out, "w") as f:
+        json.dump(h200_estimate(resolve_shape(args.model)), f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -112,10 +112,9 @@ def predict(run: RecordedRun, profile: dict):
     shape = shape_from_config(cfg)
     blocks = BlockTimes(profile, shape)
     sm = StepModel(blocks, *blocks.links())
-    rt, b = cfg.runtime, cfg.balancer
-    graphs = rt.cuda_graphs and not rt.profile and not b.stats_path
-    if not engine:
-        graphs = graphs and cfg.comm.metadata == "padded" and b.replicas == "none"
+    rt = cfg.runtime
+    # decode steps run as CUDA graphs unless off, profiling, or (distributed) row counts read on the host
+    graphs = rt.cuda_graphs and not rt.profile and (engine or cfg.comm.metadata == "padded")
     pred = predict_run(sm, layout, cfg, run.num_requests, run.input_len, run.output_len, m, graphs)
     return pred, layout, m
 
