@@ -122,16 +122,16 @@ def plan_main(args) -> int:
 
     t0 = time.perf_counter()
     planner, shape, blocks = build_planner(args)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     res = planner.search(args.tpot_ms, args.ttft_ms)
-    took, setup = time.perf_counter() - t1, t1 - t0
+    took, cpu, setup = time.perf_counter() - t1, time.process_time() - c1, t1 - t0
     nodes = planner.nodes
     print(f"afsplit plan: {shape.name} on {args.gpus} GPUs ({nodes} node(s) x {min(args.gpus, args.gpus_per_node)}), "
           f"TPOT <= {args.tpot_ms:g} ms" + (f", TTFT <= {args.ttft_ms:g} ms" if args.ttft_ms else "")
           + f", {args.input_len} in / {args.output_len} out tokens")
     print(f"{blocks.describe()}; network {args.inter_node_gbps:g} Gb/s per GPU, {args.inter_node_latency_us:g} us")
     print(f"model: {shape.describe()}")
-    print(f"searched {res.evaluated} points in {took:.2f} s (profile read and fitted in {setup:.2f} s)")
+    print(f"searched {res.evaluated} points in {took:.2f} s ({cpu:.2f} s CPU; profile read and fitted in {setup:.2f} s)")
     rejected = ", ".join(f"{n} {k}" for k, n in res.rejected.most_common())
     if not res.candidates:
         print(f"no layout meets the bounds; rejected: {rejected}", file=sys.stderr)

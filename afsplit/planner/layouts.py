@@ -11,6 +11,7 @@ One layout is one *instance*; a cluster of N GPUs runs N / gpus of them side by 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from afsplit.errors import ConfigError
 
@@ -29,19 +30,26 @@ class Layout:
     kind: str  # engine | colocated | af
     groups: tuple[NodeGroup, ...]
 
-    @property
+    def __hash__(self) -> int:  # layouts key the step model's caches: hash once
+        return self._hash
+
+    @cached_property
+    def _hash(self) -> int:
+        return hash((self.kind, self.groups))
+
+    @cached_property
     def num_nodes(self) -> int:
         return sum(g.count for g in self.groups)
 
-    @property
+    @cached_property
     def num_attention_ranks(self) -> int:
         return sum(g.count * g.attention for g in self.groups)
 
-    @property
+    @cached_property
     def num_expert_ranks(self) -> int:
         return sum(g.count * g.expert for g in self.groups)
 
-    @property
+    @cached_property
     def gpus(self) -> int:
         if self.kind == "af":
             return self.num_attention_ranks + self.num_expert_ranks

@@ -71,7 +71,8 @@ def time_eager(device: torch.device, fn) -> float:
 class LayerBench:
     """One MoE layer of the model on `device`: its attention part, a KV cache and stacked experts."""
 
-    def __init__(self, spec, dtype: torch.dtype, device: torch.device, max_tokens: int, block_size: int = 16):
+    def __init__(self, spec, dtype: torch.dtype, device: torch.device, max_tokens: int, max_position: int,
+                 block_size: int = 16):
         from afsplit.model_runner import KVCache
         from afsplit.models.checkpoint import RandomWeights
         from afsplit.models.moe_model import AttentionModel
@@ -81,7 +82,7 @@ class LayerBench:
         one = dataclasses.replace(spec, num_layers=1, moe_layers=(True,), sliding_windows=(spec.sliding_windows[layer],))
         self.spec, self.dtype, self.device, self.bs = one, dtype, device, block_size
         self.weights = load_attention_weights(RandomWeights(seed=0), one, dtype, device)
-        self.model = AttentionModel(one, self.weights, max_positions=max_tokens + 1)
+        self.model = AttentionModel(one, self.weights, max_positions=max_position + 1)
         self.num_blocks = max_tokens // block_size + 1
         self.kv = KVCache(1, self.num_blocks, block_size, one.num_kv_heads, one.head_dim, dtype, device).layers[0]
 
@@ -154,7 +155,7 @@ def measure_kernels(spec, shape, dtype: torch.dtype, device: torch.device, quick
     contexts = [32, 64] if quick else [c for c in grids.DECODE_CONTEXT if c <= spec.max_position_embeddings]
     prefill = [(16, 1), (32, 2)] if quick else grids.PREFILL_CHUNKS
     max_tokens = max(max(batches) * max(contexts), max(n * k for n, k in prefill))
-    bench = LayerBench(spec, dtype, device, max_tokens)
+    bench = LayerBench(spec, dtype, device, max_tokens, max(max(contexts), max(n for n, _ in prefill)))
     out: dict = {}
     ms = []
     for b in batches:

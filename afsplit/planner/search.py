@@ -48,8 +48,8 @@ class Candidate:
     transport: str
     batch: int  # sequences per attention rank
     result: StepResult
-    memory: list
-    kv_capacity_seqs: int
+    memory: list = field(default_factory=list)  # RoleMemory per role (filled for the chosen candidates)
+    kv_capacity_seqs: int = 0
     ttft_s: float | None = None
     gain: float | None = None  # tokens/s/GPU over the best colocated candidate
 
@@ -155,10 +155,14 @@ class Planner:
 
     def evaluate(self, layout, instances: int, m: int, transport: str, batch: int) -> Candidate:
         res = self.sm.decode_step(layout, batch, m, self.wl.mean_context, transport)
-        rows = bucket(math.ceil(batch / m))
-        mem = role_memory(self.shape, layout, batch, self.wl.seq_tokens, m, rows, self.blocks)
-        cap = kv_capacity_tokens(self.shape, layout, m, rows, self.blocks) // max(1, self.wl.seq_tokens)
-        return Candidate(layout, instances, m, transport, batch, res, mem, cap)
+        return Candidate(layout, instances, m, transport, batch, res)
+
+    def add_memory(self, c: Candidate) -> Candidate:
+        """Fill in memory per role and KV capacity (sequences of the workload per attention rank)."""
+        rows = bucket(math.ceil(c.batch / c.m))
+        c.memory = role_memory(self.shape, c.layout, c.batch, self.wl.seq_tokens, c.m, rows, self.blocks)
+        c.kv_capacity_seqs = kv_capacity_tokens(self.shape, c.layout, c.m, rows, self.blocks) // max(1, self.wl.seq_tokens)
+        return c
 
     def ttft(self, cand: Candidate) -> float:
         """Prefill of one prompt (chunked by the token budget, beside the batch's other decodes), no queueing."""
@@ -225,7 +229,7 @@ class Planner:
                 last_why, hi = why, mid - 1
         if best is None and last_why is not None:
             reject(*last_why)
-        return best
+        return self.add_memory(best) if best is not None else None
 
     def all_points(self) -> list[Candidate]:
         """Every memory-feasible (layout, m, transport, batch): the Pareto plots' raw points."""

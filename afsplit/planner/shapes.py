@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from afsplit.errors import ConfigError
@@ -42,45 +43,45 @@ class ModelShape:
     runnable: bool = True  # afsplit can serve it (a preset or a directory), so a config can be written
     source: str = ""  # "preset qwen3-30b-a3b", a directory, or "planner shape deepseek-v3"
 
-    # -- sizes in bytes ------------------------------------------------------------------------
+    # -- sizes in bytes (cached: the search asks for them millions of times) ----------------------
 
-    @property
+    @cached_property
     def itemsize(self) -> int:
         return ITEMSIZE[self.dtype]
 
-    @property
+    @cached_property
     def expert_bytes(self) -> int:
         """One routed expert of one layer (gate, up, down)."""
         return 3 * self.hidden * self.moe_intermediate * self.itemsize
 
-    @property
+    @cached_property
     def routed_expert_bytes_total(self) -> int:
         return self.expert_bytes * self.num_experts * self.num_moe_layers
 
-    @property
+    @cached_property
     def kv_bytes_per_token_layer(self) -> int:
         return self.kv_values_per_token_layer * self.itemsize
 
-    @property
+    @cached_property
     def kv_bytes_per_token(self) -> int:
         return self.kv_bytes_per_token_layer * self.num_layers
 
-    @property
+    @cached_property
     def attention_layer_weight_bytes(self) -> int:
         """Weights an attention rank reads in one MoE layer: projections, router, shared expert."""
         shared = 3 * self.hidden * self.shared_intermediate
         return (self.attn_params_per_layer + self.num_experts * self.hidden + shared) * self.itemsize
 
-    @property
+    @cached_property
     def dense_layer_weight_bytes(self) -> int:
         """Weights of one non-MoE layer: projections plus the dense MLP."""
         return (self.attn_params_per_layer + 3 * self.hidden * self.dense_intermediate) * self.itemsize
 
-    @property
+    @cached_property
     def head_bytes(self) -> int:
         return self.vocab * self.hidden * self.itemsize
 
-    @property
+    @cached_property
     def attention_weight_bytes_total(self) -> int:
         """Everything an attention rank holds: embedding, lm_head, every layer but the routed experts."""
         dense = self.num_layers - self.num_moe_layers

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from afsplit.cuda_graphs import bucket_for
 from afsplit.planner.exchange import exchange_times, rows_per_pair
 from afsplit.planner.memory import experts_per_rank
 
 
+@lru_cache(maxsize=4096)
 def bucket(n: int) -> int:
     """The CUDA-graph bucket (1, 2, 4, 8, then multiples of 8) a micro-batch of n rows is padded to."""
     return bucket_for(max(1, n), max(1, n))

@@ -42,8 +42,19 @@ def _resolve_config(path: str, near: Path) -> str:
     return path
 
 
+def _workload(s: dict) -> dict | None:
+    """The run's workload: recorded, or from its token totals when it has them (equal-length requests)."""
+    if s.get("workload"):
+        return s["workload"]
+    n = s.get("num_requests")
+    if n and s.get("prompt_tokens") and s.get("generated_tokens"):
+        return {"input_len": round(s["prompt_tokens"] / n), "output_len": round(s["generated_tokens"] / n),
+                "num_requests": n}
+    return None
+
+
 def _from_stats(path: Path, s: dict) -> RecordedRun | str:
-    wl = s.get("workload")
+    wl = _workload(s)
     if not wl:
         return "no workload (input_len, output_len) recorded"
     if s.get("decode_step_ms_median") is None or not s.get("tokens_per_s_per_gpu"):
