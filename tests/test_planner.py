@@ -155,9 +155,14 @@ def test_linear_profile_af_step_by_hand():
 
 
 def test_imbalance_is_the_balancers_with_a_routing_floor():
-    bal = {"expert_ranks": [1, 4, 16], "max_over_mean": [1.0, 1.2, 1.5], "source": "test"}
+    bal = {"expert_ranks": [1, 4, 16], "max_over_mean": [1.0, 1.2, 1.5], "round_robin": [1.0, 1.5, 2.5],
+           "spare_fraction": 0.25, "source": "test"}
     sm = model(profile(balancer=bal), imbalance=None)
-    assert sm.imbalance(4, 1e9) == pytest.approx(1.2)
+    rr = model(profile(balancer=bal), imbalance=None)
+    rr.balancer = "none"
+    assert sm.imbalance(4, 1e9) == pytest.approx(1.2) and rr.imbalance(4, 1e9) == pytest.approx(1.5)
+    assert sm.spare_slots(L.af_per_node(2, 6, 1)) == math.ceil(0.25 * 128 / 6) and rr.spare_slots(L.colocated(8, 1)) == 0
+    assert sm.spare_slots(L.colocated(1, 1)) == 0
     assert sm.imbalance(8, 1e9) == pytest.approx(1.35)  # interpolated in log2(ranks)
     assert sm.imbalance(16, 4.0) == pytest.approx(poisson_max_over_mean(16, 4.0))  # few tokens: routing noise
     assert poisson_max_over_mean(1, 3.0) == 1.0

@@ -29,6 +29,9 @@ def plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--exchange", choices=("padded", "exact"), default="padded",
                    help="padded: P rows per (attention, expert) pair, as the runtime moves them; exact: only the "
                         "routed rows (what an exchange with row counts would move)")
+    p.add_argument("--balancer", choices=("replicas", "none"), default="replicas",
+                   help="replicas: least-loaded selection over replica slots (the profile's spare fraction; "
+                        "written as balancer.replicas: auto); none: round robin, no replicas")
     p.add_argument("--top", type=int, default=8, help="rows of the candidate table")
     p.add_argument("--out", help="write the best plan as a config YAML here")
     return p
@@ -90,7 +93,7 @@ def build_planner(args):
         raise ConfigError(f"--imbalance: max/mean load is >= 1, got {args.imbalance}")
     blocks = BlockTimes(prof, shape)
     intra, inter = blocks.links(args.inter_node_gbps, args.inter_node_latency_us)
-    sm = StepModel(blocks, intra, inter, args.imbalance, args.exchange)
+    sm = StepModel(blocks, intra, inter, args.imbalance, args.exchange, args.balancer)
     wl = Workload(args.input_len, args.output_len)
     planner = Planner(sm, args.gpus, args.gpus_per_node, wl, max_m=args.max_micro_batches, max_batch=args.max_batch)
     return planner, shape, blocks
@@ -131,7 +134,7 @@ def plan_main(args) -> int:
           + f", {args.input_len} in / {args.output_len} out tokens")
     print(f"{blocks.describe()}; network {args.inter_node_gbps:g} Gb/s per GPU, {args.inter_node_latency_us:g} us")
     print(f"model: {shape.describe()}")
-    print(f"searched {res.evaluated} points in {took:.2f} s ({cpu:.2f} s CPU; profile read and fitted in {setup:.2f} s)")
+    print(f"searched {res.evaluated} points in {took:.2f} s ({cpu:.2f} s CPU; start-up: imports, profile, fits {setup:.2f} s)")
     rejected = ", ".join(f"{n} {k}" for k, n in res.rejected.most_common())
     if not res.candidates:
         print(f"no layout meets the bounds; rejected: {rejected}", file=sys.stderr)

@@ -35,6 +35,8 @@ def plan_config(cand, shape, model: str, workload, header: str = "") -> tuple[di
         # the padded regions the plan's exchange model prices (and CUDA graphs need)
         "comm": {"transport": cand.transport, "metadata": "padded"},
     }
+    if cand.spare_slots:  # the balancer's measured max/mean assumed least-loaded selection over replicas
+        cfg["balancer"] = {"replicas": "auto", "spare_slots_per_rank": cand.spare_slots}
     from afsplit.config import config_from_dict
 
     config_from_dict(yaml.safe_load(yaml.safe_dump(cfg)), "planned config")  # what check-config will say

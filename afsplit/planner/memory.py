@@ -35,15 +35,17 @@ def usable_bytes(blocks) -> float:
     return blocks.gpu_memory_bytes * a["memory_utilization"] - a["memory_reserve_gb"] * GB
 
 
-def role_memory(shape, layout, batch: int, seq_tokens: int, m: int, rows: int, blocks) -> list[RoleMemory]:
-    """Memory of each role's GPU for `batch` sequences of up to `seq_tokens` tokens per attention rank."""
+def role_memory(shape, layout, batch: int, seq_tokens: int, m: int, rows: int, blocks,
+                spare_slots: int = 0) -> list[RoleMemory]:
+    """Memory of each role's GPU for `batch` sequences of up to `seq_tokens` tokens per attention rank
+    (expert ranks hold ceil(E / n_e) + `spare_slots` experts per MoE layer)."""
     reserve = blocks.assumed["memory_reserve_gb"] * GB
     kv = batch * seq_tokens * shape.kv_bytes_per_token
     if layout.kind == "engine":
         return [RoleMemory("engine", shape.attention_weight_bytes_total + shape.routed_expert_bytes_total, kv, 0.0,
                            reserve)]
     n_e, n_a = layout.num_expert_ranks, layout.num_attention_ranks
-    experts = experts_per_rank(shape.num_experts, n_e) * shape.num_moe_layers * shape.expert_bytes
+    experts = (experts_per_rank(shape.num_experts, n_e) + spare_slots) * shape.num_moe_layers * shape.expert_bytes
     # one region per (peer, micro-batch channel) in each direction: send and receive sides
     row = shape.dispatch_row_bytes() + shape.combine_row_bytes()
     att_buf = 2 * m * n_e * rows * row
@@ -54,18 +56,19 @@ def role_memory(shape, layout, batch: int, seq_tokens: int, m: int, rows: int, b
             RoleMemory("expert", experts, 0.0, exp_buf, reserve)]
 
 
-def kv_capacity_tokens(shape, layout, m: int, rows: int, blocks) -> int:
+def kv_capacity_tokens(shape, layout, m: int, rows: int, blocks, spare_slots: int = 0) -> int:
     """Tokens of KV one attention rank can hold next to its weights and buffers."""
-    mem = role_memory(shape, layout, 0, 0, m, rows, blocks)[0]
+    mem = role_memory(shape, layout, 0, 0, m, rows, blocks, spare_slots)[0]
     free = usable_bytes(blocks) + mem.reserve - mem.total
     return max(0, int(free // shape.kv_bytes_per_token))
 
 
-def memory_problem(shape, layout, batch: int, seq_tokens: int, m: int, rows: int, blocks) -> str | None:
+def memory_problem(shape, layout, batch: int, seq_tokens: int, m: int, rows: int, blocks,
+                   spare_slots: int = 0) -> str | None:
     """None if every role fits, else the first that does not, with the arithmetic."""
     cap = usable_bytes(blocks)
     a = blocks.assumed
-    for r in role_memory(shape, layout, batch, seq_tokens, m, rows, blocks):
+    for r in role_memory(shape, layout, batch, seq_tokens, m, rows, blocks, spare_slots):
         if r.total - r.reserve > cap:
             kv = (f" + KV {r.kv / GB:.1f} GB ({batch} seqs x {seq_tokens} tokens x "
                   f"{shape.kv_bytes_per_token / 1024:.0f} KiB)") if r.kv else ""

@@ -17,7 +17,8 @@ Format ``afsplit-profile/1``; every time is in milliseconds, per layer unless sa
     system:            {engine: {batch, step_overhead_ms, layer_scale, eager_layer_ms},
                         runtime: {batch, step_overhead_ms, exchange_call_ms}}   measured in whole runs of
                        shallow copies of the model (see system_runs.py)
-    balancer:          {expert_ranks: [...], max_over_mean: [...], source}
+    balancer:          {expert_ranks: [...], max_over_mean: [...] (least-loaded over replicas),
+                        round_robin: [...] (no replicas), spare_fraction (replica slots / experts), source}
     assumed:           {memory_reserve_gb, memory_utilization, control_us_per_doubling}
 
 :class:`BlockTimes` turns a profile plus a :class:`ModelShape` into per-block times in seconds: read
@@ -280,12 +281,22 @@ class BlockTimes:
                      lk["inter"].get("gap_us", DEFAULT_INTER_GAP_US) * 1e-6)
         return intra, inter
 
-    def balancer_max_over_mean(self, expert_ranks: int) -> float:
+    def balancer_max_over_mean(self, expert_ranks: int, policy: str = "replicas") -> float:
+        """The balancer's measured max/mean expert-rank load (interpolated in log2 ranks, flat beyond);
+        policy replicas: least-loaded selection over replicas, none: round robin."""
         sec = self.profile.get("balancer")
-        if not sec or expert_ranks <= 1:
+        key = "max_over_mean" if policy == "replicas" else "round_robin"
+        if not sec or key not in sec or expert_ranks <= 1:
             return 1.0
         xs = [math.log2(max(1, n)) for n in sec["expert_ranks"]]
-        return max(1.0, Table1D(tuple(xs), tuple(sec["max_over_mean"]))(math.log2(expert_ranks)))
+        return max(1.0, Table1D(tuple(xs), tuple(sec[key]))(math.log2(expert_ranks)))
+
+    def spare_slots(self, num_experts: int, expert_ranks: int, policy: str) -> int:
+        """Replica slots per expert rank the balancer's measurement had (0 without replicas or with one rank)."""
+        if policy != "replicas" or expert_ranks <= 1:
+            return 0
+        frac = self.profile.get("balancer", {}).get("spare_fraction", 0.0)
+        return math.ceil(frac * num_experts / expert_ranks)
 
     @property
     def gpu_memory_bytes(self) -> float:

@@ -7,7 +7,7 @@ writes ``pareto.png`` (one panel per model x cluster size: every feasible candid
 TPOT and tokens/s/GPU, AF and colocated frontiers), ``frontier.json`` (the frontiers, the best
 candidates at each TPOT bound and the variants) and prints a markdown table of the AF gain at each
 bound. Variants re-run the search with one assumption changed (exchange moving only routed rows;
-a different fixed cost per exchange call) to show what the gain depends on.
+a different fixed cost per exchange call; no expert replicas) to show what the gain depends on.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from pathlib import Path
 BOUNDS_MS = (50.0, 100.0)
 VARIANTS = {"padded exchange (runtime today)": {},
             "exact rows (counts, DeepEP-like)": {"exchange": "exact"},
-            "padded, 0.18 ms per exchange call": {"exchange_call_ms": 0.18}}
+            "padded, 0.18 ms per exchange call": {"exchange_call_ms": 0.18},
+            "padded, no replicas (round robin)": {"balancer": "none"}}
 
 
 def _planner(profile: dict, model: str, gpus: int, gpus_per_node: int, wl, exchange: str = "padded",
-             exchange_call_ms: float | None = None, inter_gbps: float = 400.0, inter_latency_us: float = 5.0):
+             exchange_call_ms: float | None = None, balancer: str = "replicas", inter_gbps: float = 400.0,
+             inter_latency_us: float = 5.0):
     from afsplit.planner.profile_data import BlockTimes
     from afsplit.planner.search import Planner
     from afsplit.planner.shapes import resolve_shape
@@ -38,7 +40,7 @@ def _planner(profile: dict, model: str, gpus: int, gpus_per_node: int, wl, excha
         rt.setdefault("step_overhead_ms", [0.0] * len(rt["batch"]))
     shape = resolve_shape(model, profile["model"].get("dtype", "bfloat16"))
     blocks = BlockTimes(profile, shape)
-    sm = StepModel(blocks, *blocks.links(inter_gbps, inter_latency_us), exchange=exchange)
+    sm = StepModel(blocks, *blocks.links(inter_gbps, inter_latency_us), exchange=exchange, balancer=balancer)
     return Planner(sm, gpus, gpus_per_node, wl)
 
 

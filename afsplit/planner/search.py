@@ -51,6 +51,7 @@ class Candidate:
     memory: list = field(default_factory=list)  # RoleMemory per role (filled for the chosen candidates)
     kv_capacity_seqs: int = 0
     ttft_s: float | None = None
+    spare_slots: int = 0  # replica slots per expert rank the plan gives the balancer
     gain: float | None = None  # tokens/s/GPU over the best colocated candidate
 
     @property
@@ -138,7 +139,7 @@ class Planner:
             n = layout.num_expert_ranks
             return "experts", (f"{layout.label()}: {n} expert ranks > {s.num_experts} experts: {n - s.num_experts} "
                                "ranks would hold no expert (each expert is placed once)")
-        why = memory_problem(s, layout, 0, 0, 1, 1, self.blocks)
+        why = memory_problem(s, layout, 0, 0, 1, 1, self.blocks, self.sm.spare_slots(layout))
         return ("memory", f"{layout.label()}: {why}") if why else None
 
     def point_problem(self, layout, m: int, batch: int) -> tuple[str, str] | None:
@@ -148,7 +149,7 @@ class Planner:
             return "token budget", (f"batch {batch} per attention rank > runtime.max_num_batched_tokens "
                                     f"{self.wl.max_batched_tokens}")
         why = memory_problem(self.shape, layout, batch, self.wl.seq_tokens, m, bucket(math.ceil(batch / m)),
-                             self.blocks)
+                             self.blocks, self.sm.spare_slots(layout))
         return ("memory", f"{layout.label()} batch {batch}: {why}") if why else None
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -159,9 +160,11 @@ class Planner:
 
     def add_memory(self, c: Candidate) -> Candidate:
         """Fill in memory per role and KV capacity (sequences of the workload per attention rank)."""
-        rows = bucket(math.ceil(c.batch / c.m))
-        c.memory = role_memory(self.shape, c.layout, c.batch, self.wl.seq_tokens, c.m, rows, self.blocks)
-        c.kv_capacity_seqs = kv_capacity_tokens(self.shape, c.layout, c.m, rows, self.blocks) // max(1, self.wl.seq_tokens)
+        rows, spare = bucket(math.ceil(c.batch / c.m)), self.sm.spare_slots(c.layout)
+        c.memory = role_memory(self.shape, c.layout, c.batch, self.wl.seq_tokens, c.m, rows, self.blocks, spare)
+        c.kv_capacity_seqs = (kv_capacity_tokens(self.shape, c.layout, c.m, rows, self.blocks, spare)
+                              // max(1, self.wl.seq_tokens))
+        c.spare_slots = spare
         return c
 
     def ttft(self, cand: Candidate) -> float:

@@ -68,11 +68,13 @@ class StepResult:
 class StepModel:
     """Step times of layouts for one model on one profile (see the module docstring)."""
 
-    def __init__(self, blocks, intra, inter, imbalance: float | None = None, exchange: str = "padded"):
+    def __init__(self, blocks, intra, inter, imbalance: float | None = None, exchange: str = "padded",
+                 balancer: str = "replicas"):
         self.blocks, self.shape = blocks, blocks.shape
         self.intra, self.inter = intra, inter
         self.fixed_imbalance = imbalance
         self.exchange = exchange  # padded (the runtime's regions) | exact (routed rows only)
+        self.balancer = balancer  # replicas (least-loaded over replica slots) | none (round robin)
         self._cache: dict = {}  # searches ask for the same blocks many times
 
     def _memo(self, key, fn):
@@ -84,7 +86,14 @@ class StepModel:
     def imbalance(self, expert_ranks: int, mean_pairs: float) -> float:
         if self.fixed_imbalance is not None:
             return self.fixed_imbalance
-        return max(self.blocks.balancer_max_over_mean(expert_ranks), poisson_max_over_mean(expert_ranks, mean_pairs))
+        return max(self.blocks.balancer_max_over_mean(expert_ranks, self.balancer),
+                   poisson_max_over_mean(expert_ranks, mean_pairs))
+
+    def spare_slots(self, layout) -> int:
+        """Replica slots per expert rank (memory; the balancer's measured max/mean assumes them)."""
+        if layout.kind == "engine":
+            return 0
+        return self.blocks.spare_slots(self.shape.num_experts, layout.num_expert_ranks, self.balancer)
 
     def expert_time(self, layout, tokens_per_att_rank: float) -> tuple[float, float]:
         """(seconds, pairs) of the slowest expert rank for one micro-batch of this many tokens per attention rank."""

@@ -101,9 +101,12 @@ H200 = {
     "exchange_call_ms": 0.05, "eager_layer_ms": 0.9,
 }
 
-# balancer-h100.json: least-loaded selection with replicas, Zipf 1.0, 4096 tokens x top-8 over 128 experts
+# balancer-h100.json, Zipf 1.0, 4096 tokens x top-8 over 128 experts: max/mean expert-rank load with
+# least-loaded selection over replicas (32 spare slots in all: a quarter of the experts again), and
+# round robin without replicas
 BALANCER_MEASURED = {"expert_ranks": [1, 4, 8, 16], "max_over_mean": [1.0, 1.0001, 1.0007, 1.0029],
-                     "source": "docs/benchmarks/balancer-h100.json (least_loaded, Zipf 1.0, with replicas)"}
+                     "round_robin": [1.0, 1.0543, 1.4197, 2.1333], "spare_fraction": 0.25,
+                     "source": "docs/benchmarks/balancer-h100.json (Zipf 1.0; least_loaded with replicas, round_robin)"}
 
 
 def h200_estimate(shape: ModelShape, inter_gbps: float = 400.0, inter_latency_us: float = 5.0,

@@ -122,7 +122,7 @@ def predict(run: RecordedRun, profile: dict):
     layout = layout_from_topology(cfg.topology.topology, engine=engine)
     shape = shape_from_config(cfg)
     blocks = BlockTimes(profile, shape)
-    sm = StepModel(blocks, *blocks.links())
+    sm = StepModel(blocks, *blocks.links(), balancer="none" if cfg.balancer.replicas == "none" else "replicas")
     rt = cfg.runtime
     # decode steps run as CUDA graphs unless off, profiling, or (distributed) row counts read on the host
     graphs = rt.cuda_graphs and not rt.profile and (engine or cfg.comm.metadata == "padded")
