@@ -88,9 +88,9 @@ def test_shapes_and_padded_exchange_bytes():
 
 def test_exchange_links_and_two_phase():
     """direct within a node is one NVLink stage; across nodes two_phase sends fewer, larger messages."""
-    shape = QWEN
-    intra = BlockTimes(profile(), shape).links()[0]
     from afsplit.planner.profile_data import Link
+
+    shape = QWEN
 
     intra, inter = Link(2e-6, 200e9), Link(5e-6, 50e9, 4e-6)
     one = L.af_per_node(2, 2, 1)
