@@ -179,16 +179,17 @@ def resolve_shape(model: str, dtype: str = "bfloat16") -> ModelShape:
 
 
 def shape_from_config(config) -> ModelShape:
-    """The model a loaded afsplit Config serves (preset or directory), in its dtype."""
-    m = config.model
-    if m.path and (Path(m.path) / "config.json").exists():
-        from afsplit.models.spec import read_model_spec
+    """The model a loaded afsplit Config serves (afsplit.engine.model_spec's answer), in its dtype."""
+    from afsplit.engine import model_spec
 
-        return shape_from_spec(read_model_spec(m.path), Path(m.path).name, m.dtype, m.path)
-    if m.preset:
-        return resolve_shape(m.preset, m.dtype)
-    raise ConfigError(f"{config.source}: model: needs a preset or a directory with config.json to be profiled or "
-                      "predicted")
+    m = config.model
+    spec = model_spec(config)
+    if spec is None:
+        raise ConfigError(f"{config.source}: model: needs a preset or a directory with config.json to be profiled or "
+                          "predicted")
+    from_dir = bool(m.path) and (Path(m.path) / "config.json").exists()
+    name = Path(m.path).name if from_dir else m.preset
+    return shape_from_spec(spec, name, m.dtype, m.path if from_dir else f"preset {m.preset}")
 
 
 def preset_config_json(model: str) -> dict:
