@@ -337,8 +337,9 @@ def test_profile_on_cpu_tiny_model_end_to_end(tmp_path, capsys):
     prof = json.loads(out.read_text())
     check_profile(prof)
     pts = prof["system"]["points"]
-    assert set(pts["engine"]["graphs"]) == {"1", "2"} or pts["engine"]["graphs"]  # both depths ran
-    assert len(pts["runtime"]) == 2 or prof["system"].get("errors"), prof["system"]
+    # both depths ran in both modes (timings on a busy CPU are noise: only the mechanics are checked)
+    assert set(pts["engine"]["graphs"]) == {"1", "2"} and set(pts["engine"]["eager"]) == {"1", "2"}
+    assert set(pts["runtime"]) == {"1", "2"}, prof["system"].get("errors")
     capsys.readouterr()
     assert main(["plan", "--model", str(tmp_path / "tiny"), "--profile", str(out), "--gpus", "2",
                  "--tpot-ms", "1e9", "--max-batch", "8"]) == 0
