@@ -182,7 +182,9 @@ def main(argv=None) -> int:
     meta = {"profile": args.profile, "profile_kind": prof.get("kind"), "device": prof.get("device"),
             "workload": {"input_len": wl.input_len, "output_len": wl.output_len}, "network": "400 Gb/s, 5 us",
             "gpus_per_node": args.gpus_per_node}
-    (out / "frontier.json").write_text(json.dumps({"meta": meta, "results": result}, indent=1))
+    # one line per (model, cluster size): small, and diffs stay readable
+    lines = [f"  {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in result.items()]
+    (out / "frontier.json").write_text(f'{{"meta": {json.dumps(meta)},\n "results": {{\n' + ",\n".join(lines) + "}}\n")
     title = (f"Predicted Pareto frontiers, {prof.get('device')} ({prof.get('kind')} profile), "
              f"{wl.input_len} in / {wl.output_len} out, 400 Gb/s network")
     plot(result, models, gpus, out / "pareto.png", title)
