@@ -5,6 +5,9 @@
     afsplit check-config FILE [--set k=v ...]
     afsplit make-tiny FAMILY DIR [--seed N]
     afsplit plan-experts --stats STATS.jsonl --topology CONFIG.yaml --out PLACEMENT.yaml
+    afsplit profile --config FILE --out PROFILE.json
+    afsplit plan --model PRESET_OR_DIR --profile PROFILE.json --gpus N --gpus-per-node G --tpot-ms 50 [--out CONFIG.yaml]
+    afsplit plan validate --profile PROFILE.json DIR...
 
 Errors caused by input are printed as one line (`afsplit: error: ...`) with exit status 2.
 """
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pe = sub.add_parser("plan-experts", help="plan expert replicas from recorded activation counts", add_help=False)
     pe.add_argument("rest", nargs=argparse.REMAINDER)
+    for name, text in (("profile", "measure the deployment planner's building blocks (GPU)"),
+                       ("plan", "size a deployment for a TPOT bound; `plan validate` checks the model")):
+        sub.add_parser(name, help=text, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "plan-experts":
         return _plan_experts(argv[1:])
+    if argv and argv[0] in ("plan", "profile"):
+        return _planner(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
@@ -105,6 +113,16 @@ def _plan_experts(argv: list[str]) -> int:
         return 2
     try:
         return plan_experts_main(argv)
+    except AfsplitError as e:
+        print(f"afsplit: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _planner(command: str, argv: list[str]) -> int:
+    from afsplit.planner import cli as planner_cli
+
+    try:
+        return planner_cli.main(argv) if command == "plan" else planner_cli.profile_main(argv)
     except AfsplitError as e:
         print(f"afsplit: error: {e}", file=sys.stderr)
         return 2
