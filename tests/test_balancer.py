@@ -355,6 +355,7 @@ def test_gather_counts_gloo(tmp_path):
         assert torch.equal(torch.load(tmp_path / f"res.{r}"), want)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_and_graph_capture():
     g = torch.Generator().manual_seed(5)

@@ -51,6 +51,7 @@ class RunStats:
         tpot = sorted(self.decode_step_s)
         out = {
             "steps": self.steps, "wall_s": self.wall_s, "generated_tokens": self.generated_tokens,
+            "prompt_tokens": self.prompt_tokens,
             "output_throughput": self.generated_tokens / self.wall_s if self.wall_s else 0.0,
             "tokens_per_s_per_gpu": self.generated_tokens / self.wall_s / self.world_size if self.wall_s else 0.0,
             "decode_step_ms_mean": 1e3 * sum(tpot) / len(tpot) if tpot else None,
