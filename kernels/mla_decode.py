@@ -79,7 +79,7 @@ if HAS_TRITON:
             s = tl.dot(q_lat, tl.trans(c), input_precision=DOT_PREC)
             s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=DOT_PREC) * qk_scale
             s = tl.where(nmask[None, :], s, float("-inf"))
-            acc, l_i, m_i = _update(acc, l_i, m_i, s, c, False, DOT_PREC)  # each tile of a slice has a key
+            acc, l_i, m_i = _update(acc, l_i, m_i, s, c, 1.0, False, DOT_PREC)  # s is scaled; each tile has a key
 
         omask = hmask[:, None] & rmask[None, :]
         if SINGLE:

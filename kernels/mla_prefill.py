@@ -90,7 +90,7 @@ if HAS_TRITON:
             rows = (k_start + n0 + offs_nb).to(tl.int64)
             s, v = _mla_tile(q_nope, q_pe, kn_ptr, kp_ptr, v_ptr, rows, offs_nb >= 0, h, s_knt, s_knh, s_kpt,
                              s_vt, s_vh, offs_dn, offs_dr, offs_dv, DN, DR, DV, DOT_PREC)
-            acc, l_i, m_i = _update(acc, l_i, m_i, s * qk_scale, v, False, DOT_PREC)
+            acc, l_i, m_i = _update(acc, l_i, m_i, s * qk_scale, v, 1.0, False, DOT_PREC)  # s is scaled
         # the rest, up to the block's last query: causal mask
         hi = tl.minimum(P + m0 + BLOCK_M, Lk)
         for n0 in range(full, hi, BLOCK_N):
@@ -101,7 +101,7 @@ if HAS_TRITON:
                              s_vt, s_vh, offs_dn, offs_dr, offs_dv, DN, DR, DV, DOT_PREC)
             valid = kmask[None, :] & (offs_n[None, :] <= qpos[:, None])
             s = tl.where(valid, s * qk_scale, float("-inf"))
-            acc, l_i, m_i = _update(acc, l_i, m_i, s, v, True, DOT_PREC)
+            acc, l_i, m_i = _update(acc, l_i, m_i, s, v, 1.0, True, DOT_PREC)  # s is scaled
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l == 0 only on padded rows (not stored)
         tl.store(o_ptr + q_rows[:, None] * s_ot + h * s_oh + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
