@@ -1,6 +1,6 @@
 """Ping-pong proof on CPU: does micro-batch u's exchange and expert work overlap u + 1's attention?
 
-    python -m launch.overlap_check [--m 1,2,3] [--layers 6] [--requests 8] [--new-tokens 12] [--cost-ms 10]
+    python -m launch.overlap_check [--m 1,2,3] [--layers 6] [--requests 8] [--new-tokens 12] [--cost-ms 20]
                                    [--out docs/benchmarks/overlap-cpu.json]
 
 Runs the real distributed runtime (torchrun processes, gloo, 2 attention + 2 expert ranks of a
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=6, help="MoE layers of the tiny model (more layers: less pipeline fill)")
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=12)
-    ap.add_argument("--cost-ms", type=float, default=10.0, help="injected attention cost per token per layer")
+    ap.add_argument("--cost-ms", type=float, default=20.0, help="injected attention cost per token per layer")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--workdir", help="keep the model, configs and per-run results here")
     ap.add_argument("--out", help="write the results as JSON here")
