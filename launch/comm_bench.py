@@ -327,7 +327,7 @@ def worker(ns) -> None:
                 bw = inter_total / med if med > 0 else 0.0
                 bw_intra = intra_total / med if med > 0 else 0.0
                 intra_ceiling = max([c for c in intra_ceilings.values() if c], default=None)
-                row = {"transport": name, "mover": movers.get(name, "nccl"), "mode": mode, "tokens": T,
+                row = {"transport": name, "mover": movers.get(name, ctx.backend), "mode": mode, "tokens": T,
                        "hidden": hidden, "median_us": med * 1e6, "p99_us": _pct(tot, 0.99) * 1e6,
                        "dispatch_median_us": statistics.median(d_it) * 1e6, "dispatch_p99_us": _pct(d_it, 0.99) * 1e6,
                        "combine_median_us": statistics.median(c_it) * 1e6, "combine_p99_us": _pct(c_it, 0.99) * 1e6,

@@ -201,3 +201,23 @@ def test_gpu_symmetric_memory_matches_nccl(spec, transports):
     for _ok, v in res:
         assert not v["failures"], "\n".join(v["failures"][:10])
         assert all(m == ("symm_mem" if k.endswith("symm_mem") else "nccl") for k, m in v["movers"].items()), v
+
+
+# ---- the 2-GPU script's step profiler (launch/step_profile.py): its split of a trace
+
+
+def test_step_profile_split_of_a_trace():
+    from launch.step_profile import split_trace
+
+    def k(name, ts, dur, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [k("_decode_split_kernel", 0, 10), k("ncclDevKernel_SendRecv", 5, 20), k("_moe_gate_up_kernel", 30, 5),
+              k("Memcpy DtoD (Device -> Device)", 40, 2, "gpu_memcpy"), k("c10d::symmetric_memory::barrier_kernel", 41, 4),
+              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 100}]
+    out = split_trace(events)
+    assert out["window_ms"] == pytest.approx(45e-3) and out["kernels"] == 5
+    # compute 0-10, exchange exposed 10-25 and 40-45, idle 25-30 and 35-40, experts 30-35
+    assert out["split_ms"] == pytest.approx({"experts": 5e-3, "compute": 10e-3, "exchange": 20e-3, "idle": 10e-3})
+    assert out["busy_ms"] == pytest.approx({"experts": 5e-3, "compute": 10e-3, "exchange": 25e-3})
+    assert split_trace([]) == {"window_ms": 0.0, "kernels": 0}

@@ -14,7 +14,10 @@ to receive into another (both in peer order, contiguous). A mover moves them:
 
 Every mover has ``move(channel, send, send_segs, recv, recv_segs, layer, what, start, stage)``
 (`stage` = (route plan, stage index, P, backward): what the symmetric-memory mover needs to know
-where its rows land in the peers' layouts) returning the works still in flight (gloo sends).
+where its rows land in the peers' layouts) returning the works still in flight (gloo sends), and
+``settle(channel, layer, start)`` / ``clear()`` for what it keeps in flight itself; the NCCL and
+gloo movers also move a part of a stage (``move_subset``: the inter-node rows of a
+symmetric-memory stage).
 """
 
 from __future__ import annotations
@@ -39,6 +42,4 @@ def select_mover(ctx, watch, intra_node: str, metadata: str, channels: list, buf
     links where `intra_node` asks for it and the machine allows (see symm_mem.attach: falls back, logged).
     `buffers`: [(name, rows, bytes per row)] of the channel buffers peers write into."""
     base = make_mover(ctx.backend, watch, ctx.world_size, ctx.rank, collective)
-    # the inter-node part of a symmetric-memory stage is a subset of its segments: per-peer on gloo
-    inter = base if ctx.backend == "nccl" else GlooMover(watch, ctx.world_size, ctx.rank)
-    return attach(ctx, base, intra_node, metadata, channels, buffers, watch, inter)
+    return attach(ctx, base, intra_node, metadata, channels, buffers, watch)

@@ -22,11 +22,14 @@ class GlooMover:
 
     def move(self, ch, send, send_segs, recv, recv_segs, layer, what: str, start: float, stage=None) -> list:
         """Receives are complete when this returns; the pending sends are returned as works
-        [(work, peer, SEND)] to be waited on before `send` is written again. Any subset of a stage's
-        segments may be given (per-peer P2P), except in the collective form (a whole stage)."""
-        group, rank = ch.data_group, self.rank
+        [(work, peer, SEND)] to be waited on before `send` is written again."""
         if self.collective:
-            return self._collective(group, send, send_segs, recv, recv_segs, layer, what, start)
+            return self._collective(ch.data_group, send, send_segs, recv, recv_segs, layer, what, start)
+        return self.move_subset(ch, send, send_segs, recv, recv_segs, layer, what, start)
+
+    def move_subset(self, ch, send, send_segs, recv, recv_segs, layer, what: str, start: float) -> list:
+        """Any of a stage's segments, per-peer P2P."""
+        group, rank = ch.data_group, self.rank
         works = []
         for q, off, n in recv_segs:
             if n and q != rank:

@@ -30,32 +30,38 @@ class NcclMover:
         pass
 
     def move(self, ch, send, send_segs, recv, recv_segs, layer, what: str, start: float, stage=None) -> list:
-        """Move send[off:off+n] to each peer's recv segment; returns no works (stream-ordered).
+        """Move send[off:off+n] to each peer's recv segment (a whole stage: the segments tile both buffers in
+        peer order) as one all_to_all_single; returns no works (stream-ordered)."""
+        if not (_tiles(send_segs) and _tiles(recv_segs)):
+            raise ValueError("NcclMover.move needs a whole stage's segments; use move_subset for a part of them")
+        s_in, s_out, n_in, n_out, peers = self._splits_of(send_segs, recv_segs)
+        # every rank calls every stage (even with nothing to move): the group's calls stay in one order
+        dist.all_to_all_single(recv[:n_out], send[:n_in], s_out, s_in, group=ch.data_group)
+        self.watch.track(layer, what, start, peers)
+        return []
 
-        A whole stage's segments tile both buffers: one all_to_all_single. A subset of them (the
-        inter-node part of a stage whose intra-node part goes over symmetric memory) does not: one
-        all_to_all over per-peer views (zero-sized for the others)."""
+    def move_subset(self, ch, send, send_segs, recv, recv_segs, layer, what: str, start: float) -> list:
+        """Some of a stage's segments (the inter-node part when symmetric memory moves the intra-node one):
+        one all_to_all over per-peer views, zero-sized for the other peers. Every rank of the group calls it."""
+        peers = self._splits_of(send_segs, recv_segs)[4]
+        ins, outs = [send[:0]] * self.world, [recv[:0]] * self.world
+        for q, o, n in send_segs:
+            ins[q] = send[o:o + n]
+        for q, o, n in recv_segs:
+            outs[q] = recv[o:o + n]
+        dist.all_to_all(outs, ins, group=ch.data_group)
+        self.watch.track(layer, what, start, peers)
+        return []
+
+    def _splits_of(self, send_segs, recv_segs):
         key = (tuple(send_segs), tuple(recv_segs))
-        plan = self._splits.get(key)
-        if plan is None:
+        splits = self._splits.get(key)
+        if splits is None:
             s_in, s_out = [0] * self.world, [0] * self.world
             for q, _o, n in send_segs:
                 s_in[q] = n
             for q, _o, n in recv_segs:
                 s_out[q] = n
-            whole = _tiles(send_segs) and _tiles(recv_segs)
             peers = sorted({q for q, _o, n in recv_segs if n and q != self.rank})
-            plan = self._splits[key] = (whole, s_in, s_out, sum(s_in), sum(s_out), peers)
-        whole, s_in, s_out, n_in, n_out, peers = plan
-        # every rank calls every stage (even with nothing to move): the group's calls stay in one order
-        if whole:
-            dist.all_to_all_single(recv[:n_out], send[:n_in], s_out, s_in, group=ch.data_group)
-        else:
-            ins, outs = [send[:0]] * self.world, [recv[:0]] * self.world
-            for q, o, n in send_segs:
-                ins[q] = send[o:o + n]
-            for q, o, n in recv_segs:
-                outs[q] = recv[o:o + n]
-            dist.all_to_all(outs, ins, group=ch.data_group)
-        self.watch.track(layer, what, start, peers)
-        return []
+            splits = self._splits[key] = (s_in, s_out, sum(s_in), sum(s_out), peers)
+        return splits

@@ -220,7 +220,8 @@ def provider():
 
 
 class SymmMemMover:
-    """Moves a stage's intra-node rows through symmetric memory and the rest through `inter` (NCCL/gloo)."""
+    """Moves a stage's intra-node rows through symmetric memory and the rest through `inter` (the backend's
+    mover: NCCL, or gloo in the CPU tests)."""
 
     name = "symm_mem"
 
@@ -253,7 +254,7 @@ class SymmMemMover:
         inter_send, inter_recv, own, copies, receives = ops
         works = []
         if w.inter:  # every rank joins, even with nothing of its own to send: one order of calls per channel
-            works = self.inter.move(ch, send, inter_send, recv, inter_recv, layer, what, start)
+            works = self.inter.move_subset(ch, send, inter_send, recv, inter_recv, layer, what, start)
         for off, r_off, n in own:
             recv[r_off:r_off + n].copy_(send[off:off + n])
         for off, n, dst in copies:
@@ -391,13 +392,13 @@ def _all_ok(ctx, ok: bool) -> bool:
 
 
 def attach(ctx, base, intra_node: str, metadata: str, channels: list, buffers: list[tuple[str, int, int]],
-           watch: PeerWatch, inter=None):
+           watch: PeerWatch):
     """The mover of an exchange (collective over all ranks; every rank gets the same kind).
 
     `base` moves every link unless symmetric memory is chosen and set up on every rank; then each
     channel gets a window holding `buffers` ([(name, rows, bytes per row)], the channel's receive
     buffers, sized for the largest rank) and the returned mover sends intra-node rows through it and
-    the rest through `inter` (default `base`)."""
+    the rest through `base` (its move_subset)."""
     from comm.channel import add_node_groups
 
     reason = static_reason(ctx, intra_node, metadata)
@@ -432,6 +433,6 @@ def attach(ctx, base, intra_node: str, metadata: str, channels: list, buffers: l
     for ch, win in zip(mine, windows):
         ch.use_window(win, regions)
     _log_once(ctx, f"comm.intra_node: {intra_node} -> symm_mem ({prov.name}) for intra-node links, "
-                   f"{(inter or base).name} across nodes; {len(channels)} channel window(s) of "
+                   f"{base.name} across nodes; {len(channels)} channel window(s) of "
                    f"{nbytes / 2**20:.1f} MiB per rank")
-    return SymmMemMover(inter or base, ctx.topology, watch, ctx.world_size, ctx.rank, nbytes)
+    return SymmMemMover(base, ctx.topology, watch, ctx.world_size, ctx.rank, nbytes)
