@@ -18,7 +18,8 @@ rank issues the same calls in the same order.
 Rows: a token goes once to each expert rank holding one of its top-k slots (its row carries all K
 slot ids, -1 elsewhere: comm/pack.py). Every (attention rank, expert rank) pair is a *key*; a
 transport (comm/transports/) routes every key through up to 3 stages (direct: one hop; two_phase:
-node gateway -> network -> entry rank), and a mover (comm/movers/) moves each stage's segments.
+node gateway -> network -> entry rank), and a mover (comm/movers/) moves each stage's segments: NCCL or
+gloo for every link, or (``intra_node``) torch symmetric memory for intra-node links, NCCL across nodes.
 
 Metadata:
 
