@@ -25,7 +25,7 @@
 #          --warmup, --stats-json: AF 1A+1E m = 1, 2, 3, auto (intra_node auto), AF m = 2 over NCCL, colocated 2,
 #          and the single-GPU engine on GPU 0 (PERF_RUNS="single af-m1 ..." picks runs; a later call can finish
 #          what a deadline skipped)
-# profile: launch/step_profile.py: one replayed decode step per rank under torch.profiler at 256 x (512 in, 40 out)
+# profile: launch/step_profile.py: one replayed decode step per rank under torch.profiler at 256 x (512 in, 64 out)
 #          (AF 1A+1E m = 2, colocated 2, single-GPU engine): GPU window split into experts / compute / exchange / idle
 #
 # Everything lands in $OUT: results-<parts>.tar.gz (all raw JSON, logs, traces), summary-<parts>.md (markdown tables
@@ -148,13 +148,13 @@ fi
 
 if [[ " $PARTS " == *" profile "* ]]; then
   t0=$SECONDS; mkdir -p "$R/profile"
-  P=$(prompts 256 40)
+  P=$(prompts 256 64)  # all 256 decode together from step ~17 (16 prompts of 512 per 8192-token step) to ~64
   prof() {  # name seconds launcher... (its afsplit arguments follow the wrapper's --)
     local name=$1 secs=$2; shift 2
     run "profile/$name" "$secs" "$@" --prompts-file "$P" "${GEN[@]}"
     grep -h "step_profile:" "$R/profile/$name.log"
   }
-  SP=(-m launch.step_profile --replay 30)
+  SP=(-m launch.step_profile --replay 15)  # the 15th replayed step of the measured run: ~step 32, batch 256
   prof af-m2 170 torchrun --nproc-per-node 2 "${SP[@]}" --out "$R/profile/af-m2" -- generate --config $AF \
     --set runtime.micro_batches=2
   prof colocated2 170 torchrun --nproc-per-node 2 "${SP[@]}" --out "$R/profile/colocated2" -- generate --config $COL
