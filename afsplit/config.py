@@ -82,6 +82,9 @@ class CommConfig:
     # padded: fixed regions sized by one token-count vote per step, no headers, captured in CUDA graphs;
     # counts: exact-sized payloads after a row-count header per stage (fewer bytes, a host sync per layer)
     metadata: str = field(default="padded", metadata=_choices("padded", "counts"))
+    # intra-node links: auto (symmetric memory when NCCL, the torch build and >= 2 ranks on a node allow; else
+    # NCCL, logged), nccl, or symm_mem (falls back to NCCL when unavailable, logged; needs metadata: padded)
+    intra_node: str = field(default="auto", metadata=_choices("auto", "nccl", "symm_mem"))
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,9 @@ def validate(config: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"{where}: runtime.micro_batches: expected an integer >= 1 or 'auto', got {r.micro_batches!r}")
     if config.comm.timeout_s <= 0:
         raise ConfigError(f"{where}: comm.timeout_s: must be > 0")
+    if config.comm.intra_node == "symm_mem" and config.comm.metadata != "padded":
+        raise ConfigError(f"{where}: comm.intra_node: symm_mem needs comm.metadata: padded (exact counts are known "
+                          "only at run time); set comm.metadata: padded or comm.intra_node: auto")
     _validate_topology(t, where, world_size)
     b = config.balancer
     if b.replicas not in ("none", "auto") and not b.replicas.endswith((".yaml", ".yml")):

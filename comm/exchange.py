@@ -18,7 +18,8 @@ rank issues the same calls in the same order.
 Rows: a token goes once to each expert rank holding one of its top-k slots (its row carries all K
 slot ids, -1 elsewhere: comm/pack.py). Every (attention rank, expert rank) pair is a *key*; a
 transport (comm/transports/) routes every key through up to 3 stages (direct: one hop; two_phase:
-node gateway -> network -> entry rank), and a mover (comm/movers/) moves each stage's segments.
+node gateway -> network -> entry rank), and a mover (comm/movers/) moves each stage's segments: NCCL or
+gloo for every link, or (``intra_node``) torch symmetric memory for intra-node links, NCCL across nodes.
 
 Metadata:
 
@@ -50,7 +51,7 @@ import torch.distributed as dist
 
 from comm.channel import Channel, make_channels
 from comm.layout import Held, RowBuffer, StageLayout, capacity, plan_stage
-from comm.movers import make_mover
+from comm.movers import select_mover
 from comm.pack import pack, route_rows, sum_partials
 from comm.peer_watch import RECV, SEND, PeerWatch
 from comm.transports import ROUTES, TRANSPORTS, build_plan
@@ -94,11 +95,13 @@ class MoEExchange:
 
     def __init__(self, ctx, hidden: int, top_k: int, dtype: torch.dtype, max_tokens_per_rank: int,
                  transport: str = "direct", metadata: str = "padded", timeout_s: float = 120.0, channels: int = 1,
-                 link_model: LinkModel | None = None, attention_groups: bool = False, collective: bool | None = None):
+                 link_model: LinkModel | None = None, attention_groups: bool = False, collective: bool | None = None,
+                 intra_node: str = "auto"):
         """channels: micro-batches that may be in flight at once. attention_groups: give every channel a
         group of the attention ranks (replica choice exchanges token counts over it). link_model: skip the
         start-up calibration (adaptive). collective: on gloo, move padded stages as one all_to_all_single
-        like NCCL does (tests check that path's layout on CPU)."""
+        like NCCL does (tests check that path's layout on CPU). intra_node: auto | nccl | symm_mem, how
+        intra-node links move (comm/movers/symm_mem.py; falls back to the backend's mover, logged)."""
         if transport not in TRANSPORTS:
             raise ValueError(f"comm.transport: {transport!r} is not one of {', '.join(TRANSPORTS)}")
         if metadata not in METADATA:
@@ -114,14 +117,17 @@ class MoEExchange:
         self.n_experts = len(self.topo.expert_ranks)
         self.nccl = ctx.backend == "nccl"
         self.watch = PeerWatch(self.topo, self.rank, timeout_s)
-        self.mover = make_mover(ctx.backend, self.watch, collective)
         self.plans = {name: build_plan(self.topo, name) for name in ROUTES}
         self.channels: list[Channel] = make_channels(ctx, channels, attention_groups, metadata == "counts")
         self.row_bytes = hidden * itemsize + 8 * top_k
+        # the backend's mover, or symmetric memory for intra-node links (then the receive buffers live in it)
+        self.mover = select_mover(ctx, self.watch, intra_node, metadata, self.channels,
+                                  self._receive_buffers(hidden * itemsize), collective)
         self.link_model: LinkModel | None = None
         self.cost: dict[str, CostModel] = {}
-        if transport == "adaptive":
-            self.link_model = link_model or calibrate(ctx)
+        if transport == "adaptive":  # intra-node links are timed through the mover in use
+            link = self.mover.link(self.channels[0]) if hasattr(self.mover, "link") else None
+            self.link_model = link_model or calibrate(ctx, intra_link=link)
             self.cost = {n: CostModel(p, self.link_model, top_k, self.row_bytes, hidden * itemsize,
                                       exact=metadata == "counts") for n, p in self.plans.items()}
         self._choice: dict[int, str] = {}
@@ -188,6 +194,7 @@ class MoEExchange:
 
     def close(self) -> None:
         self.watch.clear()
+        self.mover.clear()
         for ch in self.channels:
             ch.pending_sends.clear()
 
@@ -267,6 +274,10 @@ class MoEExchange:
                 back = self._run_stage_back(ch, h, stage, y, layer, start)
                 y = back.raw
         if not self.is_attention:
+            # a capture must end with every forked stream joined: the caller's stream waits for the sends
+            # (eagerly it need not: the next dispatch on the channel joins them, drain() the last ones)
+            if ch.stream is not None and torch.cuda.is_current_stream_capturing():
+                torch.cuda.current_stream(self.device).wait_stream(ch.stream)
             return None
         if ch.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(ch.stream)
@@ -302,8 +313,8 @@ class MoEExchange:
         recv = self._buf(ch, plan, f"recv{s}", s + 1, meta=True)
         send_raw = send.raw if send is not None else recv.raw[:0]
         self._count(stage.send, send_raw.shape[1] if send is not None else 0)
-        ch.pending_sends += self.mover.move(ch.data_group, self.world, self.rank, send_raw, stage.send, recv.raw,
-                                            stage.recv, layer, "dispatch", start)
+        ch.pending_sends += self.mover.move(ch, send_raw, stage.send, recv.raw, stage.recv, layer, "dispatch", start,
+                                            (plan, s, self.P, False))
         return recv
 
     def _run_stage_back(self, ch: Channel, h: Handle, stage: StageLayout, y_raw: torch.Tensor | None,
@@ -316,8 +327,8 @@ class MoEExchange:
         if y_raw is None:
             y_raw = back.raw[:0]
         self._count(stage.recv, back.raw.shape[1])
-        ch.pending_sends += self.mover.move(ch.data_group, self.world, self.rank, y_raw, stage.recv, back.raw,
-                                            stage.send, layer, "combine", start)
+        ch.pending_sends += self.mover.move(ch, y_raw, stage.recv, back.raw, stage.send, layer, "combine", start,
+                                            (plan, s, h.P, True))
         if stage.perm is None:
             return back
         held = self._buf(ch, plan, f"yheld{s}", s, meta=False)
@@ -331,6 +342,20 @@ class MoEExchange:
         if t is None:  # built eagerly before any capture of this P (a graph cannot copy from the host)
             t = self._layouts[key] = torch.tensor([r * self.P for r in self._region_of[route]], device=self.device)
         return t
+
+    def _receive_buffers(self, x_bytes: int) -> list[tuple[str, int, int]]:
+        """The buffers peers write into, [(name, rows, bytes per row)], each sized for the largest rank (a
+        symmetric-memory window lays them out alike on every rank): recv{s} (dispatch) and ysend{s} (combine)
+        of every active stage of the routes this exchange may take."""
+        routes = list(self.plans) if self.transport == "adaptive" else [self.transport]
+        out = []
+        for name in routes:
+            plan = self.plans[name]
+            for s in plan.active_stages:
+                for buf, at, row_bytes in ((f"recv{s}", s + 1, self.row_bytes), (f"ysend{s}", s, x_bytes)):
+                    rows = max(capacity(plan, q, at, self.max_tokens) for q in range(self.world)) + 1  # + scratch
+                    out.append((f"{name}.{buf}", rows, row_bytes))
+        return out
 
     def _buf(self, ch: Channel, plan: RoutePlan, name: str, s: int, meta: bool) -> RowBuffer:
         cap = capacity(plan, self.rank, s, self.max_tokens)
@@ -413,10 +438,12 @@ class MoEExchange:
             yield
 
     def _wait_sends(self, ch: Channel, layer, start: float) -> None:
-        """gloo: the sends from this channel's buffers must be complete before the buffers are written again."""
+        """gloo: the sends from this channel's buffers must be complete before the buffers are written again
+        (and whatever else the mover left in flight on the channel: host-side barriers, CPU tests)."""
         if ch.pending_sends:
             works, ch.pending_sends = ch.pending_sends, []
             self.watch.wait(works, layer, "exchange", start)
+        self.mover.settle(ch, layer, start)
 
     def _choose(self, P: int) -> str:
         choice = self._choice.get(P)

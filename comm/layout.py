@@ -30,13 +30,19 @@ class RowBuffer:
     """A preallocated ``[cap + 1, rowbytes]`` uint8 buffer with typed views of its columns.
 
     Row ``cap`` is a scratch row: packing writes rows that do not exist there, and it stays zero in
-    combine buffers, so gathering it reads a zero partial.
+    combine buffers, so gathering it reads a zero partial. ``storage``: lay the buffer over these
+    (already zeroed) flat uint8 bytes instead of allocating (a symmetric-memory window).
     """
 
-    def __init__(self, cap: int, hidden: int, top_k: int, dtype: torch.dtype, device, meta: bool):
+    def __init__(self, cap: int, hidden: int, top_k: int, dtype: torch.dtype, device, meta: bool,
+                 storage: torch.Tensor | None = None):
         xb = hidden * torch.empty((), dtype=dtype).element_size()
         self.cap, self.scratch = cap, cap
-        self.raw = torch.zeros(cap + 1, xb + (8 * top_k if meta else 0), dtype=torch.uint8, device=device)
+        row_bytes = xb + (8 * top_k if meta else 0)
+        if storage is None:
+            self.raw = torch.zeros(cap + 1, row_bytes, dtype=torch.uint8, device=device)
+        else:
+            self.raw = storage[:(cap + 1) * row_bytes].view(cap + 1, row_bytes)
         self.x = self.raw[:, :xb].view(dtype)
         if meta:
             self.ids = self.raw[:, xb:xb + 4 * top_k].view(torch.int32)

@@ -8,7 +8,10 @@ itself: its bf16-vs-fp32 prefill-logit error on the same prompts (on the GPU). T
 single-process engine and the runtime (AF and colocated layouts, as a simulated cluster) pass when
 their prefill-logit error is within 1.5x that yardstick + 1e-2. The runtime is also compared with
 the single-GPU engine directly (same kernels and dtype: only batching and summation order differ),
-and greedy-token match rates are reported.
+and greedy-token match rates are reported. Layouts named ``... symm_mem`` move intra-node rows
+through torch symmetric memory (``comm.intra_node``); they fail if the run fell back to NCCL (every
+rank records its mover), and report their largest logit difference over every step from the same
+layout's ``... nccl`` run (``all_steps_vs_nccl_err``: the movers only copy bytes, so 0 is expected).
 """
 
 import argparse
@@ -58,18 +61,19 @@ def run_runtime(model_dir, prompts, nodes, work: Path, metadata="counts", comm=N
     logits = {}
     for f in work.glob("logits-rank*.pt"):
         logits.update(torch.load(f))
-    return tokens, logits
+    movers = sorted({f.read_text() for f in work.glob("mover-rank*.txt")})  # the same on every rank
+    return tokens, logits, ",".join(movers)
 
 
 def prefill_err(ref, got) -> float:
-    (_, rl), (_, gl) = ref, got
+    rl, gl = ref[1], got[1]
     return max(((gl[r][0].double().cpu() - rl[r][0].double().cpu()).norm() / rl[r][0].double().norm()).item()
                for r in rl)
 
 
 def steps_err(base, got) -> float:
     """Largest relative logit error over every step (prefill and decodes) up to the first token that differs."""
-    (bt, bl), (gt, gl) = base, got
+    (bt, bl), (gt, gl) = base[:2], got[:2]
     errs = []
     for r in bl:
         for i, (a, b) in enumerate(zip(bl[r], gl[r])):
@@ -80,7 +84,7 @@ def steps_err(base, got) -> float:
 
 
 def compare(ref, got, yardstick: float):
-    (rt, _), (gt, _) = ref, got
+    rt, gt = ref[0], got[0]
     err = prefill_err(ref, got)
     match = sum(a == b for r in rt for a, b in zip(rt[r], gt[r])) / sum(len(v) for v in rt.values())
     first = sum(rt[r][0] == gt[r][0] for r in rt) / len(rt)
@@ -123,7 +127,20 @@ def main():
             "AF 1A+1E": ([{"attention": 1, "expert": 1}], "counts"), "colocated 2": ([{"colocated": 2}], "counts"),
             "AF 1A+1E graphs": ([{"attention": 1, "expert": 1}], "padded"),
             "colocated 2 graphs": ([{"colocated": 2}], "padded"),
-            "AF 2 nodes 1A|1E two_phase graphs": ([{"attention": 1}, {"expert": 1}], "padded", {"transport": "two_phase"})})
+            "AF 2 nodes 1A|1E two_phase graphs": ([{"attention": 1}, {"expert": 1}], "padded", {"transport": "two_phase"}),
+            # intra-node links explicitly over NCCL / torch symmetric memory (comm.intra_node; the rows above: auto)
+            "AF 1A+1E graphs nccl": ([{"attention": 1, "expert": 1}], "padded", {"intra_node": "nccl"}),
+            "colocated 2 graphs nccl": ([{"colocated": 2}], "padded", {"intra_node": "nccl"}),
+            "AF 1A+1E graphs symm_mem": ([{"attention": 1, "expert": 1}], "padded", {"intra_node": "symm_mem"}),
+            "colocated 2 graphs symm_mem": ([{"colocated": 2}], "padded", {"intra_node": "symm_mem"}),
+            "AF 1A+1E two_phase+replicas graphs symm_mem": ([{"attention": 1, "expert": 1}], "padded",
+                                                           {"transport": "two_phase", "intra_node": "symm_mem"},
+                                                           two_phase_replicas[1]),
+            "colocated 2 two_phase+replicas graphs symm_mem": ([{"colocated": 2}], "padded",
+                                                              {"transport": "two_phase", "intra_node": "symm_mem"},
+                                                              two_phase_replicas[1]),
+            "AF 2 nodes 1A|1E two_phase+replicas graphs": ([{"attention": 1}, {"expert": 1}], "padded",
+                                                          *two_phase_replicas)})
     if torch.cuda.device_count() >= 4:
         layouts["AF 2 nodes 2A|2E"] = ([{"attention": 2}, {"expert": 2}], "counts")
         layouts["AF 2 nodes 2A|2E graphs"] = ([{"attention": 2}, {"expert": 2}], "padded")
@@ -143,6 +160,7 @@ def main():
             ref = run_single(model_dir, prompts, "float32", "cpu")
             yardstick = transformers_bf16_error(model_dir, prompts)
             single_gpu = single_graphs = None
+            runs = {}
             for name, (nodes, mode, *extra) in layouts.items():
                 work = Path(tmp) / f"{family}-{len(rows)}"
                 work.mkdir()
@@ -150,6 +168,14 @@ def main():
                     got = run_single(model_dir, prompts, "bfloat16", "cuda", mode != "eager") if nodes is None else \
                         run_runtime(model_dir, prompts, nodes, work, mode, *extra)
                     row = {"family": family, "layout": name, **compare(ref, got, yardstick)}
+                    runs[name] = got
+                    twin = runs.get(name.replace("symm_mem", "nccl"))
+                    if "symm_mem" in name and twin is not None:  # only the data movement differs: expect 0
+                        row["all_steps_vs_nccl_err"] = steps_err(twin, got)
+                    if nodes is not None:
+                        row["mover"] = got[2]
+                        if extra and extra[0].get("intra_node") == "symm_mem" and got[2] != "symm_mem":
+                            row["pass"] = False  # asked for symmetric memory but fell back: not what this row tests
                     if nodes is None and mode == "eager":
                         single_gpu = got
                     elif single_gpu is not None:
@@ -166,13 +192,13 @@ def main():
                 print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
     nan = float("nan")
-    print(f"{'family':<10} {'layout':<40} {'pass':<5} {'logit err':>9} {'HF bf16':>8} {'vs 1GPU':>8} {'steps vs':>8} "
-          f"{'vs graphs':>9} {'1st tok':>8} {'tokens':>7}")
+    print(f"{'family':<10} {'layout':<48} {'mover':<9} {'pass':<5} {'logit err':>9} {'HF bf16':>8} {'vs 1GPU':>8} {'steps vs':>8} "
+          f"{'vs graphs':>9} {'vs nccl':>8} {'1st tok':>8} {'tokens':>7}")
     for r in rows:
-        print(f"{r['family']:<10} {r['layout']:<40} {str(r['pass']):<5} {r.get('prefill_logits_rel_err_max', nan):>9.2e} "
+        print(f"{r['family']:<10} {r['layout']:<48} {r.get('mover', '-'):<9} {str(r['pass']):<5} {r.get('prefill_logits_rel_err_max', nan):>9.2e} "
               f"{r.get('hf_bf16_err', nan):>8.2e} {r.get('vs_single_gpu_err', nan):>8.2e} "
               f"{r.get('all_steps_vs_single_gpu_err', nan):>8.2e} {r.get('all_steps_vs_single_gpu_graphs_err', nan):>9.2e} "
-              f"{r.get('first_token_match', nan):>8.2f} {r.get('greedy_token_match', nan):>7.2f}")
+              f"{r.get('all_steps_vs_nccl_err', nan):>8.2e} {r.get('first_token_match', nan):>8.2f} {r.get('greedy_token_match', nan):>7.2f}")
     return 0 if all(r["pass"] for r in rows) else 1
 
 

@@ -71,7 +71,8 @@ class RankRuntime:
         self.exchange = MoEExchange(self.ctx, spec.hidden_size, spec.top_k, dtype,
                                     max_tokens_per_rank=config.runtime.max_num_batched_tokens,
                                     transport=config.comm.transport, metadata=config.comm.metadata,
-                                    timeout_s=config.comm.timeout_s, channels=self.m, attention_groups=count_groups)
+                                    timeout_s=config.comm.timeout_s, channels=self.m, attention_groups=count_groups,
+                                    intra_node=config.comm.intra_node)
         experts = None
         if self.ctx.is_expert:
             j = topo.expert_index(self.rank)

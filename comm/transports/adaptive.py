@@ -1,8 +1,10 @@
 """Adaptive transport choice: a cost model ``alpha + bytes / beta`` per link kind.
 
-alpha/beta are measured once at start-up by a short ping-pong over the data group (one intra-node
-pair, one inter-node pair) and an extra alpha for the control-plane header exchange; the measuring
-rank broadcasts its numbers so every rank holds the same model and therefore makes the same choice.
+alpha/beta are measured once at start-up by a short ping-pong (one intra-node pair, one inter-node
+pair) and an extra alpha for the control-plane header exchange; the measuring rank broadcasts its
+numbers so every rank holds the same model and therefore makes the same choice. Links are timed on
+the path the exchange uses: send/recv over the data group, or -- when intra-node rows go through
+symmetric memory (comm/movers/symm_mem.py) -- that mover's own peer copy + node barrier.
 The per-call choice is a pure function of (global max tokens per attention rank, model), cached.
 """
 
@@ -66,12 +68,17 @@ def _pingpong(ctx, peer_a: int, peer_b: int, nbytes: int, iters: int, group, dev
     return statistics.median(times)
 
 
-def _measure_link(ctx, pair: tuple[int, int] | None, small: int, large: int, iters: int) -> tuple[float, float] | None:
+def _measure_link(ctx, pair: tuple[int, int] | None, small: int, large: int, iters: int,
+                  pingpong=None) -> tuple[float, float] | None:
+    """(alpha, beta) of the link between `pair` (collective). pingpong(ctx, a, b, nbytes, iters): the path
+    to time (default: send/recv over the data group)."""
     if pair is None:
         return None
     a, b = pair
-    t_small = _pingpong(ctx, a, b, small, iters, ctx.data_group, ctx.device)
-    t_large = _pingpong(ctx, a, b, large, max(3, iters // 4), ctx.data_group, ctx.device)
+    if pingpong is None:
+        pingpong = lambda ctx, a, b, n, it: _pingpong(ctx, a, b, n, it, ctx.data_group, ctx.device)  # noqa: E731
+    t_small = pingpong(ctx, a, b, small, iters)
+    t_large = pingpong(ctx, a, b, large, max(3, iters // 4))
     out = torch.tensor([t_small, t_large], dtype=torch.float64)
     dist.broadcast(out, src=a, group=ctx.control_group)
     t_small, t_large = out.tolist()
@@ -79,8 +86,10 @@ def _measure_link(ctx, pair: tuple[int, int] | None, small: int, large: int, ite
     return t_small, beta
 
 
-def calibrate(ctx, iters: int = 20, large_bytes: int | None = None) -> LinkModel:
-    """Collective over all ranks: measure alpha/beta for intra- and inter-node links."""
+def calibrate(ctx, iters: int = 20, large_bytes: int | None = None, intra_link=None) -> LinkModel:
+    """Collective over all ranks: measure alpha/beta for intra- and inter-node links. `intra_link`: the mover's
+    own intra-node path (an object with pingpong(ctx, a, b, nbytes, iters) and max_bytes, the same on
+    every rank), None for send/recv over the data group."""
     topo = ctx.topology
     if large_bytes is None:
         large_bytes = (32 << 20) if ctx.device.type == "cuda" else (1 << 20)
@@ -88,7 +97,10 @@ def calibrate(ctx, iters: int = 20, large_bytes: int | None = None) -> LinkModel
     intra = next(((ns[0], ns[1]) for ns in per_node if len(ns) >= 2), None)
     inter = (topo.ranks_on_node(0)[0], topo.ranks_on_node(1)[0]) if topo.num_nodes >= 2 else None
     small = 64
-    m_intra = _measure_link(ctx, intra, small, large_bytes, iters)
+    if intra_link is not None and intra is not None:
+        m_intra = _measure_link(ctx, intra, small, min(large_bytes, intra_link.max_bytes), iters, intra_link.pingpong)
+    else:
+        m_intra = _measure_link(ctx, intra, small, large_bytes, iters)
     m_inter = _measure_link(ctx, inter, small, large_bytes, iters)
     # header alpha on the control group (CPU tensors over gloo)
     ctrl_pair = inter or intra
@@ -105,9 +117,10 @@ def calibrate(ctx, iters: int = 20, large_bytes: int | None = None) -> LinkModel
     model = LinkModel(m_intra[0], m_intra[1], m_inter[0], m_inter[1], alpha_ctrl)
     if ctx.rank == 0:
         log.info("comm link model: intra alpha %.1f us beta %.2f GB/s; inter alpha %.1f us beta %.2f GB/s; "
-                 "header alpha %.1f us (intra pair %s, inter pair %s)",
+                 "header alpha %.1f us (intra pair %s over %s, inter pair %s)",
                  model.alpha_intra * 1e6, model.beta_intra / 1e9, model.alpha_inter * 1e6,
-                 model.beta_inter / 1e9, model.alpha_ctrl * 1e6, intra, inter)
+                 model.beta_inter / 1e9, model.alpha_ctrl * 1e6, intra,
+                 "symmetric memory" if intra_link is not None else "send/recv", inter)
     return model
 
 

@@ -141,16 +141,23 @@ VARIANTS = {
 
 def check_topologies(specs: list[str], variants: list[str], scenarios: list[str], hidden: int = 16,
                      top_k: int = 4, slots: int = 6, max_tokens: int = 24, layers: int = 2,
-                     calibrated: tuple[str, ...] = (), timeout_s: float = 30.0, check_mismatch: bool = False) -> dict:
-    """Run every (topology, variant, scenario) on this rank; return failures and what adaptive chose."""
+                     calibrated: tuple[str, ...] = (), timeout_s: float = 30.0, check_mismatch: bool = False,
+                     intra_node: str = "auto", symm_provider=None) -> dict:
+    """Run every (topology, variant, scenario) on this rank; return failures, what adaptive chose and the
+    mover each (topology, variant) used. `symm_provider`: how symmetric-memory windows are made (tests:
+    tests/helpers/symm_mem_cases.py's CPU stand-in), with `intra_node` choosing whether to use them."""
     from comm.exchange import MoEExchange
     from comm.groups import init_distributed
+    from comm.movers.symm_mem import set_provider
     from comm.transports.adaptive import LinkModel, calibrate
 
+    if symm_provider is not None:
+        set_provider(symm_provider)
     topos = [topo(s) for s in specs]
     ctx0 = init_distributed(topos[0], backend="gloo", timeout_s=timeout_s)
     failures: list[str] = []
     chosen: dict[str, set] = {}
+    movers: dict[str, str] = {}
     results: dict[tuple, torch.Tensor] = {}
     mismatch = None
     try:
@@ -162,8 +169,12 @@ def check_topologies(specs: list[str], variants: list[str], scenarios: list[str]
                 model = calibrate(ctx, iters=3, large_bytes=1 << 16)
             for variant in variants:
                 transport, metadata, a2a, interleave = VARIANTS[variant]
+                # a calibrated topology through symmetric memory: adaptive times its intra links via the mover
+                own = spec in calibrated and intra_node == "symm_mem" and transport == "adaptive"
                 ex = MoEExchange(ctx, hidden, top_k, torch.float32, max_tokens, transport, metadata, timeout_s,
-                                 channels=2 if interleave else 1, link_model=model, collective=a2a)
+                                 channels=2 if interleave else 1, link_model=None if own else model, collective=a2a,
+                                 intra_node=intra_node)
+                movers[f"{spec} {variant}"] = ex.mover.name
                 for si, scenario in enumerate(scenarios):
                     datas = [make_inputs(tp, 1000 * si + layer, scenario, hidden, top_k, slots, max_tokens)
                              for layer in range(layers)]
@@ -212,7 +223,8 @@ def check_topologies(specs: list[str], variants: list[str], scenarios: list[str]
                 mismatch = str(e)
     finally:
         ctx0.shutdown()
-    return {"failures": failures, "chosen": {k: sorted(v) for k, v in chosen.items()}, "mismatch": mismatch}
+    return {"failures": failures, "chosen": {k: sorted(v) for k, v in chosen.items()}, "mismatch": mismatch,
+            "movers": movers}
 
 
 def _check_out(out, data, tag: str, failures: list, results: dict, key: tuple) -> None:
@@ -268,14 +280,18 @@ def _to_cpu(batch):
     return replace(batch, x=batch.x.cpu(), topk_ids=batch.topk_ids.cpu(), topk_weights=batch.topk_weights.cpu())
 
 
-def fault_worker(spec: str, victim: int, mode: str, timeout_s: float) -> dict:
+def fault_worker(spec: str, victim: int, mode: str, timeout_s: float, intra_node: str = "auto",
+                 symm_provider=None) -> dict:
     """Layer 0 runs normally; then `victim` exits ('exit') or stops answering ('hang') before layer 1."""
     from comm.exchange import MoEExchange
     from comm.groups import init_distributed
+    from comm.movers.symm_mem import set_provider
 
+    if symm_provider is not None:
+        set_provider(symm_provider)
     tp = topo(spec)
     ctx = init_distributed(tp, backend="gloo", timeout_s=60.0)
-    ex = MoEExchange(ctx, 8, 2, torch.float32, 4, "direct", "padded", timeout_s)
+    ex = MoEExchange(ctx, 8, 2, torch.float32, 4, "direct", "padded", timeout_s, intra_node=intra_node)
     data = make_inputs(tp, 0, "full", 8, 2, 4, 4)
     for layer in range(2):
         if layer == 1 and ctx.rank == victim:
@@ -293,9 +309,9 @@ def fault_worker(spec: str, victim: int, mode: str, timeout_s: float) -> dict:
         except Exception as e:  # noqa: BLE001
             elapsed = time.monotonic() - t0
             ctx.shutdown(abort=True)
-            return {"error": f"{type(e).__name__}: {e}", "elapsed": elapsed, "layer": layer}
+            return {"error": f"{type(e).__name__}: {e}", "elapsed": elapsed, "layer": layer, "mover": ex.mover.name}
     ctx.shutdown()
-    return {"error": None}
+    return {"error": None, "mover": ex.mover.name}
 
 
 # ----------------------------------------------------------------------------------------------

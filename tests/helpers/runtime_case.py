@@ -3,7 +3,8 @@
     python -m launch.local_cluster --config CFG -- tests/helpers/runtime_case.py CFG PROMPTS.json OUT_DIR
 
 Every attention rank writes OUT_DIR/logits-rank{r}.pt ({request_id: [step logits]}); the
-coordinator writes OUT_DIR/tokens.json ({request_id: token_ids}).
+coordinator writes OUT_DIR/tokens.json ({request_id: token_ids}); every rank writes
+OUT_DIR/mover-rank{r}.txt (the exchange's mover: nccl, gloo or symm_mem).
 """
 
 import json
@@ -32,6 +33,7 @@ def record_logits(engine, sink: dict) -> None:
 def main(cfg_path, prompts_path, out_dir):
     out = Path(out_dir)
     runtime = RankRuntime(load_config(cfg_path))
+    (out / f"mover-rank{runtime.rank}.txt").write_text(runtime.exchange.mover.name)  # which mover the exchange chose
     logits: dict = {}
     try:
         if runtime.engine is not None:
