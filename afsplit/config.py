@@ -82,9 +82,10 @@ class CommConfig:
     # padded: fixed regions sized by one token-count vote per step, no headers, captured in CUDA graphs;
     # counts: exact-sized payloads after a row-count header per stage (fewer bytes, a host sync per layer)
     metadata: str = field(default="padded", metadata=_choices("padded", "counts"))
-    # intra-node links: auto (symmetric memory when NCCL, the torch build and >= 2 ranks on a node allow; else
-    # NCCL, logged), nccl, or symm_mem (falls back to NCCL when unavailable, logged; needs metadata: padded)
-    intra_node: str = field(default="auto", metadata=_choices("auto", "nccl", "symm_mem"))
+    # intra-node links: nccl (the default until the symmetric-memory mover has run on >= 2 GPUs), auto (symmetric
+    # memory when NCCL, the torch build and >= 2 ranks on a node allow; else NCCL, logged), or symm_mem (falls
+    # back to NCCL when unavailable, logged; needs metadata: padded)
+    intra_node: str = field(default="nccl", metadata=_choices("auto", "nccl", "symm_mem"))
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ class MoEExchange:
     def __init__(self, ctx, hidden: int, top_k: int, dtype: torch.dtype, max_tokens_per_rank: int,
                  transport: str = "direct", metadata: str = "padded", timeout_s: float = 120.0, channels: int = 1,
                  link_model: LinkModel | None = None, attention_groups: bool = False, collective: bool | None = None,
-                 intra_node: str = "auto"):
+                 intra_node: str = "nccl"):
         """channels: micro-batches that may be in flight at once. attention_groups: give every channel a
         group of the attention ranks (replica choice exchanges token counts over it). link_model: skip the
         start-up calibration (adaptive). collective: on gloo, move padded stages as one all_to_all_single
@@ -274,11 +274,7 @@ class MoEExchange:
                 back = self._run_stage_back(ch, h, stage, y, layer, start)
                 y = back.raw
         if not self.is_attention:
-            # a capture must end with every forked stream joined: the caller's stream waits for the sends
-            # (eagerly it need not: the next dispatch on the channel joins them, drain() the last ones)
-            if ch.stream is not None and torch.cuda.is_current_stream_capturing():
-                torch.cuda.current_stream(self.device).wait_stream(ch.stream)
-            return None
+            return None  # the sends stay on the channel stream; the step ends with join() (a capture needs it)
         if ch.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(ch.stream)
         # y is back in the packed order (nothing moved before the first stage); its scratch row is zero

@@ -131,7 +131,7 @@ def test_config_field(tmp_path):
         load_config(p)
     assert load_config(p, ["comm.metadata=padded"]).comm.intra_node == "symm_mem"
     p.write_text("model: {path: x}\n")
-    assert load_config(p).comm.intra_node == "auto"
+    assert load_config(p).comm.intra_node == "nccl"  # the default until the mover has run on >= 2 GPUs
 
 
 # ---- multi-process (gloo ranks, the shared-memory stand-in for the windows)
