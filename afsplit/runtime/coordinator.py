@@ -33,6 +33,7 @@ class StepPlan:
     assign: dict[int, list[Sequence]] = field(default_factory=dict)  # attention rank -> new sequences
     abort: list[int] = field(default_factory=list)  # request ids to drop (on whichever rank holds them)
     micro_batches: int = 1  # m for this step, the same on every rank
+    keepalive: bool = False  # no step: an idle coordinator telling its followers it is alive (RankRuntime.broadcast)
 
 
 class Coordinator:
