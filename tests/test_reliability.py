@@ -1,0 +1,150 @@
+"""Reliability of the engine API: every bad sampling field fails its request alone with one line,
+seeds depend only on the request's index, and an engine stays usable after a failed call."""
+
+import math
+
+import pytest
+import torch
+
+from afsplit import LLM, SamplingParams
+from afsplit.errors import RequestError
+from afsplit.sampling_params import GREEDY_BELOW, derive_seed
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from afsplit.models.tiny import make_tiny
+
+    return str(make_tiny("qwen3_moe", tmp_path_factory.mktemp("tiny") / "qwen3", seed=3))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    return LLM(model=tiny_dir, num_kv_blocks=128, block_size=4, max_model_len=64)
+
+
+def prompts(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(0, 256, (int(l),), generator=g).tolist()}
+            for l in torch.randint(1, 20, (n,), generator=g)]
+
+
+BAD_FIELDS = [  # (field, value, the message after "request 0: ") -- vLLM's SamplingParams rules
+    ("temperature", math.nan, "temperature must be a finite number >= 0, got nan"),
+    ("temperature", math.inf, "temperature must be a finite number >= 0, got inf"),
+    ("temperature", -0.5, "temperature must be a finite number >= 0, got -0.5"),
+    ("temperature", "hot", "temperature must be a finite number >= 0, got 'hot'"),
+    ("temperature", True, "temperature must be a finite number >= 0, got True"),
+    ("top_p", 0.0, "top_p must be a number in (0, 1], got 0.0"),
+    ("top_p", 1.5, "top_p must be a number in (0, 1], got 1.5"),
+    ("top_p", math.nan, "top_p must be a number in (0, 1], got nan"),
+    ("top_k", -2, "top_k must be an integer: -1 or 0 (all tokens) or >= 1, got -2"),
+    ("top_k", 2.5, "top_k must be an integer: -1 or 0 (all tokens) or >= 1, got 2.5"),
+    ("max_tokens", 0, "max_tokens must be an integer >= 1, got 0"),
+    ("max_tokens", 1.5, "max_tokens must be an integer >= 1, got 1.5"),
+    ("max_tokens", "3", "max_tokens must be an integer >= 1, got '3'"),
+    ("seed", 1.5, "seed must be an integer or null, got 1.5"),
+    ("seed", True, "seed must be an integer or null, got True"),
+    ("ignore_eos", "yes", "ignore_eos must be true or false, got 'yes'"),
+    ("ignore_eos", 1, "ignore_eos must be true or false, got 1"),
+    ("stop_token_ids", [320], "stop_token_ids: token ids must be in [0, 320), got 320"),
+    ("stop_token_ids", [-1], "stop_token_ids: token ids must be in [0, 320), got -1"),
+    ("stop_token_ids", [1.0], "stop_token_ids must be a list of integers, got [1.0]"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", BAD_FIELDS, ids=[f"{f}={v!r}" for f, v, _ in BAD_FIELDS])
+def test_each_bad_sampling_field_has_one_line(field, value, message):
+    with pytest.raises(RequestError) as e:
+        SamplingParams(**{field: value}).validate("request 0", vocab_size=320)
+    assert str(e.value) == f"request 0: {message}"
+
+
+def test_valid_edge_values_pass():
+    for kw in ({"temperature": 0}, {"temperature": 1e-45}, {"temperature": 5.0}, {"top_p": 1}, {"top_k": -1},
+               {"top_k": 0}, {"top_k": 1}, {"seed": -3}, {"seed": 2**70}, {"stop_token_ids": [0, 319]}):
+        SamplingParams(**kw).validate("r", vocab_size=320)
+    assert SamplingParams(temperature=1e-45).greedy and SamplingParams(temperature=GREEDY_BELOW / 2).greedy
+    assert not SamplingParams(temperature=GREEDY_BELOW).greedy
+
+
+def test_a_bad_request_fails_alone(llm):
+    """NaN, inf and a bad top_p fail alone (the rest of the batch completes); 1e-45 samples greedily."""
+    ps = prompts()
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    params = [greedy, SamplingParams(temperature=math.nan, max_tokens=6), SamplingParams(temperature=1e-45, max_tokens=6,
+              ignore_eos=True), SamplingParams(temperature=math.inf), SamplingParams(top_p=0.0),
+              SamplingParams(temperature=0.7, max_tokens=6, seed=1)]
+    outs = llm.generate(ps + [{"prompt_token_ids": [1, 2]}], params, use_tqdm=False)
+    assert [o.error for o in outs] == [
+        None, "request 1: temperature must be a finite number >= 0, got nan", None,
+        "request 3: temperature must be a finite number >= 0, got inf", "request 4: top_p must be a number in (0, 1], got 0.0",
+        None]
+    ref = llm.generate([ps[2]], greedy, use_tqdm=False)[0]
+    assert outs[2].outputs[0].token_ids == ref.outputs[0].token_ids
+    assert len(outs[5].outputs[0].token_ids) >= 1
+
+
+def test_prompt_errors_name_the_request(llm):
+    outs = llm.generate(["", {"prompt_token_ids": list(range(70))}, {"prompt_token_ids": [400]},
+                        {"prompt_token_ids": "abc"}, 7], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert [o.error for o in outs] == [
+        "request 0: empty prompt; give at least one token",
+        "request 1: prompt has 70 tokens, max_model_len is 64; shorten it or raise model.max_model_len",
+        "request 2: prompt: token ids must be in [0, 320), got 400",
+        "request 3: prompt_token_ids must be a list of integers, got 'abc'",
+        "request 4: a prompt must be a string or {'prompt_token_ids': [...]}, got int"]
+
+
+def test_prompts_and_sampling_params_must_pair_up(llm):
+    with pytest.raises(ValueError, match=r"^got 3 prompts but 2 SamplingParams; pass one SamplingParams for all "
+                                         r"prompts or a list with one per prompt$"):
+        llm.generate(prompts(3), [SamplingParams(), SamplingParams()], use_tqdm=False)
+    with pytest.raises(ValueError, match="got 1 prompts but 2 SamplingParams"):
+        llm.generate(prompts(1), [SamplingParams(), SamplingParams()], use_tqdm=False)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_llm_is_usable_after_a_failed_generate(llm, monkeypatch, exc):
+    """An exception in the middle of generate (here: in the sampler) used to leave a half-stepped
+    request behind, and the next generate on the same LLM spun forever."""
+    import afsplit.engine as engine_mod
+
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in llm.generate(prompts(3), params, use_tqdm=False)]
+    real, calls = engine_mod.sample, []
+
+    def failing(logits, seqs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise exc("boom")
+        return real(logits, seqs)
+
+    monkeypatch.setattr(engine_mod, "sample", failing)
+    with pytest.raises(exc):
+        llm.generate(prompts(3), params, use_tqdm=False)
+    eng = llm.engine
+    assert not eng.has_unfinished_requests() and eng.kv.num_free_blocks == eng.kv.allocator.num_blocks
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts(3), params, use_tqdm=False)] == ref
+
+
+def test_seeds_depend_only_on_the_request_index(tiny_dir):
+    """Unseeded sampled requests: the same tokens in a second call, after a warm-up call, with other
+    batch limits, micro-batch counts and cache sizes (preemption); a given seed wins."""
+    params = SamplingParams(temperature=0.9, top_k=40, max_tokens=6, ignore_eos=True)
+    ps = prompts(4, seed=4)
+    base = LLM(model=tiny_dir, num_kv_blocks=256, block_size=4)
+    first = [o.outputs[0].token_ids for o in base.generate(ps, params, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in base.generate(ps, params, use_tqdm=False)] == first
+    other = LLM(model=tiny_dir, num_kv_blocks=10, block_size=4, max_num_seqs=4, max_num_batched_tokens=16,
+                micro_batches=2)
+    other.generate(ps[:2], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)  # a warm-up call
+    assert [o.outputs[0].token_ids for o in other.generate(ps, params, use_tqdm=False)] == first
+    assert other.engine.scheduler.num_preemptions > 0
+    reseeded = LLM(model=tiny_dir, num_kv_blocks=256, block_size=4, seed=1)
+    assert [o.outputs[0].token_ids for o in reseeded.generate(ps, params, use_tqdm=False)] != first
+    assert derive_seed(0, 3) == derive_seed(0, 3) != derive_seed(0, 4) != derive_seed(1, 3)
+    given = SamplingParams(temperature=0.9, top_k=40, max_tokens=6, ignore_eos=True, seed=11)
+    a = base.generate([ps[0], ps[0]], given, use_tqdm=False)
+    assert a[0].outputs[0].token_ids == a[1].outputs[0].token_ids
