@@ -143,8 +143,10 @@ def cmd_check_config(args) -> int:
         from comm.placement import resolve_placement
 
         topo = config.topology.topology
-        if not topo.expert_ranks or topo.world_size == 1:
-            raise ConfigError(_replicas_need_ranks(config))
+        if topo.world_size == 1:
+            from afsplit.engine import replicas_need_ranks
+
+            raise ConfigError(replicas_need_ranks(config))
         resolve_placement(config.balancer, spec.num_moe_layers, spec.num_experts, topo)
     print(f"{args.config}: OK")
     _print_model_summary(config, spec)
@@ -164,12 +166,6 @@ def _refuse_sweep_file(path: str) -> None:
     if isinstance(data, dict) and SWEEP_KEYS & data.keys():
         raise ConfigError(f"{path}: this is a sweep file (it has {sorted(SWEEP_KEYS & data.keys())[0]!r}), not an "
                           f"engine config; check it with: python3 launch/sweep.py {path} --dry-run")
-
-
-def _replicas_need_ranks(config) -> str:
-    return (f"{config.source}: balancer.replicas: {config.balancer.replicas!r} needs expert ranks: replicas work in "
-            "the distributed runtime (a topology with attention and expert, or several colocated, ranks); the "
-            "single-process engine holds every expert once, so set balancer.replicas: none")
 
 
 def _model_spec(config):
@@ -253,8 +249,6 @@ def _generate_single_process(args, config, job) -> int:
     from afsplit.cuda_graphs import warm_up_requests
     from afsplit.engine import LLMEngine, MeasuredCore, run_to_completion
 
-    if config.balancer.replicas != "none":
-        raise ConfigError(_replicas_need_ranks(config))
     engine = LLMEngine(config)
     core = MeasuredCore(engine)
     _run_job(args, core, engine, job,

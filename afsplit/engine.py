@@ -75,6 +75,13 @@ def resolve_model(config: Config) -> tuple[ModelSpec, object]:
     return read_model_spec(m.path), CheckpointReader(m.path)
 
 
+def replicas_need_ranks(config: Config) -> str:
+    """Why balancer.replicas is refused by the single-process engine (and by check-config for one rank)."""
+    return (f"{config.source}: balancer.replicas: {config.balancer.replicas!r} needs expert ranks: replicas work in "
+            "the distributed runtime (a topology with attention and expert, or several colocated, ranks); the "
+            "single-process engine holds every expert once, so set balancer.replicas: none")
+
+
 def _preset_spec(name: str) -> ModelSpec:
     from afsplit.models.presets import PRESETS
 
@@ -110,6 +117,8 @@ class LLMEngine:
             raise ConfigError(
                 f"{config.source}: runtime.max_num_batched_tokens: {rt.max_num_batched_tokens} < max_model_len "
                 f"{self.max_model_len}; with chunked_prefill off it must hold a whole prompt")
+        if build_moe is None and config.balancer.replicas != "none":
+            raise ConfigError(replicas_need_ranks(config))
         attn_w = load_attention_weights(source, spec, self.dtype, self.device)
         self.model = AttentionModel(spec, attn_w, self.max_model_len, config.model.routing_skew)
         self.stats = None

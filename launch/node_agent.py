@@ -49,14 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     node = _node_rank(argv)
     debug = os.environ.get(DEBUG_ENV) == "1"
-    if not debug:
-        # the agent's warnings ("Sending process N closing signal SIGTERM", exit-barrier errors) are
-        # consequences of a failure the launcher names in one line
-        for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
     import torch.distributed.run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if not debug:
+        # the agent's warnings ("Sending process N closing signal SIGTERM", exit-barrier errors) are
+        # consequences of a failure the launcher names in one line (set after torch configured its loggers)
+        for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
     try:
         torchrun.main(argv)

@@ -200,6 +200,12 @@ def test_replicas_are_rejected_in_one_process(tiny_dir, tmp_path, capsys):
                            "distributed runtime (a topology with attention and expert, or several colocated, ranks); "
                            "the single-process engine holds every expert once, so set balancer.replicas: none")
     assert run(capsys, "check-config", cfg)[2].strip() == err.strip()
+    from afsplit import LLM
+    from afsplit.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:  # the Python API is the single-process engine too
+        LLM(config=cfg)
+    assert f"afsplit: error: {e.value}" == err.strip()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
