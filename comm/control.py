@@ -17,6 +17,11 @@ waits without one (a follower waiting for the first plan while ranks still load 
 for the next plan of an idle coordinator). gloo closes a pair whose wait timed out, so a timeout
 is always fatal: it is raised, never retried.
 
+Only the root blames: a gloo send completes when the receiver takes it, so a follower that waited
+on its report's send would blame the root for another follower's silence. Followers therefore do
+not wait on their sends (kept alive until done, checked at the next call); the root posts each
+peer's payload receive as soon as that peer's header is in, and names the first peer that fails.
+
 Messages use their own tag, so they never match the data path's headers on the same group.
 """
 
@@ -48,6 +53,7 @@ class ControlPlane:
         self.timeout_s = timeout_s
         self.role_of = role_of
         self.peers = [r for r in range(world_size) if r != root]
+        self._sending: list = []  # a follower's unfinished sends (work, tensors kept alive), see gather
 
     # -- the two operations ----------------------------------------------------------------------
 
@@ -70,21 +76,21 @@ class ControlPlane:
         limit = self._limit(timeout_s)
         start = time.monotonic()
         if self.rank != self.root:
-            header, body = _encode(obj)
-            works = [self._isend(header, self.root), self._isend(body, self.root)]
-            for work in works:
-                self._wait(work, self.root, "send", what, start, limit)
+            self._sending = [(w, t) for w, t in self._sending if not w.is_completed()]
+            for t in _encode(obj):
+                self._sending.append((self._isend(t, self.root), t))
             return None
         headers = {q: torch.zeros(1, dtype=torch.int64) for q in self.peers}
         pending = {q: self._irecv(headers[q], q) for q in self.peers}
-        for q in self.peers:  # every receive is posted: the first one that fails names its rank
+        bodies, body_works = {}, {}
+        for q in self.peers:  # every header receive is posted: the first one that fails names its rank
             self._wait(pending[q], q, "recv", what, start, limit)
-        bodies = {q: torch.empty(int(headers[q]), dtype=torch.uint8) for q in self.peers}
-        pending = {q: self._irecv(bodies[q], q) for q in self.peers}
+            bodies[q] = torch.empty(int(headers[q]), dtype=torch.uint8)
+            body_works[q] = self._irecv(bodies[q], q)  # now, so that q's send completes
         out: list = [None] * self.world_size
         out[self.root] = obj
         for q in self.peers:
-            self._wait(pending[q], q, "recv", what, start, limit)
+            self._wait(body_works[q], q, "recv", what, start, limit)
             out[q] = _decode(bodies[q])
         return out
 

@@ -148,3 +148,26 @@ def test_seeds_depend_only_on_the_request_index(tiny_dir):
     given = SamplingParams(temperature=0.9, top_k=40, max_tokens=6, ignore_eos=True, seed=11)
     a = base.generate([ps[0], ps[0]], given, use_tqdm=False)
     assert a[0].outputs[0].token_ids == a[1].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("scenario", ["silent", "dead"])
+def test_control_plane_names_the_rank_that_failed(tmp_path, scenario):
+    """comm/control.py: a silent rank is named after the deadline, a dead one at once, each with .peer."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.helpers.control_case import run
+
+    mp.spawn(run, args=(scenario, str(tmp_path / "store"), str(tmp_path)), nprocs=3, join=True)
+    res = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3) if (tmp_path / f"rank{r}.json").exists()}
+    if scenario == "silent":
+        assert res[1] == {"broadcast_ok": True} and res[2] == {"broadcast_ok": True}
+        assert res[0]["gather"] == [0, 1, 4] and res[0]["broadcast_ok"]
+        assert res[0]["error"] == "step report: no answer from rank 2 (expert) within 2 s (rank 0 waiting)"
+        assert res[0]["peer"] == 2 and 1.5 < res[0]["after_s"] < 4.5
+    else:
+        assert res[0]["error"] == "step report: rank 1 (attention) is gone (connection lost; rank 0 was waiting for it)"
+        assert res[0]["peer"] == 1  # "is gone": the closed connection, not the deadline
+        assert res[2]["error"] == "step plan: no answer from rank 0 (attention) within 2 s (rank 2 waiting)"
+        assert res[2]["peer"] == 0
