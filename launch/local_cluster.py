@@ -316,13 +316,31 @@ def _proc_stat(pid: int) -> tuple[str, int, int] | None:
     return fields[0], int(fields[1]), int(fields[19])
 
 
-def _rank_of(pid: int, job_dir: str) -> int | None:
+def proc_environ(pid: int) -> dict[bytes, bytes] | None:
+    """The environment a live process started with (None if it is gone or not ours to read)."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+            return dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
     except OSError:
         return None
-    if env.get(JOB_DIR_ENV.encode()) != job_dir.encode() or b"RANK" not in env or b"LOCAL_RANK" not in env:
+
+
+def processes_with_env(name: str, value: str) -> dict[int, dict[bytes, bytes]]:
+    """pid -> environment of every live (not zombie) process whose environment has name=value:
+    e.g. all processes of one job, which inherit a tag from the process that started it."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            env = proc_environ(int(entry))
+            st = _proc_stat(int(entry)) if env and env.get(name.encode()) == value.encode() else None
+            if st is not None and st[0] not in ("Z", "X"):
+                out[int(entry)] = env
+    return out
+
+
+def _rank_of(pid: int, job_dir: str) -> int | None:
+    env = proc_environ(pid)
+    if env is None or env.get(JOB_DIR_ENV.encode()) != job_dir.encode() or b"RANK" not in env or b"LOCAL_RANK" not in env:
         return None
     try:
         return int(env[b"RANK"])

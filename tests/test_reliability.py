@@ -171,3 +171,19 @@ def test_control_plane_names_the_rank_that_failed(tmp_path, scenario):
         assert res[0]["peer"] == 1  # "is gone": the closed connection, not the deadline
         assert res[2]["error"] == "step plan: no answer from rank 0 (attention) within 2 s (rank 2 waiting)"
         assert res[2]["peer"] == 0
+
+
+def test_load_test_requests_mix_every_kind_of_bad_line():
+    """launch/load_test.py's workload (its result is docs/benchmarks/load-cpu-2node.md)."""
+    import json
+
+    from launch.load_test import BAD_KINDS, make_requests
+
+    lines, bad = make_requests(len(BAD_KINDS) * 10, 10, seed=0)
+    assert sorted(set(bad.values())) == sorted(k for k, _ in BAD_KINDS) and len(bad) == len(BAD_KINDS)
+    for i, line in enumerate(lines):
+        if bad.get(i) == "not JSON":
+            with pytest.raises(json.JSONDecodeError):
+                json.loads(line)
+        else:
+            assert "prompt_token_ids" in json.loads(line)

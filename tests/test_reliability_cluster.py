@@ -51,20 +51,9 @@ def start(cfg, args, tag):
 
 def tagged(tag: str) -> dict[int, dict]:
     """pid -> environment of every live process of the job (they all inherit AFSPLIT_TEST_TAG)."""
-    out = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                env = dict(i.split(b"=", 1) for i in f.read().split(b"\0") if b"=" in i)
-            with open(f"/proc/{name}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if env.get(b"AFSPLIT_TEST_TAG") == tag.encode() and state not in ("Z", "X"):
-            out[int(name)] = env
-    return out
+    from launch.local_cluster import processes_with_env
+
+    return processes_with_env("AFSPLIT_TEST_TAG", tag)
 
 
 def rank_pid(tag: str, rank: int) -> int:
