@@ -109,7 +109,7 @@ def read_output(path: str, num_requests: int, prompts_file: str) -> tuple[dict[i
 class BatchJob:
     """Turns the CLI's input into engine requests and streams their results to --output."""
 
-    def __init__(self, args, defaults: dict):
+    def __init__(self, args, defaults: dict, warn: bool = True):
         self.output = args.output
         self.err = sys.stderr
         source = args.prompts_file or "--prompt"
@@ -120,7 +120,7 @@ class BatchJob:
         self.done: dict[int, dict] = {}
         if args.resume:
             self.done, warnings = read_output(self.output, len(self.inputs), source)
-            for w in warnings:
+            for w in warnings if warn else ():
                 print(f"afsplit: warning: {w}", file=self.err)
         self.fresh: dict[int, dict] = {}  # results of this run
         self.pending = [r for r in self.inputs if r.index not in self.done]

@@ -203,7 +203,7 @@ def cmd_generate(args, argv: list[str]) -> int:
     if not under_torchrun:
         # everything that can be checked without a model, before any model is loaded or rank started
         _check_outputs(args)
-        job = _batch_job(args)
+        job = _batch_job(args, warn=topology.world_size == 1)  # with ranks, the coordinator warns
         if topology.world_size > 1:
             if not job.pending:
                 return job.finish()
@@ -222,12 +222,12 @@ def _check_outputs(args) -> None:
             check_writable(path, flag)
 
 
-def _batch_job(args):
+def _batch_job(args, warn: bool = True):
     from afsplit.batch import BatchJob
 
     defaults = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     seed=args.seed, ignore_eos=args.ignore_eos)
-    return BatchJob(args, defaults)
+    return BatchJob(args, defaults, warn)
 
 
 def _run_job(args, core, engine, job, warm_up) -> None:

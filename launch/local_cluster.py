@@ -284,7 +284,8 @@ def explain_failure(topology: Topology, job_dir: str, stopped: set[int], failed_
     own = {r: rep for r, rep in reports.items() if rep.get("suspect") is None}
     if own:
         messages = {rep["message"] for rep in own.values()}
-        r = min(own, key=lambda q: (own[q].get("time", 0), q))
+        # an input error (exit 2) explains the others' lost connections; then the earliest
+        r = min(own, key=lambda q: (own[q].get("exit_code") != 2, own[q].get("time", 0), q))
         rep = own[r]
         if rep.get("exit_code") == 2 and len(messages) == 1:  # an input error every rank agrees on
             return rep["message"], 2

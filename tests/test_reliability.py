@@ -187,3 +187,44 @@ def test_load_test_requests_mix_every_kind_of_bad_line():
                 json.loads(line)
         else:
             assert "prompt_token_ids" in json.loads(line)
+
+
+def test_the_launcher_names_the_rank_that_failed_first(tmp_path):
+    """launch/local_cluster.explain_failure on the evidence a failed job leaves (2 nodes: 2A | 2E)."""
+    import json
+
+    from afsplit.topology import NodeSpec, Topology
+    from launch.local_cluster import explain_failure
+
+    topo = Topology((NodeSpec(attention=2), NodeSpec(expert=2)))
+
+    def explain(ranks=(), nodes=(), stopped=()):
+        d = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        for r, rep in ranks:
+            (d / f"rank{r}.json").write_text(json.dumps({"rank": r, "time": 0, **rep}))
+        for k, node in nodes:
+            (d / f"node{k}.json").write_text(json.dumps(node))
+        return explain_failure(topo, str(d), set(stopped), 0, 1, 20.0)
+
+    blame = lambda s: {"message": f"layer 0 dispatch: rank {s} (expert) is gone", "suspect": s, "exit_code": 1}
+    node1_kill = (1, {"failures": {"3": {"exitcode": -9}, "2": {"exitcode": -15}}, "first": 3})
+    # the killed rank, though its node-mate (SIGTERMed by its agent) and rank 0 blame rank 2
+    assert explain([(0, blame(2)), (1, blame(3))], [node1_kill]) == (
+        "rank 3 (expert, node 1) died (SIGKILL); all ranks stopped", 1)
+    assert explain([(0, blame(1)), (2, blame(1))], stopped=[1]) == (
+        "rank 1 (attention, node 0) is stopped (SIGSTOP?) and stopped answering; its peers gave up after "
+        "comm.timeout_s = 20 s; all ranks stopped", 1)
+    assert explain([], [(1, {"failures": {"2": {"exitcode": 1}}, "first": 2})]) == (
+        "rank 2 (expert, node 1) exited with code 1 without an error message; all ranks stopped", 1)
+    same = {"message": "ckpt/model.safetensors: not a valid safetensors file", "suspect": None, "exit_code": 2}
+    assert explain([(r, same) for r in range(4)]) == ("ckpt/model.safetensors: not a valid safetensors file", 2)
+    lost = {"message": "RuntimeError: Connection closed by peer", "suspect": None, "exit_code": 1, "time": -1}
+    assert explain([(0, lost), (2, same)]) == ("rank 2 (expert, node 1): ckpt/model.safetensors: not a valid "
+                                               "safetensors file", 2)
+    assert explain([(0, blame(3)), (1, blame(3)), (2, blame(1))]) == (
+        "rank 3 (expert, node 1) failed or stopped answering (rank 0: layer 0 dispatch: rank 3 (expert) is gone); "
+        "all ranks stopped", 1)
+    assert explain([], [(0, {"error": "DistNetworkError: address already in use"})]) == (
+        "node 0 (torchrun --node-rank 0) failed: DistNetworkError: address already in use", 1)
+    assert explain() == ("node 0 (torchrun --node-rank 0) failed with exit code 1", 1)
