@@ -279,7 +279,7 @@ def explain_failure(topology: Topology, job_dir: str, stopped: set[int], failed_
     if died:
         r = min(died, key=lambda q: (-blamed[q], died[q][2], died[q][1], q))
         code = died[r][0]
-        how = f"died ({_signal_name(code)})" if code < 0 else f"exited with code {code} without an error message"
+        how = f"died ({_signal_name(code)})" if code < 0 else f"exited with code {code}"
         return f"{_rank_name(topology, r)} {how}; all ranks stopped", 1
     own = {r: rep for r, rep in reports.items() if rep.get("suspect") is None}
     if own:

@@ -216,7 +216,7 @@ def test_the_launcher_names_the_rank_that_failed_first(tmp_path):
         "rank 1 (attention, node 0) is stopped (SIGSTOP?) and stopped answering; its peers gave up after "
         "comm.timeout_s = 20 s; all ranks stopped", 1)
     assert explain([], [(1, {"failures": {"2": {"exitcode": 1}}, "first": 2})]) == (
-        "rank 2 (expert, node 1) exited with code 1 without an error message; all ranks stopped", 1)
+        "rank 2 (expert, node 1) exited with code 1; all ranks stopped", 1)
     same = {"message": "ckpt/model.safetensors: not a valid safetensors file", "suspect": None, "exit_code": 2}
     assert explain([(r, same) for r in range(4)]) == ("ckpt/model.safetensors: not a valid safetensors file", 2)
     lost = {"message": "RuntimeError: Connection closed by peer", "suspect": None, "exit_code": 1, "time": -1}
