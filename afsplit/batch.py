@@ -117,12 +117,13 @@ class BatchJob:
             self.inputs = [InputRequest(0, "--prompt", {**defaults, "prompt": args.prompt})]
         else:
             self.inputs = read_requests(args.prompts_file, defaults)
-        self.done: dict[int, dict] = {}
+        self.done: dict[int, dict] = {}  # records kept from the output being resumed (dropped once rewritten)
         if args.resume:
             self.done, warnings = read_output(self.output, len(self.inputs), source)
             for w in warnings if warn else ():
                 print(f"afsplit: warning: {w}", file=self.err)
-        self.fresh: dict[int, dict] = {}  # results of this run
+        self.failed = {i for i, r in self.done.items() if "error" in r}  # indices with an error record
+        self.texts: dict[int, str] = {}  # without --output: what is printed at the end
         self.pending = [r for r in self.inputs if r.index not in self.done]
         # a pipe or device (--output /dev/stdout) is streamed to but never rewritten
         self._regular = bool(self.output) and (not os.path.exists(self.output) or os.path.isfile(self.output))
@@ -156,6 +157,7 @@ class BatchJob:
         if self.output:
             if self._regular:
                 _write_records(self.output, self.done)
+            self.done = {}  # on disk now; results are not kept in memory (a job may have millions)
             self._file = open(self.output, "a", encoding="utf-8")  # noqa: SIM115 -- closed in close()
         for r in self.pending:  # lines that never reach the engine fail now, in input order
             if r.error is not None:
@@ -172,12 +174,14 @@ class BatchJob:
                           "finish_reason": c.finish_reason})
 
     def _record(self, rec: dict) -> None:
-        self.fresh[rec["index"]] = rec
         if "error" in rec:
+            self.failed.add(rec["index"])
             print(f"afsplit: error: {rec['error']}", file=self.err, flush=True)
         if self._file is not None:
             self._file.write(json.dumps(rec) + "\n")
             self._file.flush()
+        elif "text" in rec:
+            self.texts[rec["index"]] = rec["text"]
 
     def close(self) -> None:
         if self._file is not None:
@@ -187,15 +191,12 @@ class BatchJob:
     def finish(self) -> int:
         """Rewrite --output in index order (or print the texts); exit status: 0, or 2 if any request failed."""
         self.close()
-        every = {**self.done, **self.fresh}
-        if self.output:
-            if self._regular:
-                _write_records(self.output, every)
-        else:
-            for i in sorted(every):
-                if "text" in every[i]:
-                    print(every[i]["text"])
-        return 2 if any("error" in r for r in every.values()) else 0
+        if self.output and self._regular:
+            records, _ = read_output(self.output, len(self.inputs), self.output)
+            _write_records(self.output, records)
+        for i in sorted(self.texts):
+            print(self.texts[i])
+        return 2 if self.failed else 0
 
 
 def _write_records(path: str, records: dict[int, dict]) -> None:

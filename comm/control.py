@@ -19,8 +19,9 @@ is always fatal: it is raised, never retried.
 
 Only the root blames: a gloo send completes when the receiver takes it, so a follower that waited
 on its report's send would blame the root for another follower's silence. Followers therefore do
-not wait on their sends (kept alive until done, checked at the next call); the root posts each
-peer's payload receive as soon as that peer's header is in, and names the first peer that fails.
+not wait on their sends at once: they are waited on (and freed) after the next plan arrives, when the
+root has taken them; the root posts each peer's payload receive as soon as that peer's header is in,
+and names the first peer that fails.
 
 Messages use their own tag, so they never match the data path's headers on the same group.
 """
@@ -69,14 +70,16 @@ class ControlPlane:
             for work, q in works:
                 self._wait(work, q, "send", what, start, limit)
             return obj
-        return self._recv_from(self.root, what, start, limit)
+        obj = self._recv_from(self.root, what, start, limit)
+        self._drain(what, start, limit)  # the root had all reports before this plan: those sends are done
+        return obj
 
     def gather(self, obj: Any, what: str = "message", timeout_s: float | None | str = "default") -> list | None:
         """Every rank's `obj`, in rank order, on the root (None elsewhere)."""
         limit = self._limit(timeout_s)
         start = time.monotonic()
         if self.rank != self.root:
-            self._sending = [(w, t) for w, t in self._sending if not w.is_completed()]
+            self._drain(what, start, limit)
             for t in _encode(obj):
                 self._sending.append((self._isend(t, self.root), t))
             return None
@@ -100,6 +103,12 @@ class ControlPlane:
         if timeout_s == "default":
             return self.timeout_s
         return FOREVER_S if timeout_s is None else float(timeout_s)
+
+    def _drain(self, what: str, start: float, limit: float) -> None:
+        """Retire a follower's earlier sends (gloo marks a send completed only once it is waited on)."""
+        for work, _ in self._sending:
+            self._wait(work, self.root, "send", what, start, limit)
+        self._sending = []
 
     def _recv_from(self, q: int, what: str, start: float, limit: float) -> Any:
         header = torch.zeros(1, dtype=torch.int64)

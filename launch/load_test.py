@@ -133,8 +133,10 @@ def run(config: str, n: int, bad_every: int, seed: int, workdir: Path) -> dict:
         return None
 
     world = max((len(s[2]) for s in samples), default=0)
-    every_rank = [s for s in samples if len(s[2]) == world]  # "end": the last sample before any rank exits
-    end = every_rank[-1] if every_rank else None
+    # "end": the last sample of the run itself (every rank alive, not all results written: after the
+    # last one the ranks shut down and free memory)
+    running = [s for s in samples if len(s[2]) == world and s[1] < n]
+    end = running[-1] if running else None
     return {
         "config": config, "requests": n, "bad_lines": len(bad), "exit_code": proc.returncode, "wall_s": round(wall, 1),
         "completed": len(completed), "failed_as_expected": len(errors & set(bad)),
@@ -146,8 +148,8 @@ def run(config: str, n: int, bad_every: int, seed: int, workdir: Path) -> dict:
         "rss": {"start": at(lambda w: w >= 1), "middle": at(lambda w: w >= n // 2),
                 "end": None if end is None else {"t_s": round(end[0], 1), "results_written": end[1],
                                                  "rss_mb_by_rank": end[2], "rss_mb_total": round(sum(end[2].values()), 1)}},
-        "rss_timeline": [{"t_s": round(t, 1), "results_written": w, "rss_mb_total": round(sum(rss.values()), 1)}
-                         for t, w, rss in samples[::10]],
+        "rss_timeline": [{"t_s": round(t, 1), "results_written": w, "rss_mb_total": round(sum(rss.values()), 1),
+                          "rss_mb_by_rank": {k: round(v, 1) for k, v in sorted(rss.items())}} for t, w, rss in samples[::10]],
         "bad_kinds": sorted({v for v in bad.values()}),
         "example_errors": {bad[i]: records[i]["error"] for i in sorted(errors & set(bad))[:len(BAD_KINDS)]},
         "command": " ".join(cmd[1:]),
@@ -164,7 +166,8 @@ def markdown(r: dict) -> str:
             "--prompts-file P --output O --stats-json S --no-progress` once. Mixed requests: prompts of 1-48 tokens, "
             "1-16 new tokens, greedy and sampled (some seeded); every 50th line bad in one of "
             f"{len(r['bad_kinds'])} ways ({', '.join(r['bad_kinds'])}). RSS is sampled once a second per rank; start = "
-            "first result written, middle = half written, end = the last sample with every rank alive.\n\n")
+            "first result written, middle = half written, end = the last sample before the last result (then the "
+            "ranks shut down); every 10th sample is in the JSON (`rss_timeline`).\n\n")
 
     def cell(point):
         if not point:

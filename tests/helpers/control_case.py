@@ -24,7 +24,10 @@ def run(rank: int, scenario: str, store: str, out_dir: str) -> None:
             big = {"blob": "x" * 1_000_000, "n": 7} if rank == 0 else None
             got = plane.broadcast(big, what="step plan", timeout_s=None)
             result["broadcast_ok"] = got["n"] == 7 and len(got["blob"]) == 1_000_000
-            gathered = plane.gather({"rank": rank, "sq": rank * rank}, what="step report")
+            for step in range(20):  # steps: plan out, reports back; a follower keeps no old sends
+                gathered = plane.gather({"rank": rank, "sq": rank * rank + step}, what="step report")
+                plane.broadcast(step if rank == 0 else None, what="step plan")
+                result["max_sending"] = max(result.get("max_sending", 0), len(plane._sending))
             if rank == 0:
                 result["gather"] = [g["sq"] for g in gathered]
             if rank == 2:
