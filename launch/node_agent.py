@@ -49,10 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     node = _node_rank(argv)
     debug = os.environ.get(DEBUG_ENV) == "1"
+    saved = os.environ.get("TORCH_CPP_LOG_LEVEL")
+    if not debug:
+        # libc10 reads this once, when torch loads: the agent's c10d warnings (a store peer gone at the exit
+        # barrier, with a C++ stack dump) are not the job's error; the ranks keep the user's setting
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
     import torch.distributed.run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    if saved is None:
+        os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
+    else:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = saved
     if not debug:
         # the agent's warnings ("Sending process N closing signal SIGTERM", exit-barrier errors) are
         # consequences of a failure the launcher names in one line (set after torch configured its loggers)

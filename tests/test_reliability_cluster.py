@@ -125,7 +125,8 @@ def test_bad_requests_fail_alone_and_tokens_match_every_layout(cluster_cfg, tmp_
     proc = start(cluster_cfg, ["--prompts-file", src, "--output", out, "--warmup"], uuid.uuid4().hex)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err[-3000:]
-    assert sorted(error_lines(err)) == sorted(f"afsplit: error: {src} line {i + 1}: {m}" for i, (_, m) in bad.items())
+    assert sorted(error_lines(err)) == sorted(f"afsplit: error: {src} line {i + 1}: {m}" for i, (_, m) in bad.items()), \
+        err[-3000:]
     got = {r["index"]: r for r in (json.loads(l) for l in out.read_text().splitlines())}
     assert sorted(got) == list(range(len(lines)))
     good_idx = [i for i in range(len(lines)) if i not in bad]
