@@ -1,15 +1,16 @@
 """The `afsplit` command line.
 
-    afsplit generate --config FILE [--set k=v ...] (--prompt TEXT | --prompts-file F.jsonl) [--output OUT.jsonl]
+    afsplit generate --config FILE [--set k=v ...] (--prompt TEXT | --prompts-file F.jsonl) [--output OUT.jsonl [--resume]]
     afsplit serve --config FILE [--set k=v ...] [--host H] [--port P] [--served-model-name N] [--max-waiting N]
     afsplit check-config FILE [--set k=v ...]
-    afsplit make-tiny FAMILY DIR [--seed N]
+    afsplit make-tiny FAMILY DIR [--seed N] [--force]
     afsplit plan-experts --stats STATS.jsonl --topology CONFIG.yaml --out PLACEMENT.yaml
     afsplit profile --config FILE --out PROFILE.json
     afsplit plan --model PRESET_OR_DIR --profile PROFILE.json --gpus N --gpus-per-node G --tpot-ms 50 [--out CONFIG.yaml]
     afsplit plan validate --profile PROFILE.json DIR...
 
-Errors caused by input are printed as one line (`afsplit: error: ...`) with exit status 2.
+Errors caused by input are printed as one line (`afsplit: error: ...`) with exit status 2; a failed
+run (a rank died, a peer went silent) is one line with exit status 1; `--debug` adds tracebacks.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import logging
 import os
 import sys
 
-from afsplit.errors import AfsplitError, RequestError
+from afsplit.errors import AfsplitError, ConfigError
 
-REQUEST_KEYS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos",
-                "stop_token_ids"}
+log = logging.getLogger("afsplit")
+
+SWEEP_KEYS = {"base_config", "splits", "workload"}  # top-level keys of a sweep file (launch/sweep.py), not a config
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -41,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt text")
     src.add_argument("--prompts-file", help="JSON lines: {prompt | prompt_token_ids, max_tokens?, temperature?, ...}")
-    g.add_argument("--output", help="write results as JSON lines here (default: print texts)")
+    g.add_argument("--output", help="write results here as JSON lines, one per request as it finishes, with its "
+                                    "index (default: print texts)")
+    g.add_argument("--resume", action="store_true",
+                   help="skip requests whose index is already in --output (rerun a job that stopped part way)")
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -53,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", action="store_true",
                    help="first run the same prompts for 3 tokens each (compiles kernels, captures the CUDA graphs of "
                         "that batch size); measurements cover the real run only")
+    g.add_argument("--debug", action="store_true", help="show tracebacks with errors")
 
     from afsplit.server.serve import add_serve_parser
 
@@ -66,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("family", help="qwen3_moe | qwen2_moe | mixtral | olmoe | deepseek_v2 | deepseek_v3")
     t.add_argument("out_dir")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="overwrite a checkpoint already in DIR")
 
     pe = sub.add_parser("plan-experts", help="plan expert replicas from recorded activation counts", add_help=False)
     pe.add_argument("rest", nargs=argparse.REMAINDER)
@@ -95,14 +102,39 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-config":
             return cmd_check_config(args)
         if args.command == "make-tiny":
-            from afsplit.models.tiny import make_tiny
-
-            print(make_tiny(args.family, args.out_dir, seed=args.seed))
-            return 0
+            return cmd_make_tiny(args)
     except AfsplitError as e:
         print(f"afsplit: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("afsplit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- a bug or an environment problem: one line, traceback on request
+        if getattr(args, "debug", False):
+            raise
+        print(f"afsplit: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
     return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def cmd_make_tiny(args) -> int:
+    from pathlib import Path
+
+    from afsplit.models.tiny import make_tiny
+
+    out = Path(args.out_dir)
+    existing = [n for n in ("config.json", "model.safetensors", "model.safetensors.index.json") if (out / n).exists()]
+    if existing and not args.force:
+        raise AfsplitError(f"make-tiny: {out} already holds a checkpoint ({existing[0]}); "
+                           "pass --force to overwrite it, or choose another directory")
+    print(make_tiny(args.family, args.out_dir, seed=args.seed))
+    return 0
 
 
 def _plan_experts(argv: list[str]) -> int:
@@ -131,109 +163,183 @@ def _planner(command: str, argv: list[str]) -> int:
 def cmd_check_config(args) -> int:
     from afsplit.config import load_config
 
+    _refuse_sweep_file(args.config)
     config = load_config(args.config, args.overrides)
+    spec = _model_spec(config)
+    if spec is not None and config.balancer.replicas != "none":
+        from comm.placement import resolve_placement
+
+        topo = config.topology.topology
+        if topo.world_size == 1:
+            from afsplit.engine import replicas_need_ranks
+
+            raise ConfigError(replicas_need_ranks(config))
+        resolve_placement(config.balancer, spec.num_moe_layers, spec.num_experts, topo)
     print(f"{args.config}: OK")
-    _print_model_summary(config)
+    _print_model_summary(config, spec)
     print(config.topology.topology.describe())
     return 0
 
 
-def _print_model_summary(config) -> None:
+def _refuse_sweep_file(path: str) -> None:
+    """A sweep file (launch/sweep.py) is not an engine config: say which checker it has."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # load_config reports these
+    if isinstance(data, dict) and SWEEP_KEYS & data.keys():
+        raise ConfigError(f"{path}: this is a sweep file (it has {sorted(SWEEP_KEYS & data.keys())[0]!r}), not an "
+                          f"engine config; check it with: python3 launch/sweep.py {path} --dry-run")
+
+
+def _model_spec(config):
+    """The model's spec when it can be read without loading weights (checkpoint config.json or preset), else None."""
     from pathlib import Path
 
     from afsplit.engine import model_spec
 
     m = config.model
-    if not (m.path and (Path(m.path) / "config.json").exists()) and not (m.weights == "random" and m.preset):
+    path_ok = m.path and (Path(m.path) / "config.json").exists()
+    return model_spec(config) if path_ok or (m.weights == "random" and m.preset) else None
+
+
+def _print_model_summary(config, spec) -> None:
+    m = config.model
+    if spec is None:
         print(f"model: {m.path} (created on first use)" if m.tiny else f"model: {m.path} (not found yet)")
         return
-    spec = model_spec(config)
     print(f"model: {spec.family}, {spec.num_layers} layers ({spec.num_moe_layers} MoE), hidden {spec.hidden_size}, "
           f"{spec.num_experts} experts top-{spec.top_k}, {spec.num_heads}/{spec.num_kv_heads} heads x {spec.head_dim}")
-
-
-def read_requests(path: str, defaults: dict) -> list[tuple[dict | None, str | None]]:
-    """Parse a JSONL prompts file into (request, error) pairs: a malformed line fails alone."""
-    out = []
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except OSError as e:
-        raise RequestError(f"{path}: cannot read prompts file ({e.strerror})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            out.append((None, f"{path}:{n}: malformed JSON ({e.msg}); each line must be one JSON object"))
-            continue
-        if not isinstance(obj, dict) or not ({"prompt", "prompt_token_ids"} & obj.keys()):
-            out.append((None, f"{path}:{n}: expected an object with 'prompt' or 'prompt_token_ids'"))
-            continue
-        unknown = set(obj) - REQUEST_KEYS
-        if unknown:
-            out.append((None, f"{path}:{n}: unknown field(s) {sorted(unknown)}; valid: {sorted(REQUEST_KEYS)}"))
-            continue
-        out.append(({**defaults, **obj}, None))
-    return out
 
 
 def cmd_generate(args, argv: list[str]) -> int:
     """Single process when the topology has one rank; otherwise one rank of the runtime under torchrun,
     or (started plainly) launch every rank on this host through the cluster simulation."""
     from afsplit.config import load_config
-    from afsplit.cuda_graphs import warm_up_requests
 
     config = load_config(args.config, args.overrides)
     topology = config.topology.topology
     under_torchrun = "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
-    if topology.world_size > 1 and not under_torchrun:
-        return _launch_ranks(config, argv)
-    requests = _read_cli_requests(args)
-    prompts, params, index = _to_engine_requests(requests)
-    if topology.world_size == 1 and not under_torchrun:
-        from afsplit.engine import LLMEngine
+    if not under_torchrun:
+        # everything that can be checked without a model, before any model is loaded or rank started
+        _check_outputs(args)
+        job = _batch_job(args, warn=topology.world_size == 1)  # with ranks, the coordinator warns
+        if topology.world_size > 1:
+            if not job.pending:
+                return job.finish()
+            return _launch_ranks(config, argv, args.debug)
+        return _generate_single_process(args, config, job)
+    return _generate_rank(args, config)
 
-        from afsplit.runtime.stats import RunStats
 
-        engine = LLMEngine(config)
-        if args.warmup:
-            engine.generate(*warm_up_requests(prompts), use_tqdm=False)
-        engine.run_stats = RunStats(world_size=1, num_moe_layers=engine.spec.num_moe_layers)
-        outs = engine.generate(prompts, params, use_tqdm=not args.no_progress)
-        if args.stats_json:
-            _write_stats(args, engine.run_stats)
-        return _write_results(args, requests, index, outs)
+def _check_outputs(args) -> None:
+    from afsplit.batch import check_writable
+
+    if args.resume and not args.output:
+        raise AfsplitError("--resume needs --output (the file whose finished requests are skipped)")
+    for flag, path in (("--output", args.output), ("--stats-json", args.stats_json)):
+        if path:
+            check_writable(path, flag)
+
+
+def _batch_job(args, warn: bool = True):
+    from afsplit.batch import BatchJob
+
+    defaults = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    seed=args.seed, ignore_eos=args.ignore_eos)
+    return BatchJob(args, defaults, warn)
+
+
+def _run_job(args, core, engine, job, warm_up) -> None:
+    """Warm up (optional), then run the job's requests through `core`, streaming results to --output."""
+    from afsplit.engine import run_to_completion
+
+    prompts, params, labels, indices = job.engine_requests()
+    if args.warmup and prompts:
+        warm_up(prompts)
+    job.open()
+    try:
+        run_to_completion(core, engine, prompts, params, use_tqdm=not args.no_progress, on_finished=job.on_finished,
+                          labels=labels, indices=indices)
+    finally:
+        job.close()
+
+
+def _generate_single_process(args, config, job) -> int:
+    from afsplit.cuda_graphs import warm_up_requests
+    from afsplit.engine import LLMEngine, MeasuredCore, run_to_completion
+
+    engine = LLMEngine(config)
+    core = MeasuredCore(engine)
+    _run_job(args, core, engine, job,
+             lambda prompts: run_to_completion(engine, engine, *warm_up_requests(prompts), use_tqdm=False))
+    if engine.expert_stats is not None:
+        engine.expert_stats.dump(config.balancer.stats_path)
+    if args.stats_json:
+        used = engine.kv.allocator.num_blocks - engine.kv.num_free_blocks
+        _write_stats(args, core.stats.summary(), used)
+    return job.finish()
+
+
+def _write_stats(args, summary: dict, kv_blocks_in_use: int) -> None:
+    with open(args.stats_json, "w", encoding="utf-8") as f:
+        json.dump({"config": args.config, "overrides": args.overrides, **summary,
+                   "kv_blocks_in_use_at_end": kv_blocks_in_use}, f, indent=1)
+
+
+def _generate_rank(args, config) -> int:
+    """One rank of the distributed runtime (under torchrun). A failure is one line naming this rank
+    (or, when the cluster simulation started us, a report it reads: it prints the one line)."""
     from afsplit.runtime.worker import RankRuntime
 
-    from comm.errors import CommError
-
-    runtime = RankRuntime(config)
+    rank = int(os.environ.get("RANK", "0"))
+    runtime = None
+    failed = True
     profiler = _host_profiler()
     try:
+        runtime = RankRuntime(config)
         if runtime.rank != runtime.coordinator:
             runtime.serve()
+            failed = False
             return 0
-        if args.warmup:
-            runtime.warm_up(prompts)
-        outs = runtime.generate(prompts, params, use_tqdm=not args.no_progress)
-        if args.stats_json:
-            _write_stats(args, runtime.stats)
-        return _write_results(args, requests, index, outs)
-    except CommError as e:  # a peer died or went silent: one line naming it, no traceback
-        print(f"afsplit: error: rank {runtime.rank}: {e}", file=sys.stderr)
-        runtime.shutdown(abort=True)
-        return 1
+        code = _coordinate(args, runtime)
+        failed = False
+        from launch.local_cluster import report_job_status
+
+        return report_job_status(code)
+    except BaseException as e:  # noqa: BLE001 -- reported as one line below
+        from launch.local_cluster import report_rank_failure
+
+        code = 2 if isinstance(e, AfsplitError) else 130 if isinstance(e, KeyboardInterrupt) else 1
+        report_rank_failure(config.topology.topology, rank, e, code, debug=args.debug)
+        return code
     finally:
-        if profiler:
+        if profiler and runtime is not None:
             _dump_host_profile(profiler, runtime.rank)
-        runtime.shutdown()
+        if runtime is not None:
+            runtime.shutdown(abort=failed)
 
 
-def _write_stats(args, stats) -> None:
-    """--stats-json: the run's measurements (throughput, TPOT, time split), with the command that made them."""
-    with open(args.stats_json, "w", encoding="utf-8") as f:
-        json.dump({"config": args.config, "overrides": args.overrides, **stats.summary()}, f, indent=1)
+def _coordinate(args, runtime) -> int:
+    """The coordinator's batch job; the other ranks follow in RankRuntime.serve."""
+    try:
+        _check_outputs(args)
+        job = _batch_job(args)
+    except AfsplitError:
+        runtime.coord.stop()  # nothing ran yet: let the other ranks leave cleanly
+        raise
+    _run_job(args, runtime.coord, runtime.engine, job, runtime.warm_up)
+    runtime.coord.stop()
+    summary = runtime.stats.summary()
+    log.info("run stats: %s", summary)
+    if args.stats_json:
+        coord = runtime.coord
+        used = sum(runtime.engine.kv.allocator.num_blocks - coord.capacity[a] for a in coord.att)
+        _write_stats(args, summary, used)
+    return job.finish()
 
 
 def _host_profiler():
@@ -261,59 +367,22 @@ def _dump_host_profile(profiler, rank: int) -> None:
         f.write(text.getvalue())
 
 
-def _launch_ranks(config, argv: list[str]) -> int:
+def _launch_ranks(config, argv: list[str], debug: bool) -> int:
     from afsplit.engine import resolve_model
-    from launch.local_cluster import launch_local_cluster
+    from launch.local_cluster import launch_local_cluster, visible_gpus
 
+    topology = config.topology.topology
+    if config.topology.device == "cuda":
+        gpus = visible_gpus()
+        if len(gpus) < topology.world_size:
+            raise ConfigError(f"{config.source}: topology.device: cuda: the topology has {topology.world_size} ranks "
+                              f"(one GPU each) but {len(gpus)} GPU(s) are visible; use topology.device: cpu or a "
+                              "machine with more GPUs")
     resolve_model(config)  # write a tiny checkpoint once, before the ranks race to do it
-    return launch_local_cluster(config.topology.topology, [sys.executable, "-m", "afsplit.cli", *argv],
+    return launch_local_cluster(topology, [sys.executable, "-m", "afsplit.cli", *argv],
                                 device=config.topology.device, out=sys.stderr,
-                                env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-
-
-def _read_cli_requests(args) -> list[tuple[dict | None, str | None]]:
-    defaults = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    seed=args.seed, ignore_eos=args.ignore_eos)
-    if args.prompt is not None:
-        return [({**defaults, "prompt": args.prompt}, None)]
-    return read_requests(args.prompts_file, defaults)
-
-
-def _to_engine_requests(requests):
-    from afsplit.sampling_params import SamplingParams
-
-    prompts, params, index = [], [], []
-    for i, (req, _) in enumerate(requests):
-        if req is None:
-            continue
-        prompts.append({"prompt_token_ids": req["prompt_token_ids"]} if "prompt_token_ids" in req else req["prompt"])
-        params.append(SamplingParams(**{k: req[k] for k in REQUEST_KEYS - {"prompt", "prompt_token_ids"} if k in req}))
-        index.append(i)
-    return prompts, params, index
-
-
-def _write_results(args, requests, index, outs) -> int:
-    results: list[dict] = [{"error": err} for _, err in requests]
-    for i, out in zip(index, outs):
-        if out.error:
-            results[i] = {"error": out.error}
-        else:
-            c = out.outputs[0]
-            results[i] = {"prompt": out.prompt, "token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason}
-    failed = 0
-    for r in results:
-        if "error" in r:
-            failed += 1
-            print(f"afsplit: error: {r['error']}", file=sys.stderr)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
-    else:
-        for r in results:
-            if "text" in r:
-                print(r["text"])
-    return 1 if failed and failed == len(results) else 0
+                                env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+                                peer_timeout_s=config.comm.timeout_s, debug=debug)
 
 
 if __name__ == "__main__":

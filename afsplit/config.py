@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -245,15 +246,23 @@ def validate(config: Config, world_size: int | None = None) -> None:
 
         if m.preset not in PRESETS:
             raise ConfigError(f"{where}: model.preset: {m.preset!r} is not one of {', '.join(PRESETS)}")
+    if m.max_model_len < 0:
+        raise ConfigError(f"{where}: model.max_model_len: must be >= 1, or 0 for the checkpoint's "
+                          f"max_position_embeddings, got {m.max_model_len}")
+    if not math.isfinite(m.routing_skew) or m.routing_skew < 0:
+        raise ConfigError(f"{where}: model.routing_skew: must be a finite number >= 0 (0 = none), got {m.routing_skew}")
     for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(r, name) < 1:
             raise ConfigError(f"{where}: runtime.{name}: must be >= 1, got {getattr(r, name)}")
     if r.num_kv_blocks < 0:
         raise ConfigError(f"{where}: runtime.num_kv_blocks: must be >= 0 (0 = derive from memory)")
+    if not math.isfinite(r.kv_cache_memory_gb) or r.kv_cache_memory_gb <= 0:
+        raise ConfigError(f"{where}: runtime.kv_cache_memory_gb: must be a finite number > 0, "
+                          f"got {r.kv_cache_memory_gb}")
     if r.micro_batches != "auto" and not (r.micro_batches.isdigit() and int(r.micro_batches) >= 1):
         raise ConfigError(f"{where}: runtime.micro_batches: expected an integer >= 1 or 'auto', got {r.micro_batches!r}")
-    if config.comm.timeout_s <= 0:
-        raise ConfigError(f"{where}: comm.timeout_s: must be > 0")
+    if not math.isfinite(config.comm.timeout_s) or config.comm.timeout_s <= 0:
+        raise ConfigError(f"{where}: comm.timeout_s: must be a finite number of seconds > 0, got {config.comm.timeout_s}")
     if config.comm.intra_node == "symm_mem" and config.comm.metadata != "padded":
         raise ConfigError(f"{where}: comm.intra_node: symm_mem needs comm.metadata: padded (exact counts are known "
                           "only at run time); set comm.metadata: padded or comm.intra_node: auto")
@@ -281,7 +290,7 @@ def _validate_topology(t: TopologyConfig, where: str, world_size: int | None) ->
     if n_col and (n_att or n_exp):
         raise ConfigError(
             f"{where}: topology.nodes: colocated ranks ({n_col}) cannot be mixed with attention ({n_att}) "
-            "or expert ({n_exp}) ranks; use either colocated or attention + expert")
+            f"or expert ({n_exp}) ranks; use either colocated or attention + expert")
     if not n_col and (n_att == 0 or n_exp == 0):
         raise ConfigError(
             f"{where}: topology.nodes: AF mode needs at least one attention and one expert rank, "

@@ -25,9 +25,8 @@ from afsplit.models.moe_model import AttentionModel, ExpertModel, LocalExperts
 from afsplit.models.spec import ModelSpec, read_model_spec, spec_from_hf_config
 from afsplit.models.weights import load_attention_weights, load_expert_weights
 from afsplit.runtime.micro_batches import fixed_micro_batches
-from afsplit.runtime.stats import RunStats
 from afsplit.sampler import sample
-from afsplit.sampling_params import SamplingParams
+from afsplit.sampling_params import SamplingParams, derive_seed, token_ids_problem
 from afsplit.scheduler import Scheduler
 from afsplit.sequence import SeqUpdate, Sequence
 
@@ -75,6 +74,13 @@ def resolve_model(config: Config) -> tuple[ModelSpec, object]:
     return spec, RandomWeights(seed=m.seed) if m.weights == "random" else CheckpointReader(m.path)
 
 
+def replicas_need_ranks(config: Config) -> str:
+    """Why balancer.replicas is refused by the single-process engine (and by check-config for one rank)."""
+    return (f"{config.source}: balancer.replicas: {config.balancer.replicas!r} needs expert ranks: replicas work in "
+            "the distributed runtime (a topology with attention and expert, or several colocated, ranks); the "
+            "single-process engine holds every expert once, so set balancer.replicas: none")
+
+
 def model_spec(config: Config) -> ModelSpec | None:
     """The spec `config.model` names: the checkpoint's config.json, else the preset (random weights); None when
     the checkpoint is not there (yet)."""
@@ -107,6 +113,9 @@ class LLMEngine:
         of loading every expert locally), its device, its micro-batch count and the model it resolved."""
         self.config = config
         rt = config.runtime
+        if device is None and config.topology.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{config.source}: topology.device: cuda but no CUDA device is visible "
+                              f"(torch {torch.__version__}); use topology.device: cpu or a machine with a GPU")
         self.device = torch.device(device or ("cuda" if config.topology.device == "cuda" else "cpu"))
         self.dtype = DTYPES[config.model.dtype]
         self.spec, source = spec_and_source or resolve_model(config)
@@ -116,10 +125,11 @@ class LLMEngine:
             raise ConfigError(
                 f"{config.source}: runtime.max_num_batched_tokens: {rt.max_num_batched_tokens} < max_model_len "
                 f"{self.max_model_len}; with chunked_prefill off it must hold a whole prompt")
+        if build_moe is None and config.balancer.replicas != "none":
+            raise ConfigError(replicas_need_ranks(config))
         attn_w = load_attention_weights(source, spec, self.dtype, self.device)
         self.model = AttentionModel(spec, attn_w, self.max_model_len, config.model.routing_skew)
         self.expert_stats = None
-        self.run_stats: RunStats | None = None  # set to record throughput/latency (afsplit generate --stats-json)
         if build_moe is None:
             if config.balancer.stats_path:
                 from comm.expert_stats import ExpertStatsRecorder
@@ -159,18 +169,22 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
+    def tokenize(self, prompt, where: str = "request") -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt: a string, or {'prompt_token_ids': [...]} / {'prompt': text}."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-                    raise RequestError("prompt_token_ids must be a list of integers")
+                problem = token_ids_problem("prompt_token_ids", ids, None)
+                if problem:
+                    raise RequestError(f"{where}: {problem}")
                 return None, ids
             prompt = prompt.get("prompt")
         if not isinstance(prompt, str):
-            raise RequestError(f"a prompt must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+            raise RequestError(f"{where}: a prompt must be a string or {{'prompt_token_ids': [...]}}, "
+                               f"got {type(prompt).__name__}")
         if self.tokenizer is None:
-            raise RequestError(f"{self.config.model.path or 'this model'} has no tokenizer.json; pass prompt_token_ids")
+            raise RequestError(f"{where}: {self.config.model.path or 'this model'} has no tokenizer.json; "
+                               "pass prompt_token_ids")
         return prompt, self.tokenizer.encode(prompt, add_special_tokens=False).ids
 
     def add_request(self, prompt, params: SamplingParams) -> Sequence:
@@ -179,17 +193,26 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
-    def make_sequence(self, prompt, params: SamplingParams) -> Sequence:
-        """Validate and tokenize one request into a Sequence (not queued); raises RequestError."""
+    def make_sequence(self, prompt, params: SamplingParams, where: str | None = None,
+                      index: int | None = None) -> Sequence:
+        """Validate and tokenize one request into a Sequence (not queued); raises RequestError.
+
+        This is the one admission check of every entry point (API, CLI, distributed coordinator).
+        `where` names the request in errors (e.g. "prompts.jsonl line 4"); `index` is its position in
+        the caller's input, from which the sampling seed is derived when the request gives none.
+        """
         request_id = self._next_id
         self._next_id += 1
-        where = f"request {request_id}"
-        params.validate(where)
-        text, ids = self.tokenize(prompt)
+        where = where or f"request {request_id}"
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"{where}: sampling params must be a SamplingParams, got {type(params).__name__}")
+        params.validate(where, self.spec.vocab_size)
+        text, ids = self.tokenize(prompt, where)
         if not ids:
             raise RequestError(f"{where}: empty prompt; give at least one token")
-        if any(t < 0 or t >= self.spec.vocab_size for t in ids):
-            raise RequestError(f"{where}: token ids must be in [0, {self.spec.vocab_size})")
+        problem = token_ids_problem("prompt", ids, self.spec.vocab_size)
+        if problem:
+            raise RequestError(f"{where}: {problem}")
         if len(ids) >= self.max_model_len:
             raise RequestError(
                 f"{where}: prompt has {len(ids)} tokens, max_model_len is {self.max_model_len}; shorten it or raise model.max_model_len")
@@ -198,7 +221,8 @@ class LLMEngine:
             raise RequestError(
                 f"{where}: needs up to {worst} KV blocks but the cache has {self.kv.allocator.num_blocks}; "
                 "lower max_tokens or raise runtime.num_kv_blocks")
-        seed = params.seed if params.seed is not None else hash((self.config.runtime.seed, request_id))
+        index = request_id if index is None else index
+        seed = params.seed if params.seed is not None else derive_seed(self.config.runtime.seed, index)
         return Sequence(request_id, ids, params, seed, prompt_text=text, arrival_time=time.time())
 
     # -- the engine step -----------------------------------------------------------------------
@@ -220,7 +244,6 @@ class LLMEngine:
         With `lockstep` (a runtime attention rank) the forward runs even with nothing scheduled, so
         this rank joins every MoE collective of the step with zero tokens.
         """
-        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.seqs and not lockstep:
             if self.scheduler.has_work():
@@ -241,29 +264,11 @@ class LLMEngine:
             if reason:
                 self.scheduler.finish(seq, reason)
             updates.append(SeqUpdate(seq.request_id, [token], reason, now))
-        if self.run_stats is not None:  # sampling read the logits back: the step's GPU work is done
-            self._account(batch, updates, time.perf_counter() - start)
         self.steps_run += 1
         every = self.config.balancer.stats_every_steps
         if self.expert_stats is not None and every and self.steps_run % every == 0:
             self.expert_stats.dump(self.config.balancer.stats_path)
         return updates
-
-    def _account(self, batch, updates: list[SeqUpdate], step_s: float) -> None:
-        stats = self.run_stats
-        if not stats.steps:
-            self._run_start = time.perf_counter() - step_s
-        stats.steps += 1
-        stats.wall_s = time.perf_counter() - self._run_start
-        tokens, decodes = self.last_step
-        if tokens and tokens == decodes:
-            stats.decode_step_s.append(step_s)
-        done = {u.request_id for u in updates if u.finish_reason}
-        for seq in batch.seqs:
-            if seq.request_id in done:
-                stats.generated_tokens += len(seq.output_token_ids)
-                stats.prompt_tokens += len(seq.prompt_token_ids)
-                stats.requests.append(seq.latency_metrics())
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -282,18 +287,33 @@ class LLMEngine:
             outputs=[CompletionOutput(0, self.detokenize(seq.output_token_ids), list(seq.output_token_ids),
                                       seq.finish_reason)])
 
-    def admit(self, prompts: list, params: SamplingParams | list[SamplingParams]):
-        """Validate every request: (results with the bad ones' errors filled in, good Sequences, request id -> position)."""
-        params_list = params if isinstance(params, list) else [params] * len(prompts)
-        results: list[RequestOutput | None] = [None] * len(prompts)
+    def admit(self, prompts: list, params: SamplingParams | list[SamplingParams], labels: list[str] | None = None,
+              indices: list[int] | None = None):
+        """Validate every request: (results with the bad ones' errors filled in, good Sequences, request id -> position).
+
+        `params` is one SamplingParams for all prompts or a list of exactly one per prompt (else ValueError).
+        `labels[i]` names prompt i in its error (default "request i"); `indices[i]` is its index in
+        the caller's input, for seed derivation (default i).
+        """
+        n = len(prompts)
+        if isinstance(params, (list, tuple)):
+            if len(params) != n:
+                raise ValueError(f"got {n} prompts but {len(params)} SamplingParams; pass one SamplingParams "
+                                 "for all prompts or a list with one per prompt")
+            params_list = list(params)
+        else:
+            params_list = [params] * n
+        labels = labels if labels is not None else [f"request {i}" for i in range(n)]
+        indices = indices if indices is not None else list(range(n))
+        results: list[RequestOutput | None] = [None] * n
         seqs, index = [], {}
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             try:
-                seq = self.make_sequence(prompt, p)
+                seq = self.make_sequence(prompt, p, where=labels[i], index=indices[i])
             except RequestError as e:
                 results[i] = RequestOutput(request_id=-1, prompt=prompt if isinstance(prompt, str) else None,
                                            prompt_token_ids=[], error=str(e))
-                log.error("%s", e)
+                log.debug("%s", e)  # the caller reports it (the CLI prints it once)
                 continue
             seqs.append(seq)
             index[seq.request_id] = i
@@ -309,32 +329,89 @@ class LLMEngine:
 
 
 def run_to_completion(core, engine: LLMEngine, prompts: list, params, use_tqdm: bool = True,
-                      on_finished=None) -> list[RequestOutput]:
+                      on_finished=None, labels: list[str] | None = None,
+                      indices: list[int] | None = None) -> list[RequestOutput]:
     """Drive an engine core (the single-process LLMEngine or the runtime's Coordinator: anything with
-    add_sequence / step / has_unfinished_requests) until every request of `prompts` is done.
+    add_sequence / abort_request / step / has_unfinished_requests) until every request of `prompts` is done.
 
-    `engine` validates, tokenizes and detokenizes. Returns one RequestOutput per prompt, in order;
-    `on_finished(position, output)` is called as each request finishes (or fails validation).
+    `engine` validates, tokenizes and detokenizes (see LLMEngine.admit for `labels` and `indices`).
+    Returns one RequestOutput per prompt, in order; `on_finished(position, output)` is called as each
+    request finishes (or fails validation). If anything raises meanwhile (a callback, Ctrl-C, a
+    failed step), this call's unfinished requests are aborted first, so the core is usable again.
     """
-    results, seqs, index = engine.admit(prompts, params)
-    if on_finished is not None:
-        for i, out in enumerate(results):
-            if out is not None:
-                on_finished(i, out)
+    results, seqs, index = engine.admit(prompts, params, labels, indices)
     by_id = {seq.request_id: seq for seq in seqs}
     for seq in seqs:
         core.add_sequence(seq)
     bar = progress_bar(len(seqs), use_tqdm)
-    while core.has_unfinished_requests():
-        for upd in core.step():
-            if upd.finish_reason is None or upd.request_id not in index:
-                continue
-            i = index[upd.request_id]
-            results[i] = engine.request_output(by_id[upd.request_id])
-            if on_finished is not None:
-                on_finished(i, results[i])
-            if bar:
-                bar.update(1)
-    if bar:
-        bar.close()
+    try:
+        if on_finished is not None:
+            for i, out in enumerate(results):
+                if out is not None:
+                    on_finished(i, out)
+        while core.has_unfinished_requests():
+            for upd in core.step():
+                if upd.finish_reason is None or upd.request_id not in index:
+                    continue
+                i = index[upd.request_id]
+                results[i] = engine.request_output(by_id[upd.request_id])
+                if on_finished is not None:
+                    on_finished(i, results[i])
+                if bar:
+                    bar.update(1)
+    except BaseException:
+        for seq in seqs:
+            if results[index[seq.request_id]] is None:
+                core.abort_request(seq.request_id)
+        raise
+    finally:
+        if bar:
+            bar.close()
     return results
+
+
+class MeasuredCore:
+    """The single-process engine as an engine core that also records RunStats, as the coordinator
+    does for the distributed runtime (what `afsplit generate --stats-json` writes in either layout)."""
+
+    def __init__(self, engine: LLMEngine):
+        from afsplit.runtime.stats import RunStats
+
+        self.engine = engine
+        self.stats = RunStats(world_size=1, num_moe_layers=engine.spec.num_moe_layers)
+        self.stats.ranks = {"attention": 1, "expert": 0}
+        self._seqs: dict[int, Sequence] = {}
+        self._start = None
+
+    def add_sequence(self, seq: Sequence) -> None:
+        self._seqs[seq.request_id] = seq
+        self.engine.add_sequence(seq)
+
+    def abort_request(self, request_id: int) -> bool:
+        self._seqs.pop(request_id, None)
+        return self.engine.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def step(self) -> list[SeqUpdate]:
+        if self._start is None:
+            self._start = time.perf_counter()
+        start = time.perf_counter()
+        updates = self.engine.step()
+        step_s = time.perf_counter() - start
+        stats = self.stats
+        stats.steps += 1
+        m = self.engine.runner.micro_batches
+        stats.micro_batches[m] = stats.micro_batches.get(m, 0) + 1
+        tokens, decodes = self.engine.last_step
+        if tokens and tokens == decodes:
+            stats.decode_step_s.append(step_s)
+        for upd in updates:
+            seq = self._seqs.pop(upd.request_id, None) if upd.finish_reason else None
+            if seq is not None and upd.finish_reason != "abort":
+                stats.generated_tokens += len(seq.output_token_ids)
+                stats.prompt_tokens += len(seq.prompt_token_ids)
+                stats.requests.append(seq.latency_metrics())
+        stats.wall_s = time.perf_counter() - self._start
+        return updates

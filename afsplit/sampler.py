@@ -1,13 +1,15 @@
 """Token sampling: greedy, temperature, top-k, top-p, with per-request seeds.
 
-The random draw for a request's i-th generated token depends only on (seed, i), so a request
-gives the same tokens whatever it is batched with, and after a preemption.
+The random draw for a request's i-th generated token depends only on (seed, i) (see
+sampling_params.token_seed), so a request gives the same tokens whatever it is batched with, after a
+preemption and in every layout.
 """
 
 from __future__ import annotations
 
 import torch
 
+from afsplit.sampling_params import token_seed
 from afsplit.sequence import Sequence
 
 
@@ -21,7 +23,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
             out.append(greedy_ids[row])
             continue
         probs = _filtered_probs(logits[row].float() / p.temperature, p.top_k, p.top_p)
-        gen = torch.Generator(device="cpu").manual_seed(hash((seq.seed, len(seq.output_token_ids))) % (2**63))
+        gen = torch.Generator(device="cpu").manual_seed(token_seed(seq.seed, len(seq.output_token_ids)))
         out.append(int(torch.multinomial(probs.cpu(), 1, generator=gen)))
     return out
 

@@ -182,7 +182,7 @@ def run(args) -> int:
     import deepspeed
     import torch.distributed as dist
 
-    from afsplit.cli import REQUEST_KEYS, read_requests
+    from afsplit.batch import REQUEST_KEYS, read_requests
     from afsplit.config import load_config
     from afsplit.engine import DTYPES, LLMEngine, resolve_model
     from afsplit.runtime.timing import PhaseTimes
@@ -211,7 +211,7 @@ def run(args) -> int:
                        spec_and_source=(spec, source))
     layers.update(build_moe_layers(spec, source, engine.model.w, engine.model.router_bias, dtype, device, rank, world))
 
-    requests = read_requests(args.prompts_file, dict(max_tokens=32, temperature=1.0))
+    requests = [(r.fields, r.error) for r in read_requests(args.prompts_file, dict(max_tokens=32, temperature=1.0))]
     mine = [i for i, (req, err) in enumerate(requests) if req is not None and i % world == rank]
     prompts = {i: {"prompt_token_ids": requests[i][0]["prompt_token_ids"]} if "prompt_token_ids" in requests[i][0]
                else requests[i][0]["prompt"] for i in mine}

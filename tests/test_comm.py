@@ -146,7 +146,7 @@ def test_local_cluster_runs_uneven_nodes():
 def test_local_cluster_failure_names_node():
     p = _launch("1A,1E", "--fail-rank", "1")
     assert p.returncode != 0
-    assert "node 1 (torchrun --node-rank 1) failed" in p.stdout or "node 1 also failed" in p.stdout, p.stdout
+    assert "afsplit: error: rank 1 (expert, node 1) exited with code 7; all ranks stopped" in p.stdout, p.stdout
 
 
 def test_single_rank_in_process(monkeypatch):

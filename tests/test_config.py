@@ -8,7 +8,9 @@ from afsplit.cli import main
 from afsplit.config import load_config
 from afsplit.errors import ConfigError
 
-CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted(ROOT.joinpath("configs").glob("*.yaml"))
+SWEEPS = sorted(ROOT.joinpath("configs").glob("sweeps/*.yaml"))
 
 
 def write(tmp_path, text):
@@ -21,6 +23,59 @@ def write(tmp_path, text):
 def test_every_shipped_config_passes_check_config(path, capsys):
     assert main(["check-config", str(path)]) == 0
     assert "rank  node" in capsys.readouterr().out
+
+
+def test_every_yaml_under_configs_is_an_engine_config_or_a_sweep():
+    """Sweep files have their own checker (launch/sweep.py FILE --dry-run, run on each in test_sweep.py)."""
+    assert sorted(ROOT.joinpath("configs").rglob("*.y*ml")) == sorted(CONFIGS + SWEEPS)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_check_config_points_sweep_files_to_their_checker(path, capsys):
+    rel = path.relative_to(ROOT)
+    assert main(["check-config", str(rel)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"afsplit: error: {rel}: this is a sweep file (it has 'base_config'), not an engine config; check it with: "
+        f"python3 launch/sweep.py {rel} --dry-run")
+
+
+def check_config_error(tmp_path, capsys, text: str) -> str:
+    p = write(tmp_path, text)
+    assert main(["check-config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err.strip().replace(f"{p}: ", "FILE: ")
+
+
+@pytest.mark.parametrize("text,line", [
+    ("model: {path: x, max_model_len: -10}\n",
+     "model.max_model_len: must be >= 1, or 0 for the checkpoint's max_position_embeddings, got -10"),
+    ("model: {path: x}\nruntime: {kv_cache_memory_gb: -1}\n", "runtime.kv_cache_memory_gb: must be a finite number > 0, got -1.0"),
+    ("model: {path: x}\nruntime: {kv_cache_memory_gb: .nan}\n", "runtime.kv_cache_memory_gb: must be a finite number > 0, got nan"),
+    ("model: {path: x}\ncomm: {timeout_s: .inf}\n", "comm.timeout_s: must be a finite number of seconds > 0, got inf"),
+    ("model: {path: x}\ntopology: {nodes: [{colocated: 2}, {attention: 1, expert: 3}]}\n",
+     "topology.nodes: colocated ranks (2) cannot be mixed with attention (1) or expert (3) ranks; use either colocated "
+     "or attention + expert"),
+])
+def test_config_errors_are_one_exact_line(tmp_path, capsys, text, line):
+    assert check_config_error(tmp_path, capsys, text) == f"afsplit: error: FILE: {line}"
+
+
+def test_check_config_checks_balancer_replicas(tmp_path, capsys):
+    from afsplit.models.tiny import make_tiny
+
+    model = make_tiny("qwen3_moe", tmp_path / "m", seed=1)
+    af = f"model: {{path: {model}}}\ntopology: {{nodes: [{{attention: 1, expert: 2}}]}}\n"
+    assert check_config_error(tmp_path, capsys, af + "balancer: {replicas: nope.yaml}\n") == (
+        f"afsplit: error: {tmp_path / 'nope.yaml'}: cannot read placement file (No such file or directory); check "
+        "balancer.replicas")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_experts: 3\n")
+    assert check_config_error(tmp_path, capsys, af + f"balancer: {{replicas: {bad}}}\n") == (
+        f"afsplit: error: {bad}: num_experts: file says 3, the model/topology has 8")
+    p = write(tmp_path, af + "balancer: {replicas: auto, spare_slots_per_rank: 1}\n")
+    assert main(["check-config", str(p)]) == 0
+    capsys.readouterr()
 
 
 def test_unknown_key_names_nearest(tmp_path):

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from afsplit import LLM, SamplingParams
-from afsplit.cli import main
 from afsplit.errors import CheckpointError
 
 
@@ -153,24 +152,6 @@ def test_sharded_checkpoint_loads(tiny_dir, tmp_path):
     ref = LLM(model=tiny_dir, num_kv_blocks=32).generate(prompts(2), p, use_tqdm=False)
     got = LLM(model=str(shard), num_kv_blocks=32).generate(prompts(2), p, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
-
-
-def test_cli_generate_jsonl_with_a_malformed_line(tiny_dir, tmp_path, capsys):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {{path: {tiny_dir}}}\nruntime: {{num_kv_blocks: 64}}\n")
-    src = tmp_path / "in.jsonl"
-    src.write_text('{"prompt": "hi", "max_tokens": 3, "temperature": 0}\n{not json\n'
-                   '{"prompt_token_ids": [1, 2], "max_tokens": 2, "seed": 1}\n{"prompt": "x", "max_tokens": -1}\n')
-    out = tmp_path / "out.jsonl"
-    assert main(["generate", "--config", str(cfg), "--prompts-file", str(src), "--output", str(out),
-                 "--no-progress"]) == 0
-    rows = [json.loads(l) for l in out.read_text().splitlines()]
-    assert len(rows) == 4
-    assert len(rows[0]["token_ids"]) == 3 and rows[0]["finish_reason"] in ("length", "stop")
-    assert "in.jsonl:2: malformed JSON" in rows[1]["error"]
-    assert len(rows[2]["token_ids"]) == 2
-    assert "max_tokens must be an integer >= 1" in rows[3]["error"]
-    assert "in.jsonl:2: malformed JSON" in capsys.readouterr().err
 
 
 def test_roles_read_only_their_own_tensors(tiny_dir):

@@ -34,7 +34,7 @@ class StepPlan:
     abort: list[int] = field(default_factory=list)  # request ids to drop (on whichever rank holds them)
     micro_batches: int = 1  # m for this step, the same on every rank
     dump_stats: bool = False  # after this step the attention ranks append their expert counts (stats_every_steps)
-    idle: bool = False  # a keep-alive from an idle server: no step, no report (followers just wait again)
+    idle: bool = False  # no step: an idle coordinator (a server with no requests) telling its followers it is alive
 
 
 class Coordinator:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch.distributed as dist
 
@@ -33,6 +34,18 @@ from comm.expert_stats import ExpertStatsRecorder
 from comm.groups import init_distributed
 
 log = logging.getLogger("afsplit.runtime")
+
+
+def _control_plane(runtime: "RankRuntime"):
+    """The rank's ControlPlane over the control group, made on first use (comm/control.py)."""
+    plane = getattr(runtime, "_control", None)
+    if plane is None:
+        from comm.control import ControlPlane
+
+        plane = runtime._control = ControlPlane(runtime.ctx.control_group, runtime.rank, runtime.ctx.world_size,
+                                                runtime.coordinator, runtime.config.comm.timeout_s,
+                                                runtime.topo.role_of)
+    return plane
 
 
 class RankRuntime:
@@ -98,20 +111,25 @@ class RankRuntime:
     # -- control plane -------------------------------------------------------------------------
 
     def broadcast(self, plan: StepPlan | None) -> StepPlan:
-        """The coordinator's plan to every rank (collective over the control group)."""
+        """The coordinator's plan to every rank, over the control plane (comm/control.py: a dead or
+        silent peer raises CommError naming it). A follower waits without a deadline for its first plan
+        (ranks finish loading at different times), then at most comm.timeout_s for each next one: an
+        idle coordinator keeps them alive with StepPlan(idle=True) at least every comm.timeout_s / 2
+        (`self.last_plan_s` is when it last sent one)."""
         if self.ctx.world_size == 1:
             return plan
-        box = [plan]
-        dist.broadcast_object_list(box, src=self.coordinator, group=self.ctx.control_group)
-        return box[0]
+        plane = _control_plane(self)
+        if self.rank == self.coordinator:
+            self.last_plan_s = time.monotonic()
+            return plane.broadcast(plan, what="step plan")
+        first, self._had_plan = not getattr(self, "_had_plan", False), True
+        return plane.broadcast(None, what="step plan", timeout_s=None if first else "default")
 
     def gather(self, report: StepReport) -> list[StepReport] | None:
-        """Every rank's report, on the coordinator (collective over the control group)."""
+        """Every rank's report, on the coordinator, each within comm.timeout_s (comm/control.py)."""
         if self.ctx.world_size == 1:
             return [report]
-        out = [None] * self.ctx.world_size if self.rank == self.coordinator else None
-        dist.gather_object(report, out, dst=self.coordinator, group=self.ctx.control_group)
-        return out
+        return _control_plane(self).gather(report, what="step report")
 
     # -- one step of this rank -------------------------------------------------------------------
 
@@ -164,7 +182,7 @@ class RankRuntime:
             if plan.stop:
                 self.dump_expert_stats()
                 return
-            if plan.idle:  # the coordinator's keep-alive while a server has no requests
+            if plan.idle:  # an idle coordinator is still there: no step, nothing to report
                 continue
             self.gather(self.run_step(plan))
 

@@ -1,0 +1,93 @@
+"""torchrun for one simulated node, quiet: what launch/local_cluster.py starts per node.
+
+    python -m launch.node_agent --nnodes 2 --node-rank 1 --nproc-per-node 2 ... --module afsplit.cli generate ...
+
+It is exactly ``torchrun ARGS`` (same agent, same rendezvous, same rank numbering), except that a
+failure is not printed as torchrun's ChildFailedError dump and agent log noise: the agent's
+account of it (which global rank failed first, with which exit code or signal) is written to
+``$AFSPLIT_JOB_DIR/node{k}.json`` for the cluster launcher, which prints the one error line. The
+exit status is the first failed rank's (128 + N for signal N). ``AFSPLIT_DEBUG=1`` keeps torchrun's
+own output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+
+JOB_DIR_ENV = "AFSPLIT_JOB_DIR"
+DEBUG_ENV = "AFSPLIT_DEBUG"
+
+
+def _node_rank(argv: list[str]) -> int:
+    for i, a in enumerate(argv):
+        if a in ("--node-rank", "--node_rank") and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith(("--node-rank=", "--node_rank=")):
+            return int(a.split("=", 1)[1])
+    return 0
+
+
+def _write(node: int, record: dict) -> None:
+    job_dir = os.environ.get(JOB_DIR_ENV)
+    if not job_dir:
+        return
+    tmp = os.path.join(job_dir, f".node{node}.json")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    os.replace(tmp, os.path.join(job_dir, f"node{node}.json"))
+
+
+def _status(exitcode: int) -> int:
+    return exitcode if exitcode >= 0 else 128 - exitcode  # -9 (SIGKILL) -> 137
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    node = _node_rank(argv)
+    debug = os.environ.get(DEBUG_ENV) == "1"
+    saved = os.environ.get("TORCH_CPP_LOG_LEVEL")
+    if not debug:
+        # libc10 reads this once, when torch loads: the agent's c10d warnings (a store peer gone at the exit
+        # barrier, with a C++ stack dump) are not the job's error; the ranks keep the user's setting
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if saved is None:
+        os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
+    else:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = saved
+    if not debug:
+        # the agent's warnings ("Sending process N closing signal SIGTERM", exit-barrier errors) are
+        # consequences of a failure the launcher names in one line (set after torch configured its loggers)
+        for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    try:
+        torchrun.main(argv)
+        return 0
+    except ChildFailedError as e:
+        first_rank, first = e.get_first_failure()
+        failures = {str(rank): {"local_rank": f.local_rank, "exitcode": f.exitcode, "pid": f.pid,
+                                "timestamp": f.timestamp} for rank, f in e.failures.items()}
+        _write(node, {"failures": failures, "first": first_rank})
+        if debug:
+            traceback.print_exc()
+        return _status(first.exitcode)
+    except SignalException as e:  # the launcher stopped this node
+        return 128 + int(e.sigval)
+    except Exception as e:  # noqa: BLE001 -- the agent itself failed (rendezvous, store, bad arguments)
+        text = str(e).strip()
+        _write(node, {"error": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")})
+        if debug:
+            traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
