@@ -167,7 +167,7 @@ def cmd_check_config(args) -> int:
     config = load_config(args.config, args.overrides)
     spec = _model_spec(config)
     if spec is not None and config.balancer.replicas != "none":
-        from comm.placement import resolve_placement
+        from afsplit.placement_file import resolve_placement
 
         topo = config.topology.topology
         if topo.world_size == 1:

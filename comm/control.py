@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from comm.groups import CommError
+from comm.errors import CommError
 
 TAG = 0x0AF5  # point-to-point tag of control-plane messages (the data path uses 0)
 FOREVER_S = 365 * 24 * 3600.0  # "no deadline": gloo needs some timeout on each wait

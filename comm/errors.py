@@ -16,4 +16,10 @@ class ConfigError(InputError):
 
 
 class CommError(RuntimeError):
-    """A communication step failed: a peer died, stopped answering or disagreed with this rank."""
+    """A communication step failed: a peer died, stopped answering or disagreed with this rank.
+
+    ``peer`` is the global rank blamed, when one is (the launcher names it in its one error line)."""
+
+    def __init__(self, message: str, peer: int | None = None):
+        super().__init__(message)
+        self.peer = peer

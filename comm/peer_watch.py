@@ -68,20 +68,20 @@ class PeerWatch:
         if e is None or "timeout" in low or "timed out" in low:
             if kind == RECV:
                 return CommError(f"layer {layer} {what}: no data from {who} within {self.timeout_s} s "
-                                 f"(rank {self.rank} waiting)")
+                                 f"(rank {self.rank} waiting)", peer)
             return CommError(f"layer {layer} {what}: {who} did not take its data within {self.timeout_s} s "
-                             f"(rank {self.rank} sending)")
+                             f"(rank {self.rank} sending)", peer)
         if "closed" in low or "reset" in low or "broken pipe" in low:
             return CommError(f"layer {layer} {what}: {who} is gone (connection lost; rank {self.rank} was "
-                             f"{'receiving from' if kind == RECV else 'sending to'} it): {first}")
+                             f"{'receiving from' if kind == RECV else 'sending to'} it): {first}", peer)
         verb = "receive from" if kind == RECV else "send to"
-        return CommError(f"layer {layer} {what}: {verb} {who} failed on rank {self.rank}: {first}")
+        return CommError(f"layer {layer} {what}: {verb} {who} failed on rank {self.rank}: {first}", peer)
 
     def silent_peers(self, layer, what: str, peers: list[int], e: Exception | None) -> CommError:
         names = ", ".join(self.name(q) for q in peers) or "its peers"
         detail = f": {str(e).strip().splitlines()[0]}" if e is not None and str(e).strip() else ""
         return CommError(f"layer {layer} {what}: no data from {names} within {self.timeout_s} s "
-                         f"(rank {self.rank} waiting){detail}")
+                         f"(rank {self.rank} waiting){detail}", peers[0] if len(peers) == 1 else None)
 
     # -- NCCL: events checked lazily, drained once per step -------------------------------------
 

@@ -193,7 +193,7 @@ def test_the_launcher_names_the_rank_that_failed_first(tmp_path):
     """launch/local_cluster.explain_failure on the evidence a failed job leaves (2 nodes: 2A | 2E)."""
     import json
 
-    from afsplit.topology import NodeSpec, Topology
+    from comm.topology import NodeSpec, Topology
     from launch.local_cluster import explain_failure
 
     topo = Topology((NodeSpec(attention=2), NodeSpec(expert=2)))

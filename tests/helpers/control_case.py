@@ -9,7 +9,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from comm.control import ControlPlane
-from comm.groups import CommError
+from comm.errors import CommError
 
 ROLES = ["attention", "attention", "expert"]
 
