@@ -11,6 +11,10 @@ straight line ``step = overhead(B) + layers x layer(B)``:
   lm_head (host work, embedding, sampling); ``eager_layer_ms`` from the same pair with CUDA graphs off;
 * runtime ``exchange_call(B)`` = (runtime layer - engine layer) / 2 per dispatch or combine call,
   ``step_overhead(B)`` = its intercept minus the lm_head (adds the control plane).
+
+Both modes measure the same layer kernels, so where both ran a batch their slopes are pooled
+(:func:`pooled_slopes`). The profile keeps the raw points; the planner refits them with this
+module's :func:`fit_system` when it reads the profile, so a better estimator applies to old profiles.
 """
 
 from __future__ import annotations
@@ -161,25 +165,56 @@ def _line(points: dict, b: int, depths) -> tuple[float, float] | None:
     return t1 - d1 * slope, slope
 
 
+def _intercept(points: dict, b: int, depths, slope: float) -> float:
+    """Mean over the depths of t - depth x slope (the intercept once the slope is fixed)."""
+    return sum(points[d][b] * 1e-3 - d * slope for d in depths) / len(depths)
+
+
+def pooled_slopes(eng_graphs: dict, rt: dict, depths) -> tuple[dict, dict]:
+    """({B: engine layer slope}, {B: runtime slope}) with the runtime's layers = the engine's + two exchange calls.
+
+    The runtime with one colocated rank runs the same layer kernels as the engine plus a dispatch and a
+    combine (>= 0). Where both measured a batch and the runtime's slope came out *below* the engine's, the
+    two slopes are two measurements of one layer time (noise): both take their mean and the calls are 0."""
+    eng, run = {}, {}
+    for b in eng_graphs.get(depths[0], {}):
+        line = _line(eng_graphs, b, depths)
+        if line is not None:
+            eng[b] = line[1]
+    for b in rt.get(depths[0], {}):
+        line = _line(rt, b, depths)
+        if line is not None:
+            run[b] = line[1]
+    for b in set(eng) & set(run):
+        if 0 < run[b] < eng[b]:
+            eng[b] = run[b] = (eng[b] + run[b]) / 2
+    return eng, run
+
+
 def fit_system(eng: dict, rt: dict, layer_table, head, plan: SystemPlan = FULL) -> dict:
-    """The profile's ``system`` section from the points; layer_table(B) and head(B) in seconds."""
+    """The profile's ``system`` section from the points; layer_table(B) and head(B) in seconds.
+
+    Per batch: the layer slope (pooled_slopes), engine ``layer_scale`` = slope / layer_table,
+    ``step_overhead`` = intercept - lm_head; runtime ``exchange_call`` = (runtime slope - engine slope) / 2;
+    ``eager_layer_ms`` (host launches of one layer, CUDA graphs off) and ``eager_step_extra_ms`` (the
+    eager step's intercept beyond the graphed step's at the same batch: embedding, lm_head and sampler
+    launched one by one, and the per-sequence metadata)."""
     from afsplit.planner.fitting import Table1D
     from afsplit.planner.step_model import bucket
 
     depths = plan.depths
     out: dict = {"depths": list(depths), "workload": {"input_len": plan.input_len, "output_len": plan.output_len},
                  "points": {"engine": eng, "runtime": rt}}
+    graphs = eng.get("graphs", {})
+    e_slopes, r_slopes = pooled_slopes(graphs, rt, depths)
     e_batch, e_over, e_scale, e_slope = [], [], [], []
-    for b in sorted(eng.get("graphs", {}).get(depths[0], {})):
-        line = _line(eng["graphs"], b, depths)
-        if line is None:
-            continue
-        c, s = line
+    for b in sorted(e_slopes):
+        s = e_slopes[b]
         if s <= 0:  # the deeper model was not slower: noise (a busy host); this batch says nothing
             out.setdefault("errors", []).append(f"engine B={b}: depth {depths[1]} not slower than {depths[0]}")
             continue
         e_batch.append(b)
-        e_over.append(1e3 * max(0.0, c - head(bucket(b))))
+        e_over.append(1e3 * max(0.0, _intercept(graphs, b, depths, s) - head(bucket(b))))
         e_scale.append(s / layer_table(b) if layer_table(b) > 0 else 1.0)
         e_slope.append(s)
     if e_batch:
@@ -187,20 +222,33 @@ def fit_system(eng: dict, rt: dict, layer_table, head, plan: SystemPlan = FULL) 
                          "layer_ms": [1e3 * s for s in e_slope]}
         ea = eng.get("eager", {})
         if all(d in ea for d in depths) and ea[depths[1]] > ea[depths[0]]:
-            out["engine"]["eager_layer_ms"] = (ea[depths[1]] - ea[depths[0]]) / (depths[1] - depths[0])
+            eager = (ea[depths[1]] - ea[depths[0]]) / (depths[1] - depths[0])
+            out["engine"]["eager_layer_ms"] = eager
+            over = Table1D(tuple(map(float, e_batch)), tuple(e_over), True)(plan.eager_batch)
+            c_eager = ea[depths[0]] - depths[0] * eager  # ms
+            out["engine"]["eager_step_extra_ms"] = max(0.0, c_eager - 1e3 * head(plan.eager_batch) - over)
     r_batch, r_over, r_call = [], [], []
-    for b in sorted(rt.get(depths[0], {})):
-        line = _line(rt, b, depths)
-        if line is None or not e_batch:
-            continue
-        c, s = line
-        eng_slope = Table1D(tuple(map(float, e_batch)), tuple(e_slope))(b)
+    for b in sorted(r_slopes):
+        if not e_batch:
+            break
+        s = r_slopes[b]
+        eng_slope = e_slopes[b] if b in e_slopes else Table1D(tuple(map(float, e_batch)), tuple(e_slope))(b)
         r_batch.append(b)
-        r_over.append(1e3 * max(0.0, c - head(bucket(b))))
+        r_over.append(1e3 * max(0.0, _intercept(rt, b, depths, s) - head(bucket(b))))
         r_call.append(1e3 * max(0.0, s - eng_slope) / 2)
     if r_batch:
         out["runtime"] = {"batch": r_batch, "step_overhead_ms": r_over, "exchange_call_ms": r_call}
     return out
+
+
+def points_from_json(points: dict) -> tuple[dict, dict]:
+    """(engine, runtime) points of a profile's system.points with the int keys fit_system takes."""
+    def ints(d: dict) -> dict:
+        return {int(k): (ints(v) if isinstance(v, dict) else v) for k, v in d.items()}
+
+    eng = points.get("engine", {})
+    return ({"graphs": ints(eng.get("graphs", {})), "eager": ints(eng.get("eager", {}))},
+            ints(points.get("runtime", {})))
 
 
 def measure_system(config, layer_table, head, mode: str = "full", plan: SystemPlan = FULL,
