@@ -275,15 +275,17 @@ class BlockTimes:
         wl = sec.get("workload", {})
         plan = SystemPlan(depths=tuple(depths), input_len=wl.get("input_len", FULL.input_len),
                           output_len=wl.get("output_len", FULL.output_len),
-                          eager_batch=sec.get("eager_batch", FULL.eager_batch))
+                          eager_batch=sec.get("eager_batch", FULL.eager_batch),
+                          context_batch=sec.get("context_batch", FULL.context_batch),
+                          long_input_len=sec.get("long_input_len", FULL.long_input_len))
         own = self if self.matched else BlockTimes(self.profile, self.profiled)
         p, ctx = own.shape, plan.mean_context
 
         def layer_table(b):
             return own.attention_decode(bucket(b), ctx) + own.moe(b * p.top_k, p.num_experts)
 
-        eng, rt = points_from_json(pts)
-        return {**sec, **fit_system(eng, rt, layer_table, own.head, plan)}
+        eng, rt, rt_eager = points_from_json(pts)
+        return {**sec, **fit_system(eng, rt, layer_table, own.head, plan, rt_eager, own.attention_decode)}
 
     @cached_property
     def _system_tables(self) -> dict:
@@ -364,20 +366,28 @@ class BlockTimes:
         if c0 is None:
             return at * scale
         base = self.attention_decode(rows, c0)
-        return max(0.0, base * scale + at - base)
+        factor = self.system_section.get("engine", {}).get("context_factor", 1.0)
+        return max(0.0, base * scale + (at - base) * factor)
 
     def exchange_call(self, rows: float) -> float:
         """Fixed cost of one dispatch or one combine call on a rank (measured on one colocated rank)."""
         return self._system("runtime", "exchange_call_ms", 0.0, rows)
 
-    def eager_layer_host(self) -> float:
-        """Host time to launch one layer eagerly (a floor for layers that run outside CUDA graphs)."""
-        return self.system_section.get("engine", {}).get("eager_layer_ms", 0.0) * MS
+    def _eager_term(self, mode: str, key: str) -> float:
+        sec = self.system_section
+        for m in (mode, "engine"):  # the runtime's own where measured, else the engine's
+            if key in sec.get(m, {}):
+                return sec[m][key] * MS
+        return 0.0
 
-    def eager_step_extra(self) -> float:
+    def eager_layer_host(self, mode: str = "engine") -> float:
+        """Host time to launch one layer eagerly (a floor for layers that run outside CUDA graphs)."""
+        return self._eager_term(mode, "eager_layer_ms")
+
+    def eager_step_extra(self, mode: str = "engine") -> float:
         """What an eager step costs beyond a graphed one outside its layers (embedding, lm_head and sampler
         launched one by one; per-sequence metadata)."""
-        return self.system_section.get("engine", {}).get("eager_step_extra_ms", 0.0) * MS
+        return self._eager_term(mode, "eager_step_extra_ms")
 
     def control(self, ranks: int) -> float:
         """Extra control-plane time per step beyond one rank's (broadcast/gather grow with log2 ranks)."""

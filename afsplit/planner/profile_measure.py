@@ -260,7 +260,8 @@ def run_profile(config_path: str, overrides, out_path: str, quick: bool = False,
             rows = bucket(b)
             return blocks.attention_decode(rows, ctx) + blocks.moe(b * shape.top_k, shape.num_experts)
 
-        prof["system"] = measure_system(cfg, layer_table, blocks.head, system, plan, deadline=start + time_budget_s)
+        prof["system"] = measure_system(cfg, layer_table, blocks.head, system, plan, deadline=start + time_budget_s,
+                                        attention=blocks.attention_decode)
     prof["profile_s"] = time.monotonic() - start
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps(prof, indent=1))

@@ -114,7 +114,7 @@ class StepModel:
         b = self.blocks
         ranks = layout.gpus if layout.kind != "engine" else 1
         return (b.step_overhead(self._mode(layout), seqs) + b.control(ranks)
-                + (b.eager_step_extra() if eager else 0.0))
+                + (b.eager_step_extra(self._mode(layout)) if eager else 0.0))
 
     def _exchange(self, layout, rows: int, transport: str, tokens: int | None = None) -> tuple[float, float]:
         """(dispatch, combine) of one micro-batch of `tokens` real rows padded to `rows`."""
@@ -135,7 +135,7 @@ class StepModel:
         d, c = self._memo(("x", layout, rows, per_mb, transport), lambda: self._exchange(layout, rows, transport, per_mb))
         layer, neck = pingpong_layer(layout.kind, m, ta, te, d, c)
         if not graphs:
-            layer = max(layer, m * b.eager_layer_host())
+            layer = max(layer, m * b.eager_layer_host(self._mode(layout)))
         dense = 0.0
         if s.num_layers > s.num_moe_layers:
             dense = (s.num_layers - s.num_moe_layers) * m * scale * self._memo(("dense", rows, ctx),
@@ -168,7 +168,7 @@ class StepModel:
             te = self.expert_time(layout, per_mb)[0]
         d, c = self._exchange(layout, mb_rows, transport, per_mb)
         layer, _ = pingpong_layer(layout.kind, m, ta, te, d, c)
-        host = m * b.eager_layer_host()
+        host = m * b.eager_layer_host(self._mode(layout))
         dense_mlp = b.gemm_time(s.dense_layer_weight_bytes - s.attention_layer_weight_bytes,
                                 s.dense_gemm_flops(per_mb) - s.attention_gemm_flops(per_mb))
         dense = (s.num_layers - s.num_moe_layers) * max(host, m * (ta + max(0.0, dense_mlp)))
@@ -179,5 +179,6 @@ class StepModel:
         """The step that captures a decode bucket's CUDA graph (cuda_graphs.GraphCache, its second step): every
         layer's kernels are launched once as in an eager step (recorded, not run), then the graph replays."""
         b, s = self.blocks, self.shape
-        launch = s.num_layers * m * b.eager_layer_host() + b.eager_step_extra()
+        mode = self._mode(layout)
+        launch = s.num_layers * m * b.eager_layer_host(mode) + b.eager_step_extra(mode)
         return launch + self.decode_step(layout, batch, m, ctx, transport).step_s
