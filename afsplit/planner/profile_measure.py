@@ -200,6 +200,11 @@ def measure_kernels(spec, shape, dtype: torch.dtype, device: torch.device, quick
 
 
 def _git_commit() -> str:
+    """$COMMIT when the driver sets it (launch/gpu_all_1gpu.sh: the device copy's own HEAD may differ), else git's."""
+    import os
+
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
     try:
         return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               timeout=10).stdout.strip() or "unknown"

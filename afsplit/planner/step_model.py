@@ -16,6 +16,15 @@ balancer's max/mean times the mean load (never below the random-routing floor of
 that small), on ceil(E / n_e) local experts. Dense layers run m attention blocks plus the MLP on
 the attention ranks. A step adds the lm_head per micro-batch, the per-step overhead measured in
 whole runs, and the control plane's growth with the rank count.
+
+Three kinds of step (simulate.py says which one a scheduled step is):
+
+* a graph replay (decode_step): Ta and Te are the kernel tables' times corrected by the in-model
+  factor measured in whole runs (BlockTimes.layer_scale, in_model_attention);
+* an eager step (eager_step: prefill chunks, mixed steps, a bucket's first decode step): the host
+  launches every kernel while the GPU runs the earlier ones, so a layer takes
+  max(m x host launches, L of the GPU times), prefill attention on the kernel's padded tiles;
+* a graph capture (capture_step): every layer launched once, then the replay.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ class SystemPlan:
 
     depths: tuple[int, int] = (2, 16)
     engine_batches: tuple[int, ...] = (1, 8, 64, 256)
-    runtime_batches: tuple[int, ...] = (8, 256, 64)  # in the order they run (a time budget drops the last)
+    runtime_batches: tuple[int, ...] = (8, 256)  # in the order they run (a time budget drops the last)
     eager_batch: int = 64
     input_len: int = 128
     output_len: int = 32

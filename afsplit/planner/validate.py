@@ -4,8 +4,11 @@ A run is a stats JSON (``afsplit generate --stats-json`` from the runtime, or
 :mod:`afsplit.planner.engine_runs` for the single-GPU engine) that names its config and overrides
 and holds a ``workload`` ({input_len, output_len, num_requests}); sweep JSON lines
 (launch/sweep.py) carry the same in ``params`` and ``offline_command``. Runs without a workload are
-listed as skipped. Per run: the median decode step and tokens/s/GPU, measured vs predicted; the
-run's error is the larger relative error of the two. The last line is
+listed as skipped. Each run is replayed through the scheduler step by step (simulate.py), after what
+ran before it on the same engine: its ``--warmup`` and, for engine runs of one process, the earlier
+runs (``earlier_runs`` in the run, else the order of engine_runs.py's log beside it), which set the
+lazy CUDA-graph cache. Per run: wall time, the median decode step and tokens/s/GPU, measured vs
+predicted; the run's error is the larger relative error of the last two. The last line is
 ``max relative error X over N runs``.
 """
 
@@ -178,8 +181,8 @@ def validate_main(args) -> int:
 
     profile = load_profile(args.profile)
     runs, skipped = find_runs(args.dirs)
-    print(f"{'run':<58} {'mode':<7} {'layout':<22} {'reqs':>4} {'in/out':>9} {'m':>1}  "
-          f"{'step ms meas/pred':>19} {'err':>6}  {'tok/s/GPU meas/pred':>21} {'err':>6}")
+    print(f"{'run':<44} {'mode':<7} {'layout':<20} {'reqs':>4} {'in/out':>9} {'m':>1}  {'wall s meas/pred':>16}  "
+          f"{'step ms meas/pred':>17} {'err':>6}  {'tok/s/GPU meas/pred':>19} {'err':>6}")
     errors = []
     for run in runs:
         try:
@@ -190,10 +193,12 @@ def validate_main(args) -> int:
         e_step = _rel(pred.decode_step_ms_median, run.decode_step_ms) if pred.decode_step_ms_median else math.inf
         e_tput = _rel(pred.tokens_per_s_per_gpu, run.tokens_per_s_per_gpu)
         errors.append(max(abs(e_step), abs(e_tput)))
-        name = run.where if len(run.where) <= 58 else "..." + run.where[-55:]
-        print(f"{name:<58} {run.mode:<7} {layout.label()[:22]:<22} {run.num_requests:>4} "
-              f"{run.input_len:>4}/{run.output_len:<4} {m:>1}  {run.decode_step_ms:>9.2f}/{pred.decode_step_ms_median or 0:<9.2f} "
-              f"{e_step:>+6.1%}  {run.tokens_per_s_per_gpu:>10.1f}/{pred.tokens_per_s_per_gpu:<10.1f} {e_tput:>+6.1%}")
+        name = run.where if len(run.where) <= 44 else "..." + run.where[-41:]
+        wall = f"{run.wall_s:.2f}/{pred.wall_s:.2f}" if run.wall_s else f"-/{pred.wall_s:.2f}"
+        print(f"{name:<44} {run.mode:<7} {layout.label()[:20]:<20} {run.num_requests:>4} "
+              f"{run.input_len:>4}/{run.output_len:<4} {m:>1}  {wall:>16}  "
+              f"{run.decode_step_ms:>8.2f}/{pred.decode_step_ms_median or 0:<8.2f} {e_step:>+6.1%}  "
+              f"{run.tokens_per_s_per_gpu:>9.1f}/{pred.tokens_per_s_per_gpu:<9.1f} {e_tput:>+6.1%}")
     for where, why in skipped:
         print(f"skipped {where}: {why}")
     worst = max(errors) if errors else math.nan
