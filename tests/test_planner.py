@@ -433,6 +433,7 @@ def test_profile_on_cpu_tiny_model_end_to_end(tmp_path, capsys):
     # both depths ran in both modes (timings on a busy CPU are noise: only the mechanics are checked)
     assert set(pts["engine"]["graphs"]) == {"1", "2"} and set(pts["engine"]["eager"]) == {"1", "2"}
     assert set(pts["runtime"]) == {"1", "2"}, prof["system"].get("errors")
+    assert set(pts["engine"]["long"]) == {"1", "2"} and set(pts["runtime_eager"]) == {"1", "2"}
     capsys.readouterr()
     assert main(["plan", "--model", str(tmp_path / "tiny"), "--profile", str(out), "--gpus", "2",
                  "--tpot-ms", "1e9", "--max-batch", "8"]) == 0
