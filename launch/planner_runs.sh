@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Deployment planner (issue 18) on 1 GPU, one device call of ~6-8 minutes on 1 H200:
 #   1. afsplit profile, Qwen3-30B-A3B shapes (random weights, bf16): kernel tables, then whole runs of
-#      2- and 10-layer copies (engine in-process, 1-rank runtime under torchrun)      -> profile.json
+#      2- and 16-layer copies (engine in-process at B = 1, 8, 64, 256, one long-prompt run and one with
+#      CUDA graphs off; 1-rank runtime under torchrun at B = 8, 256 and graphs off)  -> profile.json
 #   2. the single-GPU engine, one model load, 5 workloads                            -> runs/engine-*.json
-#   3. the distributed runtime with one colocated rank (torchrun --nproc-per-node 1), 4 workloads (+1 with m=2
-#      if time is left), each `afsplit generate --warmup --stats-json`                -> runs/runtime-*.json
+#   3. the distributed runtime with one colocated rank (torchrun --nproc-per-node 1), 5 workloads (one with m=2),
+#      each `afsplit generate --warmup --stats-json`, until the time budget           -> runs/runtime-*.json
 #   4. afsplit plan validate on them; its last line: max relative error X over N runs -> validate.txt
 #   5. if time is left: a kernels-only profile of Mixtral-8x7B shapes                -> profile-mixtral.json
 # Every run is Qwen3-30B-A3B-shaped with random weights, greedy, ignore_eos, all requests submitted at once.
@@ -19,8 +20,8 @@ CFG=configs/qwen3-30b-a3b-colocated2.yaml
 SETS=(--set "topology.nodes=[{colocated: 1}]" --set runtime.max_num_seqs=256 --set runtime.kv_cache_memory_gb=40
       --set runtime.micro_batches=1)
 ENGINE_RUNS=8x512x128,64x512x128,256x512x64,64x2048x128,32x4096x64
-RUNTIME_RUNS="8x512x128 64x512x128 256x512x64 64x2048x128"
-{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u; git rev-parse --short HEAD 2>/dev/null; } \
+RUNTIME_RUNS="8x512x128 64x512x128 64x512x128:m2 256x512x64 64x2048x128"  # :m2 = runtime.micro_batches=2
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u; echo "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"; } \
   | tee "$P/machine.txt"
 
 echo "== profile ($SECONDS s)"
@@ -44,17 +45,16 @@ runtime_run() {  # BxINxOUT [extra --set ...]: one afsplit generate under torchr
 import json, sys
 path, b, il, ol = sys.argv[1], *map(int, sys.argv[2:])
 s = json.load(open(path))
-s.update(mode="runtime", workload={"input_len": il, "output_len": ol, "num_requests": b})
+s.update(mode="runtime", warmup=True, workload={"input_len": il, "output_len": ol, "num_requests": b})
 json.dump(s, open(path, "w"), indent=1)
 print(f"  decode step {s['decode_step_ms_median']:.2f} ms (median), {s['tokens_per_s_per_gpu']:.1f} tok/s/GPU")
 EOF
 }
 echo "== runtime runs ($SECONDS s)"
 for w in $RUNTIME_RUNS; do
-  if [ $SECONDS -gt $((BUDGET + 60)) ]; then echo "skip $w: past the time budget"; continue; fi
-  runtime_run "$w"
+  if [ $SECONDS -gt $((BUDGET + 20)) ]; then echo "skip $w: past the time budget"; continue; fi
+  case $w in *:m2) runtime_run "${w%:m2}" --set runtime.micro_batches=2 ;; *) runtime_run "$w" ;; esac
 done
-if [ $SECONDS -lt $((BUDGET - 40)) ]; then runtime_run 64x512x128 --set runtime.micro_batches=2; fi
 
 echo "== validate ($SECONDS s)"
 python3 -m afsplit.cli plan validate --profile "$P/profile.json" "$P/runs" | tee "$P/validate.txt"

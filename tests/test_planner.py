@@ -2,7 +2,9 @@
 
 import json
 import math
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,7 +13,8 @@ from afsplit.cli import main
 from afsplit.errors import ConfigError
 from afsplit.planner import layouts as L
 from afsplit.planner.exchange import exchange_bytes_per_sender, exchange_times, rows_per_pair
-from afsplit.planner.fitting import Table2D, anchored, fit_linear, fit_roofline, touched_experts
+from afsplit.planner.fitting import (Table2D, anchored, fit_floor_or_rate, fit_linear, fit_nonneg, fit_roofline,
+                                     flash_tile_pairs, touched_experts)
 from afsplit.planner.memory import memory_problem, role_memory
 from afsplit.planner.profile_data import BlockTimes, check_profile
 from afsplit.planner.search import Planner, Workload, check_cluster, instance_layouts
@@ -68,6 +71,96 @@ def test_tables_fits_and_roofline_transfer():
     for pairs in (16, 4096):
         assert moved.moe(pairs, 8) == pytest.approx(own.moe(pairs, 8), rel=0.05)
     assert moved.attention_decode(64, 1000) == pytest.approx(own.attention_decode(64, 1000), rel=0.05)
+
+
+def test_nonneg_and_floor_fits_recover_known_parameters():
+    rows = [(1.0, b, b * c) for b in (1, 8, 64) for c in (128, 2048)]
+    assert fit_nonneg(rows, [2.0 + 0.5 * b + 0.01 * x for _, b, x in rows]) == pytest.approx((2.0, 0.5, 0.01))
+    # a negative coefficient is not allowed: the best fit without it
+    assert fit_nonneg([(1.0, x) for x in (1, 2, 3)], [3.0, 2.0, 1.0])[1] == 0.0
+    # eager calls: max(host 1 ms, GPU g + s x); the two GPU-bound points fix s, the host-bound ones h
+    pts = [(g, x, max(1e-3, g + 2e-15 * x)) for g, x in ((1e-4, 1e10), (2e-4, 5e10), (3e-4, 9e11), (5e-4, 2e12))]
+    h, s = fit_floor_or_rate(pts)
+    assert h == pytest.approx(1e-3, rel=0.02) and s == pytest.approx(2e-15, rel=0.02)
+
+
+def test_flash_tile_pairs_follow_the_kernels_loops():
+    """Every q-block of BM rows reads the prefix in BN tiles and the chunk up to its diagonal tile."""
+    def by_loop(new, prefix, bm, bn):
+        total = 0
+        for m0 in range(0, new, bm):
+            hi = min(m0 + bm, new)
+            total += bm * (-(-prefix // bn) * bn + -(-hi // bn) * bn)
+        return total
+
+    for new, prefix, bm, bn in ((1, 500, 128, 128), (300, 0, 128, 128), (513, 1000, 128, 64), (64, 3, 64, 64),
+                                (8192, 0, 128, 128)):
+        assert flash_tile_pairs(new, prefix, bm, bn) == by_loop(new, prefix, bm, bn)
+    assert flash_tile_pairs(1, 500, 128, 128) == 128 * (512 + 128)  # a decode row in a mixed step: a full tile
+    assert flash_tile_pairs(0, 9, 128, 128) == 0.0
+
+
+def test_system_fit_pools_slopes_and_measures_eager_and_context():
+    """The runtime's layers are the engine's plus two exchange calls >= 0: a runtime slope below the engine's
+    is the same layer measured twice (mean, calls 0); eager points give host per layer and the eager step's
+    extra; the long prompt gives the in-model context growth over the table's."""
+    from afsplit.planner.system_runs import SystemPlan, fit_system, pooled_slopes
+
+    plan = SystemPlan(depths=(2, 10), engine_batches=(8, 64), runtime_batches=(8, 64), eager_batch=64,
+                      context_batch=64, input_len=128, output_len=32, long_input_len=2048)
+    eng = {"graphs": {d: {8: 0.5 + 0.20 * d, 64: 1.0 + 0.30 * d} for d in (2, 10)},
+           "eager": {d: 3.0 + 1.2 * d for d in (2, 10)}, "long": {d: 1.5 + 0.36 * d for d in (2, 10)}}
+    rt = {d: {8: 0.6 + 0.16 * d, 64: 1.2 + 0.32 * d} for d in (2, 10)}
+    e, r = pooled_slopes(eng["graphs"], rt, (2, 10))
+    assert e[8] == r[8] == pytest.approx(0.18e-3) and e[64] == pytest.approx(0.30e-3) and r[64] == pytest.approx(0.32e-3)
+    rt_eager = {d: 3.5 + 1.3 * d for d in (2, 10)}
+    att = lambda b, ctx: 1e-7 * b * ctx  # noqa: E731  (s): the table grows 0.0123 ms from context 144 to 2064
+    sysd = fit_system(eng, rt, lambda b: 0.25e-3, lambda rows: 0.1e-3, plan, rt_eager, att)
+    assert sysd["engine"]["layer_ms"] == pytest.approx([0.18, 0.30])
+    assert sysd["runtime"]["exchange_call_ms"] == pytest.approx([0.0, 0.01])
+    assert sysd["engine"]["eager_layer_ms"] == pytest.approx(1.2) and sysd["runtime"]["eager_layer_ms"] == pytest.approx(1.3)
+    assert sysd["engine"]["eager_step_extra_ms"] == pytest.approx(3.0 - 0.1 - (1.0 - 0.1))
+    assert sysd["runtime"]["eager_step_extra_ms"] == pytest.approx(3.5 - 0.1 - (1.2 - 0.1))
+    assert sysd["engine"]["context_factor"] == pytest.approx((0.36 - 0.30) / (1e-4 * 64 * 1920))
+
+
+def test_in_model_layer_time_is_interpolated_and_context_added():
+    """Between measured batches the in-model *time* is interpolated (not its ratio to the isolated blocks);
+    the correction applies at the measured context, the change with context is the table's x context_factor;
+    a runtime step costs the engine's overhead plus the runtime's measured excess over it."""
+    prof = profile(att=lambda b, c: 0.01 + 1e-5 * b * c, moe=lambda s, n: 0.02 + 0.001 * n)
+    prof["system"] = {"workload": {"input_len": 100, "output_len": 0},
+                      "engine": {"batch": [8, 64], "step_overhead_ms": [1.0, 2.0], "layer_ms": [0.05, 0.40],
+                                 "context_factor": 2.0},
+                      "runtime": {"batch": [8, 64], "step_overhead_ms": [1.5, 1.0], "exchange_call_ms": [0.0, 0.0]}}
+    b = BlockTimes(prof, QWEN)
+    iso = lambda r: (0.01 + 1e-5 * bucket(r) * 100 + 0.02 + 0.001 * r * QWEN.top_k) * 1e-3  # noqa: E731
+    assert b.layer_scale(32) == pytest.approx((0.05 + 24 / 56 * 0.35) * 1e-3 / iso(32))
+    assert b.layer_scale(1000) == pytest.approx(0.40e-3 / iso(64))  # beyond: the end batch's ratio
+    sc = b.layer_scale(32)
+    base, at = (0.01 + 1e-5 * 32 * 100) * 1e-3, (0.01 + 1e-5 * 32 * 900) * 1e-3
+    assert b.in_model_attention(32, 900, sc) == pytest.approx(base * sc + 2.0 * (at - base))
+    assert b.step_overhead("runtime", 8) == pytest.approx(1.5e-3)  # 1.0 + excess 0.5
+    assert b.step_overhead("runtime", 64) == pytest.approx(2.0e-3)  # below the engine's: excess 0
+    assert b.step_overhead("runtime", 36) == pytest.approx((1.5 + 0.25) * 1e-3)
+
+
+def test_eager_and_capture_steps_overlap_host_and_gpu():
+    """An eager layer takes the longer of its host launches and its GPU work; a graph capture launches
+    every layer once, then replays."""
+    prof = profile()
+    prof["system"]["engine"].update(eager_layer_ms=1.5, eager_step_extra_ms=2.0)
+    sm = model(prof)
+    eng, layers = L.engine_layout(), QWEN.num_moe_layers
+    # decode rows: 1 ms attention + 1 ms experts on the GPU > 1.5 ms host
+    t = sm.eager_step(eng, 64, 0.0, 64, 64, 1, decode_ctx=500.0)
+    assert t == pytest.approx(layers * 2.0e-3 + 2.0e-3)
+    prof["system"]["engine"]["eager_layer_ms"] = 3.0  # host-bound now
+    sm = model(prof)
+    assert sm.eager_step(eng, 64, 0.0, 64, 64, 1, decode_ctx=500.0) == pytest.approx(layers * 3.0e-3 + 2.0e-3)
+    assert sm.eager_step(eng, 64, 0.0, 64, 64, 2, decode_ctx=500.0) == pytest.approx(layers * 6.0e-3 + 2.0e-3)
+    replay = sm.decode_step(eng, 64, 1, 500.0).step_s
+    assert sm.capture_step(eng, 64, 1, 500.0) == pytest.approx(QWEN.num_layers * 3.0e-3 + 2.0e-3 + replay)
 
 
 def test_shapes_and_padded_exchange_bytes():
@@ -340,7 +433,49 @@ def test_profile_on_cpu_tiny_model_end_to_end(tmp_path, capsys):
     # both depths ran in both modes (timings on a busy CPU are noise: only the mechanics are checked)
     assert set(pts["engine"]["graphs"]) == {"1", "2"} and set(pts["engine"]["eager"]) == {"1", "2"}
     assert set(pts["runtime"]) == {"1", "2"}, prof["system"].get("errors")
+    assert set(pts["engine"]["long"]) == {"1", "2"} and set(pts["runtime_eager"]) == {"1", "2"}
     capsys.readouterr()
     assert main(["plan", "--model", str(tmp_path / "tiny"), "--profile", str(out), "--gpus", "2",
                  "--tpot-ms", "1e9", "--max-batch", "8"]) == 0
     assert "tables of this model" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# the shipped H200 measurement (docs/benchmarks/planner-h200: launch/planner_runs.sh on 1 H200)
+
+SHIPPED = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "planner-h200"
+SHIPPED_MAX_ERROR = 0.165  # what docs/benchmarks/planner-h200.md reports (0.162), with rounding room
+
+
+def test_graph_cache_replay_matches_the_runtime_logs():
+    """The lazy CUDA-graph cache replayed through the scheduler (warm-up, then the run) captures exactly the
+    (m, bucket) graphs each shipped runtime run logged, in order; engine runs of one process inherit the
+    graphs of the runs before them (their order from the engine log)."""
+    from afsplit.planner.profile_data import load_profile
+    from afsplit.planner.validate import find_runs, predict
+
+    prof = load_profile(SHIPPED / "profile.json")
+    runs, _ = find_runs([str(SHIPPED / "runs")])
+    seen = 0
+    for run in runs:
+        name = Path(run.where).stem
+        if run.mode == "engine":
+            order = ["8x512x128", "64x512x128", "256x512x64", "64x2048x128", "32x4096x64"]  # ENGINE_RUNS
+            mine = f"{run.num_requests}x{run.input_len}x{run.output_len}"
+            assert [f"{b}x{i}x{o}" for b, i, o in run.earlier] == order[:order.index(mine)]
+            continue
+        lines = (SHIPPED / "logs" / f"{name}.log").read_text().splitlines()
+        after_warmup = lines[next(i for i, ln in enumerate(lines) if "run stats" in ln):]
+        logged = [tuple(map(int, re.search(r"captured for \((\d+), (\d+)\)", ln).groups()))
+                  for ln in after_warmup if "graph captured for" in ln]
+        pred, _, _ = predict(run, prof)
+        assert pred.captured == logged, name
+        seen += 1
+    assert seen == 5
+
+
+def test_shipped_h200_profile_and_runs_validate_within_the_reached_error(capsys):
+    assert main(["plan", "validate", "--profile", str(SHIPPED / "profile.json"), str(SHIPPED)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    got = re.fullmatch(r"max relative error ([0-9.]+) over (\d+) runs", last)
+    assert got and int(got.group(2)) == 10 and float(got.group(1)) <= SHIPPED_MAX_ERROR, last

@@ -6,8 +6,9 @@ builds the engine once and, per workload BxINxOUT (B requests of IN random promp
 tokens each, greedy, ignore_eos, all submitted at once), runs the same prompts for 3 tokens (the
 runtime's --warmup) and then the measured run, timing every engine step. Each run's JSON has the
 runtime's names (steps, wall_s, generated_tokens, tokens_per_s_per_gpu, decode_step_ms_median, ...)
-plus ``mode: engine``, its ``workload`` and the config and overrides, so ``afsplit plan validate`` can
-replay it.
+plus ``mode: engine``, its ``workload``, the config and overrides, ``warmup`` and ``earlier_runs`` (the
+workloads run before it on the same engine, whose CUDA graphs it inherits), so ``afsplit plan
+validate`` can replay it.
 """
 
 from __future__ import annotations
@@ -36,18 +37,21 @@ def measure_engine(engine, num_requests: int, input_len: int, output_len: int, s
     if warmup:
         engine.generate(*warm_up_requests(prompts), use_tqdm=False)
     steps: list[tuple[float, bool]] = []
+    shapes: list[list[int]] = []  # [tokens, decodes] per step (what the planner's replay schedules)
     schedule, step = engine.scheduler.schedule, engine.step
     shape = {}
 
     def seen_schedule():
         batch = schedule()
         shape["decode"] = bool(batch.num_tokens) and all(n == 1 for n in batch.num_tokens)
+        shape["tokens"] = [sum(batch.num_tokens), sum(1 for n in batch.num_tokens if n == 1)]
         return batch
 
     def timed_step(*a, **k):
         t0 = time.perf_counter()
         out = step(*a, **k)  # sampling reads the logits back: the step's GPU work is done here
         steps.append((time.perf_counter() - t0, shape.get("decode", False)))
+        shapes.append(shape.get("tokens", [0, 0]))
         return out
 
     engine.scheduler.schedule, engine.step = seen_schedule, timed_step
@@ -65,7 +69,7 @@ def measure_engine(engine, num_requests: int, input_len: int, output_len: int, s
             "decode_step_ms_mean": 1e3 * statistics.fmean(dec) if dec else None,
             "decode_step_ms_median": 1e3 * dec[len(dec) // 2] if dec else None,
             "workload": {"input_len": input_len, "output_len": output_len, "num_requests": num_requests},
-            "step_ms": [round(1e3 * t, 3) for t, _ in steps]}
+            "step_ms": [round(1e3 * t, 3) for t, _ in steps], "step_tokens": shapes}
 
 
 def parse_runs(text: str) -> list[tuple[int, int, int]]:
@@ -95,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     engine = LLMEngine(cfg)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    earlier: list[list[int]] = []  # runs made before on this engine: its CUDA-graph cache (afsplit plan validate)
     for b, il, ol in parse_runs(args.runs):
         stats = measure_engine(engine, b, il, ol)
-        stats.update(config=args.config, overrides=args.overrides)
+        stats.update(config=args.config, overrides=args.overrides, warmup=True, earlier_runs=list(earlier))
+        earlier.append([b, il, ol])
         path = out / f"{args.prefix}-b{b}-in{il}-out{ol}.json"
         path.write_text(json.dumps(stats, indent=1))
         print(f"{path.name}: decode step {stats['decode_step_ms_median']:.2f} ms (median), "

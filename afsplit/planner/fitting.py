@@ -146,3 +146,76 @@ def touched_experts(slots: float, pairs: float) -> float:
     if slots <= 1:
         return min(1.0, pairs) if slots > 0 else 0.0
     return slots * (1.0 - math.exp(pairs * math.log1p(-1.0 / slots)))
+
+
+def fit_nonneg(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> tuple[float, ...]:
+    """Coefficients a >= 0 with y ~ sum_k a_k x_k by least relative squares (weights 1 / y^2).
+
+    Exact non-negative least squares for the few columns the planner fits: every subset of
+    columns is solved unconstrained and the best solution without a negative coefficient wins."""
+    import itertools
+
+    import numpy as np
+
+    pts = [(r, y) for r, y in zip(rows, ys) if y > 0]
+    if not pts:
+        raise ValueError("fit_nonneg: no points with a positive value")
+    x = np.array([r for r, _ in pts], dtype=np.float64)
+    y = np.array([v for _, v in pts], dtype=np.float64)
+    xw, yw = x / y[:, None], np.ones_like(y)
+    k = x.shape[1]
+    best, best_err = np.zeros(k), float(np.sum(yw ** 2))
+    for n in range(1, k + 1):
+        for cols in itertools.combinations(range(k), n):
+            sol, *_ = np.linalg.lstsq(xw[:, cols], yw, rcond=None)
+            if (sol < 0).any():
+                continue
+            a = np.zeros(k)
+            a[list(cols)] = sol
+            err = float(np.sum((xw @ a - yw) ** 2))
+            if err < best_err - 1e-15:
+                best, best_err = a, err
+    return tuple(float(v) for v in best)
+
+
+def fit_floor_or_rate(points: Sequence[tuple[float, float, float]], rate_range=(1e-17, 1e-12)) -> tuple[float, float]:
+    """(h, s) with t ~ max(h, g + s * x) by least squares of log t, from points (g, x, t).
+
+    For calls timed eagerly (host launches overlap the GPU work): a call takes the longer of its
+    host time h (the same for every point) and its GPU time g + s x, g known, s >= 0 fitted.
+    Coarse-to-fine grid over log h and log s."""
+    import numpy as np
+
+    pts = np.array([p for p in points if p[2] > 0], dtype=np.float64).reshape(-1, 3)
+    if not len(pts):
+        raise ValueError("fit_floor_or_rate: no points with a positive time")
+    g, x, t = pts[:, 0], pts[:, 1], pts[:, 2]
+    lo_h, hi_h = np.log(t.min() * 0.25), np.log(t.max())
+    lo_s, hi_s = np.log(rate_range[0]), np.log(rate_range[1])
+    best = (float(t.min()), 0.0)
+    for _ in range(5):
+        hs = np.exp(np.linspace(lo_h, hi_h, 48))[:, None, None]
+        ss = np.exp(np.linspace(lo_s, hi_s, 48))[None, :, None]
+        model = np.maximum(hs, g + ss * x)
+        err = (np.log(model / t) ** 2).sum(-1)
+        i, j = np.unravel_index(np.argmin(err), err.shape)
+        dh, ds = (hi_h - lo_h) / 47, (hi_s - lo_s) / 47
+        best = (float(hs[i, 0, 0]), float(ss[0, j, 0]))
+        lo_h, hi_h = np.log(best[0]) - 2 * dh, np.log(best[0]) + 2 * dh
+        lo_s, hi_s = np.log(best[1]) - 2 * ds, np.log(best[1]) + 2 * ds
+    return best
+
+
+def flash_tile_pairs(new: int, prefix: int, block_m: int, block_n: int) -> float:
+    """(query row, key) pairs the prefill kernel computes for one sequence's chunk of `new` tokens
+    after `prefix` cached ones (kernels/flash_attention.py): every query block of block_m rows reads
+    the prefix in block_n-key tiles, the chunk's keys left of its diagonal and the diagonal tile(s),
+    masked or not. A decode row in a mixed step thus costs a full block_m-row tile per key tile."""
+    if new <= 0:
+        return 0.0
+    q_blocks = -(-new // block_m)
+    prefix_keys = -(-prefix // block_n) * block_n
+    per = block_m // block_n if block_m >= block_n else 1
+    # query block j (0-based) reads chunk keys up to min((j + 1) block_m, new), rounded up to block_n
+    chunk_tiles = per * (q_blocks - 1) * q_blocks / 2 + -(-new // block_n)
+    return float(block_m * (q_blocks * prefix_keys + chunk_tiles * block_n))

@@ -6,17 +6,19 @@ Format ``afsplit-profile/1``; every time is in milliseconds, per layer unless sa
     model:             the profiled model's shape signature (ModelShape.signature()) and name
     attention_decode:  {batch: [B...], context: [C...], ms: [[...] per B]}   attention block + router
                        (+ shared expert) of one MoE layer, B decode rows of context C, as in a CUDA graph
-    attention_prefill: {points: [{tokens, s2, kv_tokens, ms}]}   one eager chunk of `tokens` tokens;
-                       s2 = sum over its sequences of n * (prefix + (n + 1) / 2) (attention pairs)
+    attention_prefill: {points: [{tokens, prompt_len, s2, kv_tokens, ms}], block_m?, block_n?}   one eager
+                       chunk of tokens / prompt_len whole prompts, timed with its host launches (the
+                       planner fits max(host, GPU) to it, GPU work on the kernel's padded tiles)
     head:              {batch: [...], ms: [...]}                     final norm + lm_head for B rows (per step)
     moe:               {experts_per_rank: [S...], pairs: [N...], ms: [[...] per S]}   fused MoE of N
                        (token, expert) pairs spread uniformly over S local experts
     gemm:              {points: [{weight_bytes, flops, ms}]}        dense GEMMs (roofline of projections)
     links:             {intra: {alpha_us, GBps, gap_us, source}, inter: {...}}   one stage of n messages on
                        a link = alpha + n * gap + bytes / GBps
-    system:            {engine: {batch, step_overhead_ms, layer_scale, eager_layer_ms},
-                        runtime: {batch, step_overhead_ms, exchange_call_ms}}   measured in whole runs of
-                       shallow copies of the model (see system_runs.py)
+    system:            {engine: {batch, step_overhead_ms, layer_scale, eager_layer_ms, eager_step_extra_ms},
+                        runtime: {batch, step_overhead_ms, exchange_call_ms}, points, depths, workload}
+                       measured in whole runs of shallow copies of the model (see system_runs.py; the
+                       planner refits the raw points with the current estimator)
     balancer:          {expert_ranks: [...], max_over_mean: [...] (least-loaded over replicas),
                         round_robin: [...] (no replicas), spare_fraction (replica slots / experts), source}
     assumed:           {memory_reserve_gb, memory_utilization, control_us_per_doubling}
@@ -35,13 +37,15 @@ from functools import cached_property
 from pathlib import Path
 
 from afsplit.errors import ConfigError
-from afsplit.planner.fitting import Roofline, Table1D, Table2D, anchored, fit_linear, fit_roofline, touched_experts
+from afsplit.planner.fitting import (Roofline, Table1D, Table2D, anchored, fit_floor_or_rate, fit_nonneg, fit_roofline,
+                                     flash_tile_pairs, touched_experts)
 from afsplit.planner.shapes import ModelShape
 
 FORMAT = "afsplit-profile/1"
 REQUIRED = ("model", "attention_decode", "attention_prefill", "head", "moe", "gemm", "links")
 DEFAULT_ASSUMED = {"memory_reserve_gb": 6.0, "memory_utilization": 0.95, "control_us_per_doubling": 30.0}
 MS = 1e-3
+PREFILL_TILE = 128  # kernels/flash_attention.py _config: paged prefix, head_dim > 64, bf16 -> 128 x 128 tiles
 DEFAULT_INTER_GAP_US = 1.0  # assumed: ~1 M messages/s issued per GPU's NIC (NCCL proxy + RDMA post)
 
 
@@ -126,25 +130,45 @@ class BlockTimes:
         return max(weight_bytes / self.gemm.bw, flops / self.gemm.flops_rate)
 
     @cached_property
-    def _attn_fit(self) -> tuple[float, float]:
-        """(c, seconds per KV byte) of the decode table once its GEMMs are taken out."""
+    def _attn_fit(self) -> tuple[float, float, float]:
+        """(c, seconds per token, seconds per KV byte) of the decode table once its GEMMs are taken out: the
+        attention block's fixed cost, its per-token kernels (norms, RoPE, KV store, router), its KV reads."""
         p, sec = self.profiled, self.profile["attention_decode"]
-        pts = []
+        rows, ys = [], []
         for b, row in zip(sec["batch"], sec["ms"]):
             g = self.gemm_time(p.attention_layer_weight_bytes, p.attention_gemm_flops(b))
             for ctx, ms in zip(sec["context"], row):
-                pts.append((b * ctx * p.kv_bytes_per_token_layer, max(ms * MS - g, 1e-7)))
-        return fit_linear(pts)
+                rows.append((1.0, float(b), b * ctx * p.kv_bytes_per_token_layer))
+                ys.append(max(ms * MS - g, 1e-7))
+        return fit_nonneg(rows, ys)
+
+    @property
+    def prefill_tiles(self) -> tuple[int, int]:
+        """(BLOCK_M, BLOCK_N) of the prefill kernel: the profile's, else kernels/flash_attention.py's choice with
+        a paged KV cache on Hopper for head_dim > 64 (128 x 128)."""
+        sec = self.profile["attention_prefill"]
+        return int(sec.get("block_m", PREFILL_TILE)), int(sec.get("block_n", PREFILL_TILE))
+
+    def _prefill_gpu_base(self, shape: ModelShape, tokens: float) -> float:
+        """GPU time of a prefill chunk's attention block without the attention kernel itself (GEMMs and the
+        per-token kernels measured in decode: the same kernels run on every token)."""
+        c, per_token, _ = self._attn_fit
+        return (c + self.gemm_time(shape.attention_layer_weight_bytes, shape.attention_gemm_flops(tokens))
+                + per_token * tokens * shape.hidden / self.profiled.hidden)
 
     @cached_property
     def _prefill_fit(self) -> tuple[float, float]:
-        """(c, seconds per attention FLOP) of eager prefill chunks once their GEMMs are taken out."""
+        """(host seconds, seconds per attention FLOP) of the eager prefill points: each point is one eager call
+        timed with its host launches, so it takes max(host, GPU) with GPU = the base above plus the FLOPs of
+        the kernel's (query tile, key tile) pairs."""
         p = self.profiled
+        bm, bn = self.prefill_tiles
         pts = []
         for q in self.profile["attention_prefill"]["points"]:
-            g = self.gemm_time(p.attention_layer_weight_bytes, p.attention_gemm_flops(q["tokens"]))
-            pts.append((q["s2"] * p.attn_flops_per_pair_prefill, max(q["ms"] * MS - g, 1e-7)))
-        return fit_linear(pts)
+            n = int(q.get("prompt_len") or q["tokens"])
+            tiles = (q["tokens"] / n) * flash_tile_pairs(n, 0, bm, bn)
+            pts.append((self._prefill_gpu_base(p, q["tokens"]), tiles * p.attn_flops_per_pair_prefill, q["ms"] * MS))
+        return fit_floor_or_rate(pts)
 
     @cached_property
     def moe_roof(self) -> Roofline:
@@ -163,21 +187,24 @@ class BlockTimes:
         return max(0.0, res[len(res) // 2])
 
     def fits(self) -> dict:
-        c_att, s_kv = self._attn_fit
-        c_pf, s_fl = self._prefill_fit
+        c_att, per_token, s_kv = self._attn_fit
+        host, s_fl = self._prefill_fit
         return {"gemm": self.gemm.as_dict(), "moe": self.moe_roof.as_dict(),
-                "attention_decode": {"c_us": c_att * 1e6, "kv_GBps": 1e-9 / s_kv if s_kv else math.inf},
-                "attention_prefill": {"c_us": c_pf * 1e6, "attn_TFLOPs": 1e-12 / s_fl if s_fl else math.inf},
+                "attention_decode": {"c_us": c_att * 1e6, "per_token_ns": per_token * 1e9,
+                                     "kv_GBps": 1e-9 / s_kv if s_kv else math.inf},
+                "attention_prefill": {"eager_host_us": host * 1e6, "attn_TFLOPs": 1e-12 / s_fl if s_fl else math.inf,
+                                      "tiles": list(self.prefill_tiles)},
                 "head_c_us": self._head_c * 1e6}
 
     # -- rooflines in the target shape ---------------------------------------------------------
 
     def _roof_attention(self, shape: ModelShape, b: float, ctx: float) -> float:
-        c, s_kv = self._attn_fit
+        c, per_token, s_kv = self._attn_fit
         _, s_fl = self._prefill_fit
         kv = b * ctx * shape.kv_bytes_per_token_layer * s_kv
         fl = b * ctx * shape.attn_flops_per_pair_decode * s_fl
-        return c + self.gemm_time(shape.attention_layer_weight_bytes, shape.attention_gemm_flops(b)) + max(kv, fl)
+        return (c + self.gemm_time(shape.attention_layer_weight_bytes, shape.attention_gemm_flops(b))
+                + per_token * b * shape.hidden / self.profiled.hidden + max(kv, fl))
 
     def _roof_moe(self, shape: ModelShape, slots: float, pairs: float) -> float:
         if pairs <= 0:
@@ -210,15 +237,14 @@ class BlockTimes:
                                s.dense_gemm_flops(rows) - s.attention_gemm_flops(rows))
         return self.attention_decode(rows, ctx) + max(0.0, extra)
 
-    def attention_prefill(self, tokens: float, s2: float, kv_tokens: float) -> float:
-        """One eager chunk (prefill pieces and decodes together) on the attention side of one layer."""
+    def attention_prefill(self, tokens: float, tile_pairs: float) -> float:
+        """GPU seconds of one eager chunk's attention side of one layer (prefill pieces and the decodes of a
+        mixed step together): `tokens` rows, `tile_pairs` (query, key) pairs of the prefill kernel's tiles
+        (fitting.flash_tile_pairs). Its host launches are the eager layer's (eager_layer_host)."""
         if tokens <= 0:
             return 0.0
-        s = self.shape
-        c, s_fl = self._prefill_fit
-        _, s_kv = self._attn_fit
-        attn = max(s2 * s.attn_flops_per_pair_prefill * s_fl, kv_tokens * s.kv_bytes_per_token_layer * s_kv)
-        return c + self.gemm_time(s.attention_layer_weight_bytes, s.attention_gemm_flops(tokens)) + attn
+        _, s_fl = self._prefill_fit
+        return self._prefill_gpu_base(self.shape, tokens) + tile_pairs * self.shape.attn_flops_per_pair_prefill * s_fl
 
     def moe(self, pairs: float, slots: float) -> float:
         """Fused MoE on one expert rank: `pairs` (token, expert) assignments over `slots` local experts."""
@@ -236,9 +262,35 @@ class BlockTimes:
     # -- whole-system terms --------------------------------------------------------------------
 
     @cached_property
+    def system_section(self) -> dict:
+        """The profile's ``system`` section, refitted from its raw points when it has them (system_runs.fit_system:
+        the estimator of this version applies to older profiles too)."""
+        sec = self.profile.get("system", {})
+        pts, depths = sec.get("points"), sec.get("depths")
+        if not pts or not depths or len(depths) != 2:
+            return sec
+        from afsplit.planner.step_model import bucket
+        from afsplit.planner.system_runs import FULL, SystemPlan, fit_system, points_from_json
+
+        wl = sec.get("workload", {})
+        plan = SystemPlan(depths=tuple(depths), input_len=wl.get("input_len", FULL.input_len),
+                          output_len=wl.get("output_len", FULL.output_len),
+                          eager_batch=sec.get("eager_batch", FULL.eager_batch),
+                          context_batch=sec.get("context_batch", FULL.context_batch),
+                          long_input_len=sec.get("long_input_len", FULL.long_input_len))
+        own = self if self.matched else BlockTimes(self.profile, self.profiled)
+        p, ctx = own.shape, plan.mean_context
+
+        def layer_table(b):
+            return own.attention_decode(bucket(b), ctx) + own.moe(b * p.top_k, p.num_experts)
+
+        eng, rt, rt_eager = points_from_json(pts)
+        return {**sec, **fit_system(eng, rt, layer_table, own.head, plan, rt_eager, own.attention_decode)}
+
+    @cached_property
     def _system_tables(self) -> dict:
         out = {}
-        for mode, sec in self.profile.get("system", {}).items():
+        for mode, sec in self.system_section.items():
             if not isinstance(sec, dict) or "batch" not in sec:
                 continue
             for key, val in sec.items():
@@ -253,20 +305,89 @@ class BlockTimes:
         return default if table is None else max(0.0, table(rows))
 
     def step_overhead(self, mode: str, rows: float) -> float:
-        """Per-step time outside the layers (host, embedding, sampling, control plane), `mode` engine|runtime."""
-        return self._system(mode, "step_overhead_ms", 0.0, rows)
+        """Per-step time outside the layers (host, embedding, sampling, control plane), `mode` engine|runtime.
+
+        A runtime rank runs the engine's step (scheduler, inputs, sampler) plus the coordinator's broadcast
+        and gather, so its overhead is the engine's plus the runtime's measured excess over it (>= 0,
+        interpolated between the runtime's batches, flat beyond them)."""
+        engine = self._system("engine", "step_overhead_ms", 0.0, rows)
+        if mode == "engine":
+            return engine
+        table = self._system_tables.get(("runtime", "step_overhead_ms"))
+        if table is None:
+            return engine
+        if ("engine", "step_overhead_ms") not in self._system_tables:
+            return max(0.0, table(rows))
+        xs = table.xs
+        excess = [max(0.0, y - self._system("engine", "step_overhead_ms", 0.0, x)) for x, y in zip(xs, table.ys)]
+        return engine + Table1D(xs, tuple(excess))(rows)
+
+    @cached_property
+    def system_context(self) -> float | None:
+        """Mean decode context of the whole-run measurements (what layer_scale was measured at), or None."""
+        wl = self.system_section.get("workload")
+        return wl["input_len"] + wl["output_len"] / 2 if wl else None
+
+    @cached_property
+    def _in_model_layer(self):
+        """(measured in-model layer ms per batch as a table, the isolated layer of the profiled model), or None."""
+        sec = self.system_section.get("engine", {})
+        if not sec.get("layer_ms") or self.system_context is None:
+            return None
+        from afsplit.planner.step_model import bucket
+
+        own = self if self.matched else BlockTimes(self.profile, self.profiled)
+        p, ctx = own.shape, self.system_context
+
+        def isolated(b: float) -> float:
+            return own.attention_decode(bucket(math.ceil(b)), ctx) + own.moe(b * p.top_k, p.num_experts)
+
+        return _table1(sec["batch"], sec["layer_ms"]), isolated
 
     def layer_scale(self, rows: float) -> float:
-        """Measured in-model layer time / the sum of its blocks' isolated times (engine, CUDA graphs)."""
-        return self._system("engine", "layer_scale", 1.0, rows) or 1.0
+        """In-model layer time / the sum of its blocks' isolated times (engine, CUDA graphs, at system_context).
+
+        Between the measured batches the measured *time* is interpolated and divided by the isolated time
+        at `rows` (the isolated MoE time rises steeply at small batches, so interpolating the ratio would
+        not follow the measurement); beyond them the end batch's ratio holds."""
+        got = self._in_model_layer
+        if got is None:
+            return self._system("engine", "layer_scale", 1.0, rows) or 1.0
+        table, isolated = got
+        b = table.clamp(max(1.0, rows))
+        iso = isolated(b)
+        return table(b) / iso if iso > 0 else 1.0
+
+    def in_model_attention(self, rows: float, ctx: float, scale: float) -> float:
+        """One MoE layer's attention side in the model: the in-model correction applies to what the whole runs
+        measured (attention at system_context); the change with context is the isolated kernel's."""
+        at = self.attention_decode(rows, ctx)
+        c0 = self.system_context
+        if c0 is None:
+            return at * scale
+        base = self.attention_decode(rows, c0)
+        factor = self.system_section.get("engine", {}).get("context_factor", 1.0)
+        return max(0.0, base * scale + (at - base) * factor)
 
     def exchange_call(self, rows: float) -> float:
         """Fixed cost of one dispatch or one combine call on a rank (measured on one colocated rank)."""
         return self._system("runtime", "exchange_call_ms", 0.0, rows)
 
-    def eager_layer_host(self) -> float:
+    def _eager_term(self, mode: str, key: str) -> float:
+        sec = self.system_section
+        for m in (mode, "engine"):  # the runtime's own where measured, else the engine's
+            if key in sec.get(m, {}):
+                return sec[m][key] * MS
+        return 0.0
+
+    def eager_layer_host(self, mode: str = "engine") -> float:
         """Host time to launch one layer eagerly (a floor for layers that run outside CUDA graphs)."""
-        return self.profile.get("system", {}).get("engine", {}).get("eager_layer_ms", 0.0) * MS
+        return self._eager_term(mode, "eager_layer_ms")
+
+    def eager_step_extra(self, mode: str = "engine") -> float:
+        """What an eager step costs beyond a graphed one outside its layers (embedding, lm_head and sampler
+        launched one by one; per-sequence metadata)."""
+        return self._eager_term(mode, "eager_step_extra_ms")
 
     def control(self, ranks: int) -> float:
         """Extra control-plane time per step beyond one rank's (broadcast/gather grow with log2 ranks)."""

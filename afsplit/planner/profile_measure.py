@@ -200,6 +200,11 @@ def measure_kernels(spec, shape, dtype: torch.dtype, device: torch.device, quick
 
 
 def _git_commit() -> str:
+    """$COMMIT when the driver sets it (launch/gpu_all_1gpu.sh: the device copy's own HEAD may differ), else git's."""
+    import os
+
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
     try:
         return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               timeout=10).stdout.strip() or "unknown"
@@ -260,7 +265,8 @@ def run_profile(config_path: str, overrides, out_path: str, quick: bool = False,
             rows = bucket(b)
             return blocks.attention_decode(rows, ctx) + blocks.moe(b * shape.top_k, shape.num_experts)
 
-        prof["system"] = measure_system(cfg, layer_table, blocks.head, system, plan, deadline=start + time_budget_s)
+        prof["system"] = measure_system(cfg, layer_table, blocks.head, system, plan, deadline=start + time_budget_s,
+                                        attention=blocks.attention_decode)
     prof["profile_s"] = time.monotonic() - start
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps(prof, indent=1))

@@ -32,12 +32,14 @@ def _planner(profile: dict, model: str, gpus: int, gpus_per_node: int, wl, excha
     from afsplit.planner.shapes import resolve_shape
     from afsplit.planner.step_model import StepModel
 
+    shape = resolve_shape(model, profile["model"].get("dtype", "bfloat16"))
     if exchange_call_ms is not None:
-        profile = json.loads(json.dumps(profile))
-        rt = profile.setdefault("system", {}).setdefault("runtime", {"batch": [1]})
+        # the planner refits system.points on reading; fix the fitted section, then change the one number
+        fitted = BlockTimes(profile, shape).system_section
+        profile = json.loads(json.dumps({**profile, "system": {k: v for k, v in fitted.items() if k != "points"}}))
+        rt = profile["system"].setdefault("runtime", {"batch": [1]})
         rt["exchange_call_ms"] = [exchange_call_ms] * len(rt["batch"])
         rt.setdefault("step_overhead_ms", [0.0] * len(rt["batch"]))
-    shape = resolve_shape(model, profile["model"].get("dtype", "bfloat16"))
     blocks = BlockTimes(profile, shape)
     sm = StepModel(blocks, *blocks.links(inter_gbps, inter_latency_us), exchange=exchange, balancer=balancer)
     return Planner(sm, gpus, gpus_per_node, wl)

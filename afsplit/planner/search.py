@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from afsplit.errors import ConfigError
 from afsplit.planner import layouts as L
 from afsplit.planner.exchange import TRANSPORTS
+from afsplit.planner.fitting import flash_tile_pairs
 from afsplit.planner.memory import kv_capacity_tokens, memory_problem, role_memory
 from afsplit.planner.step_model import StepResult, bucket
 
@@ -171,11 +172,12 @@ class Planner:
         """Prefill of one prompt (chunked by the token budget, beside the batch's other decodes), no queueing."""
         wl, left, done, t = self.wl, self.wl.input_len, 0, 0.0
         decodes = max(0, cand.batch - 1)
+        bm, bn = self.blocks.prefill_tiles
+        decode_tiles = decodes * flash_tile_pairs(1, int(wl.mean_context), bm, bn)
         while left > 0:
             n = min(left, max(1, wl.max_batched_tokens - decodes))
-            s2 = n * (done + (n + 1) / 2) + decodes * wl.mean_context
-            t += self.sm.eager_step(cand.layout, n + decodes, s2, done + n + decodes * wl.mean_context,
-                                    decodes + 1, decodes + 1, cand.m, cand.transport)
+            tiles = flash_tile_pairs(n, done, bm, bn) + decode_tiles
+            t += self.sm.eager_step(cand.layout, n + decodes, tiles, decodes + 1, decodes + 1, cand.m, cand.transport)
             left, done = left - n, done + n
         return t
 

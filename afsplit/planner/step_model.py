@@ -16,6 +16,15 @@ balancer's max/mean times the mean load (never below the random-routing floor of
 that small), on ceil(E / n_e) local experts. Dense layers run m attention blocks plus the MLP on
 the attention ranks. A step adds the lm_head per micro-batch, the per-step overhead measured in
 whole runs, and the control plane's growth with the rank count.
+
+Three kinds of step (simulate.py says which one a scheduled step is):
+
+* a graph replay (decode_step): Ta and Te are the kernel tables' times corrected by the in-model
+  factor measured in whole runs (BlockTimes.layer_scale, in_model_attention);
+* an eager step (eager_step: prefill chunks, mixed steps, a bucket's first decode step): the host
+  launches every kernel while the GPU runs the earlier ones, so a layer takes
+  max(m x host launches, L of the GPU times), prefill attention on the kernel's padded tiles;
+* a graph capture (capture_step): every layer launched once, then the replay.
 """
 
 from __future__ import annotations
@@ -110,10 +119,11 @@ class StepModel:
     def _mode(self, layout) -> str:
         return "engine" if layout.kind == "engine" else "runtime"
 
-    def _step_extras(self, layout, seqs: int) -> float:
+    def _step_extras(self, layout, seqs: int, eager: bool = False) -> float:
         b = self.blocks
         ranks = layout.gpus if layout.kind != "engine" else 1
-        return b.step_overhead(self._mode(layout), seqs) + b.control(ranks)
+        return (b.step_overhead(self._mode(layout), seqs) + b.control(ranks)
+                + (b.eager_step_extra(self._mode(layout)) if eager else 0.0))
 
     def _exchange(self, layout, rows: int, transport: str, tokens: int | None = None) -> tuple[float, float]:
         """(dispatch, combine) of one micro-batch of `tokens` real rows padded to `rows`."""
@@ -128,13 +138,13 @@ class StepModel:
         per_mb = math.ceil(batch / m)
         rows = bucket(per_mb) if graphs else per_mb
         scale = self._memo(("scale", rows), lambda: b.layer_scale(rows))
-        ta = self._memo(("attn", rows, ctx), lambda: b.attention_decode(rows, ctx)) * scale
+        ta = self._memo(("attn", rows, ctx), lambda: b.in_model_attention(rows, ctx, scale))
         te, pairs = self._memo(("exp", layout, per_mb), lambda: self.expert_time(layout, per_mb))
         te *= scale
         d, c = self._memo(("x", layout, rows, per_mb, transport), lambda: self._exchange(layout, rows, transport, per_mb))
         layer, neck = pingpong_layer(layout.kind, m, ta, te, d, c)
         if not graphs:
-            layer = max(layer, m * b.eager_layer_host())
+            layer = max(layer, m * b.eager_layer_host(self._mode(layout)))
         dense = 0.0
         if s.num_layers > s.num_moe_layers:
             dense = (s.num_layers - s.num_moe_layers) * m * scale * self._memo(("dense", rows, ctx),
@@ -147,23 +157,37 @@ class StepModel:
                  "moe_layers": s.num_moe_layers * layer, "dense_layers": dense, "head": head, "overhead": extras}
         return StepResult(step, layer, neck, gen / step / layout.gpus, rows, parts)
 
-    def eager_step(self, layout, tokens: int, s2: float, kv_tokens: float, seqs: int, sampled: int, m: int,
-                   transport: str = "direct", decode_ctx: float | None = None) -> float:
-        """A step outside CUDA graphs (prefill chunks, mixed steps, or graphs off): `tokens` tokens per
-        attention rank from `seqs` sequences (decode-only when `decode_ctx` is given)."""
+    def eager_step(self, layout, tokens: int, tile_pairs: float, seqs: int, sampled: int, m: int,
+                   transport: str = "direct", decode_ctx: float | None = None, rows: int | None = None) -> float:
+        """A step outside CUDA graphs (prefill chunks, mixed steps, a decode bucket's first step, graphs off):
+        `tokens` tokens per attention rank from `seqs` sequences, `tile_pairs` (query, key) pairs of the
+        prefill kernel over them (decode-only when `decode_ctx` is given: the paged decode kernel; `rows`: the
+        static path pads each micro-batch to its bucket). The host launches each layer's kernels while the
+        GPU runs earlier ones, so a layer takes the longer of its host time (m micro-batches' launches,
+        measured with graphs off) and its GPU time."""
         b, s = self.blocks, self.shape
         per_mb = math.ceil(tokens / m)
-        if decode_ctx is not None:
-            ta = b.attention_decode(per_mb, decode_ctx)
-        else:
-            ta = b.attention_prefill(per_mb, s2 / m, kv_tokens / m)
-        te, _ = self.expert_time(layout, per_mb)
+        mb_rows = rows if rows is not None else per_mb
         if decode_ctx is not None:  # the same kernels as in graphs, so the same in-model correction
-            ta, te = ta * b.layer_scale(per_mb), te * b.layer_scale(per_mb)
-        d, c = self._exchange(layout, per_mb, transport)
+            scale = b.layer_scale(mb_rows)
+            ta = b.in_model_attention(mb_rows, decode_ctx, scale)
+            te = self.expert_time(layout, per_mb)[0] * scale
+        else:
+            ta = b.attention_prefill(per_mb, tile_pairs / m)
+            te = self.expert_time(layout, per_mb)[0]
+        d, c = self._exchange(layout, mb_rows, transport, per_mb)
         layer, _ = pingpong_layer(layout.kind, m, ta, te, d, c)
-        host = m * b.eager_layer_host()
+        host = m * b.eager_layer_host(self._mode(layout))
         dense_mlp = b.gemm_time(s.dense_layer_weight_bytes - s.attention_layer_weight_bytes,
                                 s.dense_gemm_flops(per_mb) - s.attention_gemm_flops(per_mb))
         dense = (s.num_layers - s.num_moe_layers) * max(host, m * (ta + max(0.0, dense_mlp)))
-        return (s.num_moe_layers * max(host, layer) + dense + b.head(sampled) + self._step_extras(layout, seqs))
+        return (s.num_moe_layers * max(host, layer) + dense + b.head(sampled)
+                + self._step_extras(layout, seqs, eager=True))
+
+    def capture_step(self, layout, batch: int, m: int, ctx: float, transport: str = "direct") -> float:
+        """The step that captures a decode bucket's CUDA graph (cuda_graphs.GraphCache, its second step): every
+        layer's kernels are launched once as in an eager step (recorded, not run), then the graph replays."""
+        b, s = self.blocks, self.shape
+        mode = self._mode(layout)
+        launch = s.num_layers * m * b.eager_layer_host(mode) + b.eager_step_extra(mode)
+        return launch + self.decode_step(layout, batch, m, ctx, transport).step_s

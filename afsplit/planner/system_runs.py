@@ -11,6 +11,10 @@ straight line ``step = overhead(B) + layers x layer(B)``:
   lm_head (host work, embedding, sampling); ``eager_layer_ms`` from the same pair with CUDA graphs off;
 * runtime ``exchange_call(B)`` = (runtime layer - engine layer) / 2 per dispatch or combine call,
   ``step_overhead(B)`` = its intercept minus the lm_head (adds the control plane).
+
+Both modes measure the same layer kernels, so where both ran a batch their slopes are pooled
+(:func:`pooled_slopes`). The profile keeps the raw points; the planner refits them with this
+module's :func:`fit_system` when it reads the profile, so a better estimator applies to old profiles.
 """
 
 from __future__ import annotations
@@ -35,23 +39,35 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class SystemPlan:
-    """What the whole-run measurements run: two depths, batch sizes per mode, one small workload."""
+    """What the whole-run measurements run: two depths, batch sizes per mode, one small workload, plus
+    the eager (CUDA graphs off) batch of both modes and a longer prompt at one batch (the in-model cost
+    of context, which the kernel tables measure only in isolation)."""
 
-    depths: tuple[int, int] = (2, 10)
+    depths: tuple[int, int] = (2, 16)
     engine_batches: tuple[int, ...] = (1, 8, 64, 256)
-    runtime_batches: tuple[int, ...] = (8, 128)
+    runtime_batches: tuple[int, ...] = (8, 256)  # in the order they run (a time budget drops the last)
     eager_batch: int = 64
     input_len: int = 128
     output_len: int = 32
+    context_batch: int = 64
+    long_input_len: int = 2048
 
     @property
     def mean_context(self) -> float:
         return self.input_len + self.output_len / 2
 
+    @property
+    def long_context(self) -> float:
+        return self.long_input_len + self.output_len / 2
+
+    @property
+    def max_model_len(self) -> int:
+        return max(self.input_len, self.long_input_len) + self.output_len + 16
+
 
 FULL = SystemPlan()
 QUICK = SystemPlan(depths=(1, 2), engine_batches=(1, 2), runtime_batches=(2,), eager_batch=2, input_len=8,
-                   output_len=4)
+                   output_len=4, context_batch=2, long_input_len=24)
 
 
 def shallow_dict(config, layers: int, model_dir: Path, max_seqs: int, plan: SystemPlan, graphs: bool = True) -> dict:
@@ -65,11 +81,12 @@ def shallow_dict(config, layers: int, model_dir: Path, max_seqs: int, plan: Syst
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(hf))
     d = config.to_dict()
-    d["model"].update(path=str(model_dir), preset="", weights="random", tiny="", max_model_len=plan.input_len + plan.output_len + 16)
+    d["model"].update(path=str(model_dir), preset="", weights="random", tiny="", max_model_len=plan.max_model_len)
     d["topology"]["nodes"] = [{"colocated": 1}]
     kv_bytes = 2 * layers * hf.get("num_key_value_heads", hf["num_attention_heads"]) * (
         hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]) * 4
-    need = max_seqs * (plan.input_len + plan.output_len + 16) * kv_bytes * 1.5
+    tokens = max(max_seqs * (plan.input_len + plan.output_len + 16), plan.context_batch * plan.max_model_len)
+    need = tokens * kv_bytes * 1.5
     d["runtime"].update(max_num_seqs=max_seqs, num_kv_blocks=0, kv_cache_memory_gb=round(need / 2**30 + 0.05, 3),
                         micro_batches="1", profile=False, cuda_graphs=graphs)
     d["balancer"] = {}
@@ -84,13 +101,14 @@ def _load(d: dict, where: str):
 
 
 def engine_points(config, tmp: Path, plan: SystemPlan) -> dict:
-    """{"graphs": {depth: {B: median decode ms}}, "eager": {depth: ms at plan.eager_batch}} of the engine."""
+    """{"graphs": {depth: {B: median decode ms}}, "eager": {depth: ms at plan.eager_batch},
+    "long": {depth: ms at plan.context_batch with the long prompt}} of the engine."""
     import torch
 
     from afsplit.engine import LLMEngine
     from afsplit.planner.engine_runs import measure_engine
 
-    out = {"graphs": {}, "eager": {}}
+    out = {"graphs": {}, "eager": {}, "long": {}}
     batches = plan.engine_batches
     for depth in plan.depths:
         for graphs in (True, False):
@@ -104,6 +122,12 @@ def engine_points(config, tmp: Path, plan: SystemPlan) -> dict:
                 else:
                     out["eager"][depth] = ms
                 log.info("engine depth %d %s B=%d: %.3f ms", depth, "graphs" if graphs else "eager", b, ms)
+            if graphs and plan.long_input_len:
+                ms = measure_engine(engine, plan.context_batch, plan.long_input_len, plan.output_len)[
+                    "decode_step_ms_median"]
+                out["long"][depth] = ms
+                log.info("engine depth %d graphs B=%d, %d-token prompts: %.3f ms", depth, plan.context_batch,
+                         plan.long_input_len, ms)
             del engine
             gc.collect()
             if torch.cuda.is_available():
@@ -111,44 +135,52 @@ def engine_points(config, tmp: Path, plan: SystemPlan) -> dict:
     return out
 
 
-def runtime_points(config, tmp: Path, plan: SystemPlan, deadline: float | None = None) -> tuple[dict, list]:
-    """({depth: {B: median decode ms}}, errors) of the runtime with one colocated rank, one torchrun each."""
+def runtime_points(config, tmp: Path, plan: SystemPlan, deadline: float | None = None) -> tuple[dict, dict, list]:
+    """({depth: {B: median decode ms}}, {depth: ms with CUDA graphs off at plan.eager_batch}, errors) of the
+    runtime with one colocated rank, one torchrun each; both depths of a batch run together, so a time
+    budget drops whole batches."""
     from afsplit.planner.engine_runs import random_prompts
     from afsplit.planner.shapes import shape_from_config
 
     vocab = shape_from_config(config).vocab
-    out, errors = {}, []
+    graphs_out, eager_out, errors = {}, {}, []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
            "NVSHMEM_DISABLE_NVLS": "1"}
-    batches = plan.runtime_batches
-    for depth in plan.depths:
-        cfg_path = tmp / f"runtime-d{depth}.yaml"
-        cfg_path.write_text(yaml.safe_dump(shallow_dict(config, depth, tmp / f"d{depth}", max(batches), plan)))
-        for b in batches:
-            if deadline is not None and time.monotonic() > deadline:
-                errors.append(f"depth {depth} B={b}: skipped (time budget)")
-                continue
-            prompts, stats = tmp / f"p{b}.jsonl", tmp / f"rt-d{depth}-b{b}.json"
+    max_seqs = max(plan.runtime_batches + (plan.eager_batch,))
+    for b, graphs in [(b, True) for b in plan.runtime_batches] + [(plan.eager_batch, False)]:
+        if deadline is not None and time.monotonic() > deadline:
+            errors.append(f"B={b}{'' if graphs else ' eager'}: skipped (time budget)")
+            continue
+        for depth in plan.depths:
+            cfg_path = tmp / f"runtime-d{depth}{'' if graphs else '-eager'}.yaml"
+            if not cfg_path.exists():
+                cfg_path.write_text(yaml.safe_dump(shallow_dict(config, depth, tmp / f"d{depth}", max_seqs, plan,
+                                                                graphs)))
+            prompts, stats = tmp / f"p{b}.jsonl", tmp / f"rt-d{depth}-b{b}-{graphs}.json"
             with open(prompts, "w") as f:
                 for p in random_prompts(b, plan.input_len, vocab):
                     f.write(json.dumps({**p, "max_tokens": plan.output_len, "ignore_eos": True, "temperature": 0}) + "\n")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m",
                    "afsplit.cli", "generate", "--config", str(cfg_path), "--prompts-file", str(prompts), "--output",
                    os.devnull, "--no-progress", "--warmup", "--stats-json", str(stats)]
+            what = f"depth {depth} B={b}{'' if graphs else ' eager'}"
             try:
                 run = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
             except subprocess.TimeoutExpired:
-                errors.append(f"depth {depth} B={b}: timeout")
+                errors.append(f"{what}: timeout")
                 continue
             if run.returncode != 0 or not stats.exists():
                 tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
-                errors.append(f"depth {depth} B={b}: exit {run.returncode}: {' | '.join(tail)}")
+                errors.append(f"{what}: exit {run.returncode}: {' | '.join(tail)}")
                 continue
             ms = json.loads(stats.read_text())["decode_step_ms_median"]
-            out.setdefault(depth, {})[b] = ms
-            log.info("runtime depth %d B=%d: %.3f ms", depth, b, ms)
-    return out, errors
+            if graphs:
+                graphs_out.setdefault(depth, {})[b] = ms
+            else:
+                eager_out[depth] = ms
+            log.info("runtime %s: %.3f ms", what, ms)
+    return graphs_out, eager_out, errors
 
 
 def _line(points: dict, b: int, depths) -> tuple[float, float] | None:
@@ -161,57 +193,120 @@ def _line(points: dict, b: int, depths) -> tuple[float, float] | None:
     return t1 - d1 * slope, slope
 
 
-def fit_system(eng: dict, rt: dict, layer_table, head, plan: SystemPlan = FULL) -> dict:
-    """The profile's ``system`` section from the points; layer_table(B) and head(B) in seconds."""
+def _intercept(points: dict, b: int, depths, slope: float) -> float:
+    """Mean over the depths of t - depth x slope (the intercept once the slope is fixed)."""
+    return sum(points[d][b] * 1e-3 - d * slope for d in depths) / len(depths)
+
+
+def pooled_slopes(eng_graphs: dict, rt: dict, depths) -> tuple[dict, dict]:
+    """({B: engine layer slope}, {B: runtime slope}) with the runtime's layers = the engine's + two exchange calls.
+
+    The runtime with one colocated rank runs the same layer kernels as the engine plus a dispatch and a
+    combine (>= 0). Where both measured a batch and the runtime's slope came out *below* the engine's, the
+    two slopes are two measurements of one layer time (noise): both take their mean and the calls are 0."""
+    eng, run = {}, {}
+    for b in eng_graphs.get(depths[0], {}):
+        line = _line(eng_graphs, b, depths)
+        if line is not None:
+            eng[b] = line[1]
+    for b in rt.get(depths[0], {}):
+        line = _line(rt, b, depths)
+        if line is not None:
+            run[b] = line[1]
+    for b in set(eng) & set(run):
+        if 0 < run[b] < eng[b]:
+            eng[b] = run[b] = (eng[b] + run[b]) / 2
+    return eng, run
+
+
+def fit_system(eng: dict, rt: dict, layer_table, head, plan: SystemPlan = FULL, rt_eager: dict | None = None,
+               attention=None) -> dict:
+    """The profile's ``system`` section from the points; layer_table(B), head(B), attention(B, ctx) in seconds.
+
+    Per batch: the layer slope (pooled_slopes), engine ``layer_scale`` = slope / layer_table,
+    ``step_overhead`` = intercept - lm_head; runtime ``exchange_call`` = (runtime slope - engine slope) / 2;
+    per mode ``eager_layer_ms`` (host launches of one layer, CUDA graphs off) and ``eager_step_extra_ms``
+    (the eager step's intercept beyond the graphed step's at the same batch: embedding, lm_head and
+    sampler launched one by one, and the per-sequence metadata); engine ``context_factor`` = the
+    in-model growth of a layer from the short to the long prompt / the attention table's growth."""
     from afsplit.planner.fitting import Table1D
     from afsplit.planner.step_model import bucket
 
     depths = plan.depths
     out: dict = {"depths": list(depths), "workload": {"input_len": plan.input_len, "output_len": plan.output_len},
-                 "points": {"engine": eng, "runtime": rt}}
+                 "eager_batch": plan.eager_batch, "context_batch": plan.context_batch,
+                 "long_input_len": plan.long_input_len, "points": {"engine": eng, "runtime": rt}}
+    if rt_eager:
+        out["points"]["runtime_eager"] = rt_eager
+    graphs = eng.get("graphs", {})
+    e_slopes, r_slopes = pooled_slopes(graphs, rt, depths)
     e_batch, e_over, e_scale, e_slope = [], [], [], []
-    for b in sorted(eng.get("graphs", {}).get(depths[0], {})):
-        line = _line(eng["graphs"], b, depths)
-        if line is None:
-            continue
-        c, s = line
+    for b in sorted(e_slopes):
+        s = e_slopes[b]
         if s <= 0:  # the deeper model was not slower: noise (a busy host); this batch says nothing
             out.setdefault("errors", []).append(f"engine B={b}: depth {depths[1]} not slower than {depths[0]}")
             continue
         e_batch.append(b)
-        e_over.append(1e3 * max(0.0, c - head(bucket(b))))
+        e_over.append(1e3 * max(0.0, _intercept(graphs, b, depths, s) - head(bucket(b))))
         e_scale.append(s / layer_table(b) if layer_table(b) > 0 else 1.0)
         e_slope.append(s)
     if e_batch:
         out["engine"] = {"batch": e_batch, "step_overhead_ms": e_over, "layer_scale": e_scale,
                          "layer_ms": [1e3 * s for s in e_slope]}
-        ea = eng.get("eager", {})
-        if all(d in ea for d in depths) and ea[depths[1]] > ea[depths[0]]:
-            out["engine"]["eager_layer_ms"] = (ea[depths[1]] - ea[depths[0]]) / (depths[1] - depths[0])
+        over = Table1D(tuple(map(float, e_batch)), tuple(e_over), True)(plan.eager_batch)
+        out["engine"].update(_eager(eng.get("eager", {}), depths, over, 1e3 * head(plan.eager_batch)))
+        long = eng.get("long", {})
+        cb = plan.context_batch
+        if attention is not None and cb in e_slopes and all(d in long for d in depths):
+            grow = (long[depths[1]] - long[depths[0]]) / (depths[1] - depths[0]) - 1e3 * e_slopes[cb]
+            short = 1e3 * attention(bucket(cb), plan.mean_context)
+            table = 1e3 * attention(bucket(cb), plan.long_context) - short
+            if table > 0.1 * short:  # the table must itself see the context, or the ratio is noise over noise
+                out["engine"]["context_factor"] = max(0.0, grow / table)
     r_batch, r_over, r_call = [], [], []
-    for b in sorted(rt.get(depths[0], {})):
-        line = _line(rt, b, depths)
-        if line is None or not e_batch:
-            continue
-        c, s = line
-        eng_slope = Table1D(tuple(map(float, e_batch)), tuple(e_slope))(b)
+    for b in sorted(r_slopes):
+        if not e_batch:
+            break
+        s = r_slopes[b]
+        eng_slope = e_slopes[b] if b in e_slopes else Table1D(tuple(map(float, e_batch)), tuple(e_slope))(b)
         r_batch.append(b)
-        r_over.append(1e3 * max(0.0, c - head(bucket(b))))
+        r_over.append(1e3 * max(0.0, _intercept(rt, b, depths, s) - head(bucket(b))))
         r_call.append(1e3 * max(0.0, s - eng_slope) / 2)
     if r_batch:
         out["runtime"] = {"batch": r_batch, "step_overhead_ms": r_over, "exchange_call_ms": r_call}
+        r_at = Table1D(tuple(map(float, r_batch)), tuple(r_over), True)(plan.eager_batch)
+        out["runtime"].update(_eager(rt_eager or {}, depths, r_at, 1e3 * head(plan.eager_batch)))
     return out
 
 
+def _eager(points: dict, depths, graph_overhead_ms: float, head_ms: float) -> dict:
+    """eager_layer_ms and eager_step_extra_ms from the eager points {depth: ms} (empty if they say nothing)."""
+    if not all(d in points for d in depths) or points[depths[1]] <= points[depths[0]]:
+        return {}
+    layer = (points[depths[1]] - points[depths[0]]) / (depths[1] - depths[0])
+    intercept = points[depths[0]] - depths[0] * layer
+    return {"eager_layer_ms": layer, "eager_step_extra_ms": max(0.0, intercept - head_ms - graph_overhead_ms)}
+
+
+def points_from_json(points: dict) -> tuple[dict, dict, dict]:
+    """(engine, runtime, runtime eager) points of a profile's system.points with the int keys fit_system takes."""
+    def ints(d: dict) -> dict:
+        return {int(k): (ints(v) if isinstance(v, dict) else v) for k, v in d.items()}
+
+    eng = points.get("engine", {})
+    return ({key: ints(eng.get(key, {})) for key in ("graphs", "eager", "long")}, ints(points.get("runtime", {})),
+            ints(points.get("runtime_eager", {})))
+
+
 def measure_system(config, layer_table, head, mode: str = "full", plan: SystemPlan = FULL,
-                   deadline: float | None = None) -> dict:
+                   deadline: float | None = None, attention=None) -> dict:
     """Run the points (``mode`` full: engine and runtime; engine: engine only) and fit them."""
     with tempfile.TemporaryDirectory(prefix="afsplit-profile-") as tmp:
         eng = engine_points(config, Path(tmp), plan)
-        rt, errors = ({}, [])
+        rt, rt_eager, errors = ({}, {}, [])
         if mode == "full":
-            rt, errors = runtime_points(config, Path(tmp), plan, deadline=deadline)
-    out = fit_system(eng, rt, layer_table, head, plan)
+            rt, rt_eager, errors = runtime_points(config, Path(tmp), plan, deadline=deadline)
+    out = fit_system(eng, rt, layer_table, head, plan, rt_eager, attention)
     if errors:
         out["errors"] = out.get("errors", []) + errors
     return out

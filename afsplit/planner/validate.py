@@ -4,8 +4,11 @@ A run is a stats JSON (``afsplit generate --stats-json`` from the runtime, or
 :mod:`afsplit.planner.engine_runs` for the single-GPU engine) that names its config and overrides
 and holds a ``workload`` ({input_len, output_len, num_requests}); sweep JSON lines
 (launch/sweep.py) carry the same in ``params`` and ``offline_command``. Runs without a workload are
-listed as skipped. Per run: the median decode step and tokens/s/GPU, measured vs predicted; the
-run's error is the larger relative error of the two. The last line is
+listed as skipped. Each run is replayed through the scheduler step by step (simulate.py), after what
+ran before it on the same engine: its ``--warmup`` and, for engine runs of one process, the earlier
+runs (``earlier_runs`` in the run, else the order of engine_runs.py's log beside it), which set the
+lazy CUDA-graph cache. Per run: wall time, the median decode step and tokens/s/GPU, measured vs
+predicted; the run's error is the larger relative error of the last two. The last line is
 ``max relative error X over N runs``.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +37,9 @@ class RecordedRun:
     num_requests: int
     decode_step_ms: float
     tokens_per_s_per_gpu: float
+    warmup: bool = True  # ran after --warmup (the same prompts for 3 tokens)
+    earlier: tuple = ()  # (num_requests, input_len, output_len) of the runs made before it on the same engine
+    wall_s: float | None = None
 
 
 def _resolve_config(path: str, near: Path) -> str:
@@ -53,6 +60,39 @@ def _workload(s: dict) -> dict | None:
     return None
 
 
+ENGINE_LOG_LINE = re.compile(r"^(\S+\.json): decode step")
+
+
+def _engine_log_order(path: Path) -> list[str] | None:
+    """File names in the order engine_runs.py made them in one process, from its log next to the runs
+    (logs/engine.log beside or above the folder; launch/planner_runs.sh writes it), or None."""
+    for log in (path.parent / "engine.log", path.parent / "logs" / "engine.log", path.parent.parent / "logs" / "engine.log"):
+        if log.exists():
+            names = [m.group(1) for m in map(ENGINE_LOG_LINE.match, log.read_text().splitlines()) if m]
+            if path.name in names:
+                return names
+    return None
+
+
+def _earlier_runs(path: Path, s: dict) -> tuple:
+    """What ran before this run on the same engine (its graph cache): recorded in the run (engine_runs.py
+    writes ``earlier_runs``), else the order of its engine log; a runtime run starts a fresh process."""
+    if "earlier_runs" in s:
+        return tuple(tuple(int(v) for v in w) for w in s["earlier_runs"])
+    if s.get("mode") != "engine":
+        return ()
+    names = _engine_log_order(path) or []
+    out = []
+    for name in names[:names.index(path.name)] if path.name in names else []:
+        try:
+            wl = _workload(json.loads((path.parent / name).read_text()))
+        except (OSError, json.JSONDecodeError):
+            wl = None
+        if wl:
+            out.append((int(wl.get("num_requests", 0)), int(wl["input_len"]), int(wl["output_len"])))
+    return tuple(out)
+
+
 def _from_stats(path: Path, s: dict) -> RecordedRun | str:
     wl = _workload(s)
     if not wl:
@@ -62,7 +102,8 @@ def _from_stats(path: Path, s: dict) -> RecordedRun | str:
     return RecordedRun(str(path), _resolve_config(s["config"], path.parent), list(s.get("overrides", [])),
                        s.get("mode", "runtime"), int(wl["input_len"]), int(wl["output_len"]),
                        int(wl.get("num_requests", s.get("num_requests", 0))), float(s["decode_step_ms_median"]),
-                       float(s["tokens_per_s_per_gpu"]))
+                       float(s["tokens_per_s_per_gpu"]), bool(s.get("warmup", True)), _earlier_runs(path, s),
+                       s.get("wall_s"))
 
 
 def _from_sweep(path: Path, n: int, r: dict) -> RecordedRun | str:
@@ -75,7 +116,7 @@ def _from_sweep(path: Path, n: int, r: dict) -> RecordedRun | str:
     p = r["params"]
     return RecordedRun(f"{path}:{n}", _resolve_config(argv[argv.index("--config") + 1], path.parent), sets, "runtime",
                        int(p["input_len"]), int(p["output_len"]), int(r.get("num_requests", p["batch_size"])),
-                       float(r["decode_step_ms_median"]), float(r["tokens_per_s_per_gpu"]))
+                       float(r["decode_step_ms_median"]), float(r["tokens_per_s_per_gpu"]), "--warmup" in argv)
 
 
 def find_runs(dirs: list[str]) -> tuple[list[RecordedRun], list[tuple[str, str]]]:
@@ -126,7 +167,8 @@ def predict(run: RecordedRun, profile: dict):
     rt = cfg.runtime
     # decode steps run as CUDA graphs unless off, profiling, or (distributed) row counts read on the host
     graphs = rt.cuda_graphs and not rt.profile and (engine or cfg.comm.metadata == "padded")
-    pred = predict_run(sm, layout, cfg, run.num_requests, run.input_len, run.output_len, m, graphs)
+    pred = predict_run(sm, layout, cfg, run.num_requests, run.input_len, run.output_len, m, graphs,
+                       warmup=run.warmup, earlier=run.earlier)
     return pred, layout, m
 
 
@@ -139,8 +181,8 @@ def validate_main(args) -> int:
 
     profile = load_profile(args.profile)
     runs, skipped = find_runs(args.dirs)
-    print(f"{'run':<58} {'mode':<7} {'layout':<22} {'reqs':>4} {'in/out':>9} {'m':>1}  "
-          f"{'step ms meas/pred':>19} {'err':>6}  {'tok/s/GPU meas/pred':>21} {'err':>6}")
+    print(f"{'run':<44} {'mode':<7} {'layout':<20} {'reqs':>4} {'in/out':>9} {'m':>1}  {'wall s meas/pred':>16}  "
+          f"{'step ms meas/pred':>17} {'err':>6}  {'tok/s/GPU meas/pred':>19} {'err':>6}")
     errors = []
     for run in runs:
         try:
@@ -151,10 +193,12 @@ def validate_main(args) -> int:
         e_step = _rel(pred.decode_step_ms_median, run.decode_step_ms) if pred.decode_step_ms_median else math.inf
         e_tput = _rel(pred.tokens_per_s_per_gpu, run.tokens_per_s_per_gpu)
         errors.append(max(abs(e_step), abs(e_tput)))
-        name = run.where if len(run.where) <= 58 else "..." + run.where[-55:]
-        print(f"{name:<58} {run.mode:<7} {layout.label()[:22]:<22} {run.num_requests:>4} "
-              f"{run.input_len:>4}/{run.output_len:<4} {m:>1}  {run.decode_step_ms:>9.2f}/{pred.decode_step_ms_median or 0:<9.2f} "
-              f"{e_step:>+6.1%}  {run.tokens_per_s_per_gpu:>10.1f}/{pred.tokens_per_s_per_gpu:<10.1f} {e_tput:>+6.1%}")
+        name = run.where if len(run.where) <= 44 else "..." + run.where[-41:]
+        wall = f"{run.wall_s:.2f}/{pred.wall_s:.2f}" if run.wall_s else f"-/{pred.wall_s:.2f}"
+        print(f"{name:<44} {run.mode:<7} {layout.label()[:20]:<20} {run.num_requests:>4} "
+              f"{run.input_len:>4}/{run.output_len:<4} {m:>1}  {wall:>16}  "
+              f"{run.decode_step_ms:>8.2f}/{pred.decode_step_ms_median or 0:<8.2f} {e_step:>+6.1%}  "
+              f"{run.tokens_per_s_per_gpu:>9.1f}/{pred.tokens_per_s_per_gpu:<9.1f} {e_tput:>+6.1%}")
     for where, why in skipped:
         print(f"skipped {where}: {why}")
     worst = max(errors) if errors else math.nan
