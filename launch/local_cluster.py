@@ -56,6 +56,7 @@ SAFETY_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", 
 PREFIX = "[local_cluster]"
 JOB_DIR_ENV = "AFSPLIT_JOB_DIR"  # where ranks and node agents leave their failure reports (see node_agent)
 DEBUG_ENV = "AFSPLIT_DEBUG"
+INTERRUPT_GRACE_S = 15.0  # Ctrl-C: how long the ranks get to stop in order before they are killed
 GRACE_S = 2.0  # after the first failure, how long the other nodes get to exit (and report) on their own
 STOPPED_EXTRA_S = 5.0  # a rank stopped this long past peer_timeout_s fails the job (its peers may be idle)
 SCAN_EVERY_S = 0.5
@@ -419,6 +420,18 @@ def _kill(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
         proc.wait()
 
 
+def _interrupt(procs: list[subprocess.Popen], grace_s: float = INTERRUPT_GRACE_S) -> None:
+    """SIGTERM to every node (its torchrun agent and ranks), then wait up to grace_s for them to leave."""
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + grace_s
+    while time.monotonic() < end and any(p.poll() is None for p in procs):
+        time.sleep(0.05)
+
+
 def _stop_job(procs: list[subprocess.Popen], jobs: JobProcesses) -> None:
     """Kill every rank directly, then the node agents; wait until nothing of the job is left."""
     jobs.scan([p.pid for p in procs])
@@ -492,6 +505,9 @@ def launch_local_cluster(topology: Topology, argv: list[str], device: str = "cpu
                 _stop_job(procs, jobs)
                 return 124
             time.sleep(0.1)
+    except KeyboardInterrupt:  # Ctrl-C: let the ranks stop in order (a server drains), then clean up
+        _interrupt(procs)
+        raise
     finally:
         _stop_job(procs, jobs)
         shutil.rmtree(job_dir, ignore_errors=True)

@@ -74,6 +74,7 @@ class EngineLoop:
         self.inbox: queue.Queue = queue.Queue()
         self._select_device = thread_device(core.device)  # here, on the thread that built the engine
         self.fatal: str | None = None
+        self.fatal_error: BaseException | None = None
         self.accepting = True
         self.load = Load(kv_total_blocks=self.engine.kv.allocator.num_blocks)
         # asyncio-thread state
@@ -215,6 +216,7 @@ class EngineLoop:
         except Exception as e:  # noqa: BLE001 -- a failed step ends the server with one line
             rank = getattr(getattr(self.core, "runtime", None), "rank", None)
             self.fatal = f"rank {rank}: {e}" if rank is not None else str(e)
+            self.fatal_error = e  # the serving rank re-raises it: the launcher's one line names the failed rank
             log.debug("engine loop failed", exc_info=True)
             self._post(self._on_fatal, self.fatal)
 

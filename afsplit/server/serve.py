@@ -51,7 +51,7 @@ def cmd_serve(args, argv: list[str]) -> int:
     topology = config.topology.topology
     under_torchrun = "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
     if topology.world_size > 1 and not under_torchrun:
-        return _launch(config, argv)
+        return _launch(config, argv, getattr(args, "debug", False))
     if not under_torchrun:
         from afsplit.engine import LLMEngine
         from afsplit.server.engine_core import LocalCore
@@ -61,12 +61,12 @@ def cmd_serve(args, argv: list[str]) -> int:
     return _serve_rank(config, args, topology)
 
 
-def _launch(config, argv: list[str]) -> int:
+def _launch(config, argv: list[str], debug: bool = False) -> int:
     from afsplit.cli import _launch_ranks
 
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the ranks like Ctrl-C
     try:
-        return _launch_ranks(config, argv)
+        return _launch_ranks(config, argv, debug)
     except KeyboardInterrupt:  # the launcher has stopped every rank on the way out
         return 0
     finally:
@@ -74,31 +74,37 @@ def _launch(config, argv: list[str]) -> int:
 
 
 def _serve_rank(config, args, topology) -> int:
-    from comm.errors import CommError
-
+    """One rank of a served cluster. A failure becomes the job's one error line, naming the rank that failed
+    first (launch/local_cluster.py works it out from every rank's report), as for `afsplit generate`."""
+    from afsplit.errors import AfsplitError
     from afsplit.runtime.worker import RankRuntime
     from afsplit.server.engine_core import ClusterCore
+    from launch.local_cluster import report_rank_failure
 
-    coordinator = int(os.environ.get("RANK", "0")) == topology.attention_ranks[0]
+    rank = int(os.environ.get("RANK", "0"))
+    coordinator = rank == topology.attention_ranks[0]
     sock = _bind(args.host, args.port) if coordinator else None
     if not coordinator:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
-    runtime = RankRuntime(config)
-    failed = False
+    runtime = None
+    failed = True
     try:
+        runtime = RankRuntime(config)
         if not coordinator:
             runtime.serve()
+            failed = False
             return 0
         code = _serve_http(ClusterCore(runtime), config, args, sock)
         failed = code != 0
         return code
-    except CommError as e:  # a peer died or went silent while following: one line naming it
-        print(f"afsplit: error: rank {runtime.rank}: {e}", file=sys.stderr)
-        failed = True
-        return 1
+    except BaseException as e:  # noqa: BLE001 -- a dead or silent peer (CommError names it), or a start-up error
+        code = 2 if isinstance(e, AfsplitError) else 130 if isinstance(e, KeyboardInterrupt) else 1
+        report_rank_failure(topology, rank, e, code, debug=getattr(args, "debug", False))
+        return code
     finally:
-        runtime.shutdown(abort=failed)
+        if runtime is not None:
+            runtime.shutdown(abort=failed)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -151,6 +157,8 @@ def _serve_http(core, config, args, sock: socket.socket) -> int:
             signal.signal(sig, handler)
         if loop.thread is not None and loop.thread.is_alive():
             loop.stop()  # uvicorn failed before its lifespan shutdown
+    if loop.fatal_error is not None and core.exchanges:  # a cluster: _serve_rank reports it for the launcher
+        raise loop.fatal_error
     if fatal or loop.fatal:
         print(f"afsplit: error: {(fatal or [loop.fatal])[0]}", file=sys.stderr)
         return 1
