@@ -452,6 +452,15 @@ def _f(v, fmt="{:.2f}"):
     return fmt.format(v) if isinstance(v, (int, float)) else "-"
 
 
+def save_results(res: dict, out: str, md: str | None, markdown) -> None:
+    """Rewrite the JSON results (and the markdown tables) after every part, so a cut run keeps what it measured."""
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    if md:
+        with open(md, "w") as f:
+            f.write(markdown(res))
+
+
 def markdown(res: dict) -> str:
     """Markdown tables of a result dict (what docs/benchmarks/kernels-h200.md records)."""
     c = res.get("ceilings", {})
@@ -544,11 +553,7 @@ def main():
     res["rows"] = []
 
     def save():
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-        if args.md:
-            with open(args.md, "w") as f:
-                f.write(markdown(res))
+        save_results(res, args.out, args.md, markdown)
 
     save()
     for part, fn in (("decode", bench_decode), ("prefill", bench_prefill), ("moe", bench_moe)):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -243,18 +242,14 @@ def main():
     from afsplit.cuda_graphs import warm_up_requests
     from afsplit.engine import LLMEngine
 
-    from kernels.bench import READ_PROBE, read_ceiling_GBps, run_info
+    from kernels.bench import READ_PROBE, read_ceiling_GBps, run_info, save_results
 
     counts = [int(c) for c in args.requests.split(",") if c.strip()]
     res = dict(run_info(), kind="engine_bench", requests=counts, warmup=args.warmup, overrides=args.overrides,
                tuning_table=os.environ.get("AFSPLIT_KERNEL_TUNING") or None, runs=[])
 
     def save():
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-        if args.md:
-            with open(args.md, "w") as f:
-                f.write(markdown(res))
+        save_results(res, args.out, args.md, markdown)
 
     res["read_GBps"] = read_ceiling_GBps()
     res["read_probe"] = READ_PROBE

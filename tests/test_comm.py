@@ -21,7 +21,8 @@ from comm.topology import NodeSpec
 from comm.groups import init_distributed
 from comm.transports import build_plan
 from launch.local_cluster import parse_nodes, script_args
-from tests.helpers.comm_selftest import VARIANTS, check_topologies, fault_worker, local_ranks_of, spawn_world, topo
+from tests.helpers.comm_selftest import (VARIANTS, check_topologies, fault_worker, local_ranks_of, run_world_checks,
+                                        spawn_world, topo)
 
 ROOT = Path(__file__).resolve().parents[1]
 # *_a2a: padded regions moved by one all_to_all_single per stage (NCCL's path), forced on gloo;
@@ -30,12 +31,7 @@ SCENARIOS = ["random", "one_rank", "zero_first", "full", "single"]
 
 
 def _run(specs, world, **kw):
-    res = spawn_world(world, _check, specs, kw, local_ranks=local_ranks_of(specs[0]), timeout_s=200)
-    errors = [f"rank {r}: {v}" for r, (ok, v) in enumerate(res) if not ok]
-    assert not errors, "\n".join(errors)
-    failures = [f for _ok, v in res for f in v["failures"]]
-    assert not failures, "\n".join(failures[:20])
-    return [v for _ok, v in res]
+    return run_world_checks(_check, specs, world, timeout_s=200, **kw)
 
 
 def _check(specs, kw):

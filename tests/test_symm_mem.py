@@ -17,7 +17,7 @@ from comm.layout import plan_stage
 from comm.movers import symm_mem
 from comm.movers.symm_mem import carve, split_segments, stage_writes, static_reason
 from comm.transports import ROUTES, build_plan
-from tests.helpers.comm_selftest import check_topologies, fault_worker, local_ranks_of, spawn_world, topo
+from tests.helpers.comm_selftest import check_topologies, fault_worker, local_ranks_of, run_world_checks, spawn_world, topo
 from tests.helpers.symm_mem_cases import FakeSymmMem, fallback_case, gpu_case
 
 # every topology the comm selftest runs (tests/test_comm.py), plus the 2-GPU ones
@@ -142,12 +142,7 @@ def _check(specs, kw):
 
 
 def _run(specs, world, **kw):
-    res = spawn_world(world, _check, specs, kw, local_ranks=local_ranks_of(specs[0]), timeout_s=240)
-    errors = [f"rank {r}: {v}" for r, (ok, v) in enumerate(res) if not ok]
-    assert not errors, "\n".join(errors)
-    failures = [f for _ok, v in res for f in v["failures"]]
-    assert not failures, "\n".join(failures[:20])
-    return [v for _ok, v in res]
+    return run_world_checks(_check, specs, world, timeout_s=240, **kw)
 
 
 def _expected_mover(spec: str, variant: str) -> str:

@@ -76,6 +76,17 @@ def spawn_world(world: int, fn, *args, local_ranks: list[int] | None = None, tim
     return [results.get(r, (False, f"rank {r}: no result (exit code {procs[r].exitcode})")) for r in range(world)]
 
 
+def run_world_checks(check, specs: list[str], world: int, timeout_s: float = 200, **kw) -> list[dict]:
+    """Run `check(specs, kw)` (a module-level function: it is spawned) on `world` gloo ranks laid out as
+    specs[0]; assert every rank succeeded with no failures; return the ranks' results."""
+    res = spawn_world(world, check, specs, kw, local_ranks=local_ranks_of(specs[0]), timeout_s=timeout_s)
+    errors = [f"rank {r}: {v}" for r, (ok, v) in enumerate(res) if not ok]
+    assert not errors, "\n".join(errors)
+    failures = [f for _ok, v in res for f in v["failures"]]
+    assert not failures, "\n".join(failures[:20])
+    return [v for _ok, v in res]
+
+
 # ----------------------------------------------------------------------------------------------
 # Correctness check run inside each rank
 
