@@ -347,6 +347,16 @@ def _cluster_main(argv: list[str] | None = None) -> int:
     if ctx.rank == ns.fail_rank:
         print(f"rank {ctx.rank}: failing on purpose", flush=True)
         os._exit(7)
+    try:
+        return _cluster_check(ctx, tp, ns, MoEExchange)
+    except Exception as e:  # noqa: BLE001 -- a peer's death: report it as the CLI's ranks do (the launcher blames)
+        from launch.local_cluster import report_rank_failure
+
+        report_rank_failure(tp, ctx.rank, e, 1)
+        return 1
+
+
+def _cluster_check(ctx, tp, ns, MoEExchange) -> int:
     ex = MoEExchange(ctx, 8, 2, torch.float32, 8, ns.transport, ns.metadata, 20.0)
     ok = True
     for layer, scenario in enumerate(["random", "one_rank", "zero_first", "full"]):
