@@ -298,29 +298,34 @@ def _generate_rank(args, config) -> int:
     rank = int(os.environ.get("RANK", "0"))
     runtime = None
     failed = True
+    rc = 1
     profiler = _host_profiler()
     try:
         runtime = RankRuntime(config)
         if runtime.rank != runtime.coordinator:
             runtime.serve()
-            failed = False
-            return 0
-        code = _coordinate(args, runtime)
-        failed = False
-        from launch.local_cluster import report_job_status
+            rc = 0
+        else:
+            from launch.local_cluster import report_job_status
 
-        return report_job_status(code)
+            rc = report_job_status(_coordinate(args, runtime))
+        failed = False
     except BaseException as e:  # noqa: BLE001 -- reported as one line below
         from launch.local_cluster import report_rank_failure
 
-        code = 2 if isinstance(e, AfsplitError) else 130 if isinstance(e, KeyboardInterrupt) else 1
-        report_rank_failure(config.topology.topology, rank, e, code, debug=args.debug)
-        return code
+        rc = 2 if isinstance(e, AfsplitError) else 130 if isinstance(e, KeyboardInterrupt) else 1
+        report_rank_failure(config.topology.topology, rank, e, rc, debug=args.debug)
     finally:
         if profiler and runtime is not None:
             _dump_host_profile(profiler, runtime.rank)
         if runtime is not None:
             runtime.shutdown(abort=failed)
+            if runtime.failed_over:  # the lost world's groups are kept, never torn down: leave without waiting on them
+                sys.stdout.flush()
+                sys.stderr.flush()
+                logging.shutdown()
+                os._exit(rc)
+    return rc
 
 
 def _coordinate(args, runtime) -> int:
@@ -382,7 +387,8 @@ def _launch_ranks(config, argv: list[str], debug: bool) -> int:
     return launch_local_cluster(topology, [sys.executable, "-m", "afsplit.cli", *argv],
                                 device=config.topology.device, out=sys.stderr,
                                 env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
-                                peer_timeout_s=config.comm.timeout_s, debug=debug)
+                                peer_timeout_s=config.comm.peer_timeout_s if config.comm.failover else config.comm.timeout_s,
+                                debug=debug, failover=config.comm.failover and topology.num_nodes > 1)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,10 @@ class CommConfig:
 
     transport: str = field(default="direct", metadata=_choices("direct", "two_phase", "adaptive"))
     timeout_s: float = 120.0
+    # failover: when a rank dies or goes silent the survivors agree on who is left, rebuild their groups and go on
+    # (afsplit/runtime/failover.py); a rank whose heartbeat has not moved for peer_timeout_s counts as gone
+    failover: bool = True
+    peer_timeout_s: float = 10.0
     backend: str = field(default="auto", metadata=_choices("auto", "nccl", "gloo"))
     # padded: fixed regions sized by one token-count vote per step, no headers, captured in CUDA graphs;
     # counts: exact-sized payloads after a row-count header per stage (fewer bytes, a host sync per layer)
@@ -263,6 +267,9 @@ def validate(config: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"{where}: runtime.micro_batches: expected an integer >= 1 or 'auto', got {r.micro_batches!r}")
     if not math.isfinite(config.comm.timeout_s) or config.comm.timeout_s <= 0:
         raise ConfigError(f"{where}: comm.timeout_s: must be a finite number of seconds > 0, got {config.comm.timeout_s}")
+    if not math.isfinite(config.comm.peer_timeout_s) or config.comm.peer_timeout_s <= 0:
+        raise ConfigError(f"{where}: comm.peer_timeout_s: must be a finite number of seconds > 0, "
+                          f"got {config.comm.peer_timeout_s}")
     if config.comm.intra_node == "symm_mem" and config.comm.metadata != "padded":
         raise ConfigError(f"{where}: comm.intra_node: symm_mem needs comm.metadata: padded (exact counts are known "
                           "only at run time); set comm.metadata: padded or comm.intra_node: auto")

@@ -285,7 +285,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=seq.request_id, prompt=seq.prompt_text, prompt_token_ids=seq.prompt_token_ids,
             outputs=[CompletionOutput(0, self.detokenize(seq.output_token_ids), list(seq.output_token_ids),
-                                      seq.finish_reason)])
+                                      seq.finish_reason)], error=seq.error)
 
     def admit(self, prompts: list, params: SamplingParams | list[SamplingParams], labels: list[str] | None = None,
               indices: list[int] | None = None):

@@ -12,7 +12,7 @@ from afsplit.sampling_params import SamplingParams
 class SeqUpdate:
     """What one engine step produced for one request: the unit of streaming.
 
-    `finish_reason` is set ("stop", "length", "abort") when the request finished in this step;
+    `finish_reason` is set ("stop", "length", "abort", "error") when the request finished in this step;
     `time` is when the tokens became visible to the caller (time.time()).
     """
 
@@ -43,6 +43,7 @@ class Sequence:
     prompt_text: str | None = None
     arrival_time: float = 0.0  # time.time() when the request entered (coordinator)
     token_times: list[float] = field(default_factory=list)  # time.time() at each generated token
+    error: str | None = None  # why it failed (finish_reason "error": e.g. its attention rank died)
 
     def latency_metrics(self) -> dict:
         """vLLM's per-request metrics, in milliseconds."""

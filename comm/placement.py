@@ -119,6 +119,41 @@ class Placement:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise ConfigError(f"{where}: layer {l}: expert {missing[0]}{more} has no replica on any expert rank")
 
+    # -- after a loss ----------------------------------------------------------------------------
+
+    def after_loss(self, kept: list[int], capacity: int) -> tuple["Placement", dict, list[tuple[int, int]]]:
+        """The placement over the expert ranks that survive (`kept`: their old expert indices, in order;
+        new index = position), with every slot a survivor holds kept where it is.
+
+        An expert whose every replica was lost goes to a spare slot (a rank holding fewer than
+        `capacity` experts, the fewest first), else over a slot whose expert still has another
+        replica (the most-replicated first). Returns (placement, reloads {new index: {layer:
+        [(slot, expert)]}}: what each survivor must load, lost [(layer, expert)]: what fit nowhere).
+        Deterministic: every rank computes the same result."""
+        layers, reloads, lost = [], {}, []
+        for l, layer in enumerate(self.layers):
+            slots = [list(layer[j]) for j in kept]
+            copies = Counter(e for s in slots for e in s)
+            for e in (x for x in range(self.num_experts) if not copies[x]):
+                free = [i for i in range(len(slots)) if len(slots[i]) < capacity]
+                if free:
+                    i = min(free, key=lambda q: (len(slots[q]), q))
+                    slots[i].append(e)
+                    s = len(slots[i]) - 1
+                else:
+                    spare = [(copies[x], -i, -s, i, s) for i, row in enumerate(slots) for s, x in enumerate(row)
+                             if copies[x] >= 2]
+                    if not spare:
+                        lost.append((l, e))
+                        continue
+                    *_, i, s = max(spare)
+                    copies[slots[i][s]] -= 1
+                    slots[i][s] = e
+                copies[e] += 1
+                reloads.setdefault(i, {}).setdefault(l, []).append((s, e))
+            layers.append(tuple(tuple(s) for s in slots))
+        return Placement(self.num_experts, tuple(layers)), reloads, lost
+
     # -- constructors --------------------------------------------------------------------------
 
     @classmethod

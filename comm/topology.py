@@ -104,6 +104,19 @@ class Topology:
         """Position of `rank` among the expert ranks (its expert-parallel index)."""
         return self.expert_ranks.index(rank)
 
+    def without(self, dead) -> tuple["Topology", list[int]]:
+        """The cluster that remains when the ranks `dead` are gone: (its topology, the ranks kept in their
+        old numbering, in order -- kept[i] is new rank i). Order and roles are kept; emptied nodes vanish."""
+        dead = set(dead)
+        kept = [r.rank for r in self.ranks if r.rank not in dead]
+        nodes = []
+        for n in range(self.num_nodes):
+            alive = [self.ranks[r] for r in self.ranks_on_node(n) if r not in dead]
+            if alive:
+                roles = [r.role for r in alive]
+                nodes.append(NodeSpec(roles.count(ATTENTION), roles.count(EXPERT), roles.count(COLOCATED)))
+        return Topology(tuple(nodes)), kept
+
     def arithmetic(self) -> str:
         """How the rank count adds up, for messages: '2 attention + 2 expert ranks = 4'."""
         if self.colocated:

@@ -58,6 +58,7 @@ JOB_DIR_ENV = "AFSPLIT_JOB_DIR"  # where ranks and node agents leave their failu
 DEBUG_ENV = "AFSPLIT_DEBUG"
 INTERRUPT_GRACE_S = 15.0  # Ctrl-C: how long the ranks get to stop in order before they are killed
 GRACE_S = 2.0  # after the first failure, how long the other nodes get to exit (and report) on their own
+EXIT_BARRIER_S = 3.0  # how long a node's torchrun waits for the others at exit here (AFSPLIT_EXIT_BARRIER_S)
 STOPPED_EXTRA_S = 5.0  # a rank stopped this long past peer_timeout_s fails the job (its peers may be idle)
 SCAN_EVERY_S = 0.5
 
@@ -197,7 +198,7 @@ def report_rank_failure(topology: Topology, rank: int, exc: BaseException, exit_
     job_dir = os.environ.get(JOB_DIR_ENV)
     if job_dir and os.path.isdir(job_dir):
         record = {"rank": rank, "message": message, "suspect": _suspect(exc, rank), "exit_code": exit_code,
-                  "time": time.time()}
+                  "time": time.time(), "explains": bool(getattr(exc, "explains_peer_death", False))}
         tmp = os.path.join(job_dir, f".rank{rank}.json")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(record, f)
@@ -281,7 +282,9 @@ def explain_failure(topology: Topology, job_dir: str, stopped: set[int], failed_
         r = min(died, key=lambda q: (-blamed[q], died[q][2], died[q][1], q))
         code = died[r][0]
         how = f"died ({_signal_name(code)})" if code < 0 else f"exited with code {code}"
-        return f"{_rank_name(topology, r)} {how}; all ranks stopped", 1
+        # a survivor's account of what the death cost (e.g. failover found experts with no replica left)
+        extra = next((rep["message"] for rep in reports.values() if rep.get("explains")), "")
+        return f"{_rank_name(topology, r)} {how}{'; ' + extra if extra else ''}; all ranks stopped", 1
     own = {r: rep for r, rep in reports.items() if rep.get("suspect") is None}
     if own:
         messages = {rep["message"] for rep in own.values()}
@@ -399,6 +402,9 @@ class JobProcesses:
                 except ProcessLookupError:
                     pass
 
+    def rank_processes_alive(self) -> bool:
+        return any(self.alive(pid) for pid in self.ranks.values())
+
     def survivors(self) -> list[int]:
         return [pid for pid in self.known if self.alive(pid)]
 
@@ -446,13 +452,16 @@ def _stop_job(procs: list[subprocess.Popen], jobs: JobProcesses) -> None:
 
 def launch_local_cluster(topology: Topology, argv: list[str], device: str = "cpu", master_port: int | None = None,
                          env: dict | None = None, timeout_s: float | None = None, out=None,
-                         peer_timeout_s: float | None = None, debug: bool = False) -> int:
+                         peer_timeout_s: float | None = None, debug: bool = False, failover: bool = False) -> int:
     """Run argv on every rank of `topology`, one torchrun per simulated node; return the exit code.
 
     argv: ``[sys.executable, "-m", "afsplit.cli", "generate", ...]``, ``["-m", "pkg.mod", ...]`` or
     ``["script.py", ...]``. env: extra variables for every rank. timeout_s: stop everything after that.
     peer_timeout_s: the job's comm.timeout_s (a rank stopped that long + 5 s fails the job). debug:
-    keep torchrun's own failure output and the ranks' tracebacks.
+    keep torchrun's own failure output and the ranks' tracebacks. failover: the ranks survive the loss of
+    others (comm.failover): a node other than the coordinator's (node of the first attention rank) may
+    fail and the job goes on; a rank stopped past peer_timeout_s + 5 s is killed (fenced), not the job;
+    the job ends when the coordinator's rank has exited and the survivors with it.
     Returns 0 when every node succeeded; on a failure (after printing its one line) 2 for an input
     error every rank reported, else 1; 124 on timeout.
     """
@@ -465,6 +474,7 @@ def launch_local_cluster(topology: Topology, argv: list[str], device: str = "cpu
     base_env.update(env or {})
     base_env.update(SAFETY_ENV)
     base_env[JOB_DIR_ENV] = job_dir
+    base_env.setdefault("AFSPLIT_EXIT_BARRIER_S", str(EXIT_BARRIER_S))
     if debug:
         base_env[DEBUG_ENV] = "1"
     procs: list[subprocess.Popen] = []
@@ -481,6 +491,8 @@ def launch_local_cluster(topology: Topology, argv: list[str], device: str = "cpu
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         stopped_since: dict[int, float] = {}
         next_scan = 0.0
+        coordinator_node = topology.node_of(topology.attention_ranks[0])
+        lost: set[int] = set()  # failover: nodes the job goes on without
         while True:
             now = time.monotonic()
             if now >= next_scan:
@@ -492,6 +504,20 @@ def launch_local_cluster(topology: Topology, argv: list[str], device: str = "cpu
             failed = [(k, c) for k, c in enumerate(codes) if c not in (None, 0)]
             stuck = [r for r, t in stopped_since.items()
                      if peer_timeout_s is not None and now - t > peer_timeout_s + STOPPED_EXTRA_S]
+            if failover:
+                failed, stuck = _go_on_without(topology, jobs, failed, stuck, lost, coordinator_node, out)
+                finished = os.path.exists(os.path.join(job_dir, "status.json"))  # the coordinator's job ended
+                if finished and not jobs.rank_processes_alive():
+                    # survivors' agents wait at torchrun's exit barrier for the lost node's (launch/node_agent.py
+                    # shortens it to AFSPLIT_EXIT_BARRIER_S): let them leave on their own, then make sure
+                    end = time.monotonic() + EXIT_BARRIER_S + GRACE_S
+                    while time.monotonic() < end and any(p.poll() is None for p in procs):
+                        time.sleep(0.1)
+                    lost |= {k for k, p in enumerate(procs) if p.poll() not in (None, 0) and k != coordinator_node}
+                    _stop_job(procs, jobs)
+                    print(f"{PREFIX} the coordinator's node finished; node(s) {sorted(lost)} were lost on the way"
+                          if lost else f"{PREFIX} all {len(procs)} nodes finished", file=out, flush=True)
+                    return _job_status(job_dir)
             if failed or stuck:
                 return _fail(topology, procs, jobs, job_dir, failed, peer_timeout_s, out)
             if all(c == 0 for c in codes):
@@ -511,6 +537,26 @@ def launch_local_cluster(topology: Topology, argv: list[str], device: str = "cpu
     finally:
         _stop_job(procs, jobs)
         shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def _go_on_without(topology: Topology, jobs: "JobProcesses", failed, stuck, lost: set[int], coordinator_node: int,
+                   out) -> tuple[list, list]:
+    """Failover: nodes other than the coordinator's that failed are noted once and left behind; a stopped rank
+    there is killed (fenced: its peers already went on without it). What remains fails the job."""
+    for r in stuck:
+        if topology.node_of(r) != coordinator_node:
+            pid = jobs.ranks.get(r)
+            if pid is not None and jobs.alive(pid):
+                print(f"{PREFIX} {_rank_name(topology, r)} is stopped past comm.peer_timeout_s: killing it "
+                      "(the survivors went on without it)", file=out, flush=True)
+                os.kill(pid, signal.SIGKILL)
+    for k, code in failed:
+        if k != coordinator_node and k not in lost:
+            lost.add(k)
+            print(f"{PREFIX} node {k} failed (exit code {code}); failover: the job goes on without it",
+                  file=out, flush=True)
+    return ([(k, c) for k, c in failed if k == coordinator_node],
+            [r for r in stuck if topology.node_of(r) == coordinator_node])
 
 
 def _fail(topology: Topology, procs, jobs: JobProcesses, job_dir: str, failed: list[tuple[int, int]],

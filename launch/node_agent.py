@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         # consequences of a failure the launcher names in one line (set after torch configured its loggers)
         for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        logging.raiseExceptions = False  # an agent stopped at its exit barrier: no "--- Logging error ---" dumps
 
+    _short_exit_barrier()
     try:
         torchrun.main(argv)
         return 0
@@ -87,6 +89,25 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         return 1
+
+
+EXIT_BARRIER_ENV = "AFSPLIT_EXIT_BARRIER_S"
+
+
+def _short_exit_barrier() -> None:
+    """torchrun's agent waits up to 300 s at exit for every other node's agent (LocalElasticAgent's
+    exit_barrier_timeout, no command-line flag): after a failover the dead node's agent never comes, so
+    a survivor would linger 5 minutes after its job is done. Wait at most AFSPLIT_EXIT_BARRIER_S (10)."""
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+
+    limit = float(os.environ.get(EXIT_BARRIER_ENV, "10"))
+    original = SimpleElasticAgent._exit_barrier
+
+    def barrier(self):
+        self._exit_barrier_timeout = min(self._exit_barrier_timeout, limit)
+        return original(self)
+
+    SimpleElasticAgent._exit_barrier = barrier
 
 
 if __name__ == "__main__":

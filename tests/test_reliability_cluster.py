@@ -30,13 +30,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster_cfg(tmp_path_factory):
-    """configs/cpu-2node.yaml on its own tiny checkpoint."""
+    """configs/cpu-2node.yaml on its own tiny checkpoint, without failover."""
     from afsplit.models.tiny import make_tiny
 
     tmp = tmp_path_factory.mktemp("cluster")
     data = yaml.safe_load((ROOT / "configs" / "cpu-2node.yaml").read_text())
     data["model"] = {"path": str(make_tiny("qwen3_moe", tmp / "model", seed=5)), "dtype": "float32"}
     data["comm"]["timeout_s"] = TIMEOUT_S
+    data["comm"]["failover"] = False  # these tests are about a job that stops (tests/test_failover.py: one that goes on)
     cfg = tmp / "cpu-2node.yaml"
     cfg.write_text(yaml.safe_dump(data))
     return cfg

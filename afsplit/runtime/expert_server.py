@@ -8,6 +8,8 @@ per (micro-batches, bucket): the region sizes are all the expert side needs to k
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from afsplit.cuda_graphs import GraphCache, step_tokens_hint
@@ -26,6 +28,7 @@ class ExpertServer:
         self.times = times
         self.max_batch = max_batch  # runtime.max_num_seqs: the bucket rule's bound, as on attention ranks
         self.graphs = graphs if exchange.graph_safe else None
+        self.fault: int | None = None  # fault injection (tests): a signal this rank sends itself mid-step
 
     @torch.inference_mode()
     def serve_step(self) -> None:
@@ -46,6 +49,9 @@ class ExpertServer:
             for u in range(self.micro_batches):
                 with self.times.phase("dispatch"):
                     h = ex.dispatch(None, None, None, None, layer, channel=u)
+                if self.fault is not None:  # mid-step: the attention ranks wait for this layer's combine
+                    sig, self.fault = self.fault, None
+                    os.kill(os.getpid(), sig)
                 with self.times.phase("experts"):
                     y = self.experts(layer, h.batch.x, h.batch.topk_ids, h.batch.topk_weights)
                 with self.times.phase("combine"):

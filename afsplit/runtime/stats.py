@@ -37,6 +37,8 @@ class RunStats:
     ranks: dict = field(default_factory=lambda: {"attention": 0, "expert": 0})
     num_moe_layers: int = 0
     micro_batches: dict = field(default_factory=dict)  # m -> steps run with it
+    failovers: list = field(default_factory=list)  # one record per recovery from a lost rank (runtime/failover.py)
+    sampled_tokens: int = 0  # tokens sampled so far (finished or not): the clock of throughput around failovers
 
     def add_report(self, role: str, rep: StepReport) -> None:
         acc = self.phase_s[role]
@@ -59,8 +61,11 @@ class RunStats:
             "gpus": self.world_size,
             "num_requests": len(self.requests),
             "micro_batches": {str(m): n for m, n in sorted(self.micro_batches.items())},
+            "failovers": list(self.failovers),
         }
         out.update(aggregate_latency(self.requests))
+        if self.failovers:
+            out["failover_throughput"] = around_failovers(self.failovers, self.sampled_tokens, self.wall_s)
         per_layer = {}
         for role, acc in self.phase_s.items():
             n = self.ranks[role] * self.steps * max(1, self.num_moe_layers)
@@ -80,3 +85,13 @@ def aggregate_latency(requests: list[dict]) -> dict:
             out[f"median_{name}"] = vals[len(vals) // 2]
             out[f"p99_{name}"] = vals[min(len(vals) - 1, int(0.99 * len(vals)))]
     return out
+
+
+def around_failovers(records: list[dict], tokens: int, wall_s: float) -> dict:
+    """Sampled tokens/s before the first failover (run start to the failed step) and after the last one
+    (recovery done to the end of the run); each record holds failed_at_s / resumed_at_s / tokens_*."""
+    first, last = records[0], records[-1]
+    after_s = wall_s - last["resumed_at_s"]
+    return {"before_tok_s": first["tokens_at_failure"] / first["failed_at_s"] if first["failed_at_s"] > 0 else None,
+            "after_tok_s": (tokens - last["tokens_at_resume"]) / after_s if after_s > 0 else None,
+            "stalled_s": sum(r["resumed_at_s"] - r["failed_at_s"] for r in records)}

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 
+import torch
 import torch.distributed as dist
 
 from afsplit.config import Config, validate
@@ -23,7 +25,8 @@ from afsplit.models.weights import load_expert_weights
 from afsplit.placement_file import resolve_placement
 from afsplit.runtime.expert_server import ExpertServer
 from afsplit.runtime.remote_experts import RemoteExperts
-from afsplit.runtime.coordinator import Coordinator, StepPlan
+from afsplit.runtime.coordinator import Coordinator, StepPlan, SyncAnswer
+from afsplit.runtime.failover import ExpertsLost, Failover, is_comm_failure
 from afsplit.runtime.micro_batches import MAX_MICRO_BATCHES, fixed_micro_batches
 from afsplit.runtime.router import ExpertRouter
 from afsplit.runtime.stats import StepReport
@@ -32,6 +35,7 @@ from afsplit.sequence import SeqUpdate
 from comm.exchange import MoEExchange
 from comm.expert_stats import ExpertStatsRecorder
 from comm.groups import init_distributed
+from comm.placement import default_capacity
 
 log = logging.getLogger("afsplit.runtime")
 
@@ -67,35 +71,30 @@ class RankRuntime:
         stats = bool(config.balancer.stats_path) and self.ctx.world_size > 1
         self.attention_group = dist.new_group(list(topo.attention_ranks)) if stats else None
         spec, source = resolve_model(config)
-        self.spec = spec
+        self.spec, self.source = spec, source
         self.m = fixed_micro_batches(config.runtime.micro_batches, distributed=True) or MAX_MICRO_BATCHES
         self.placement = resolve_placement(config.balancer, spec.num_moe_layers, spec.num_experts, topo)
-        dtype = DTYPES[config.model.dtype]
-        router = None
+        # slots per expert rank, fixed for the job (a failover may fill spare ones, never more)
+        self.slot_capacity = max(self.placement.slots_per_rank,
+                                 default_capacity(spec.num_experts, len(topo.expert_ranks),
+                                                  config.balancer.spare_slots_per_rank))
+        self.dtype = dtype = DTYPES[config.model.dtype]
         self.expert_stats = None
-        if self.ctx.is_attention:
-            if config.balancer.stats_path:
-                self.expert_stats = ExpertStatsRecorder(spec.num_moe_layers, spec.num_experts,
-                                                        len(topo.expert_ranks), self.ctx.device)
-            router = ExpertRouter(spec, self.placement, self.ctx.device, topo.attention_index(self.rank),
-                                  len(topo.attention_ranks), self.expert_stats)
-        # every rank builds the same channel groups: whether attention groups exist must not depend on the role
-        count_groups = ExpertRouter.needs_count_groups(self.placement, len(topo.attention_ranks))
-        self.exchange = MoEExchange(self.ctx, spec.hidden_size, spec.top_k, dtype,
-                                    max_tokens_per_rank=config.runtime.max_num_batched_tokens,
-                                    transport=config.comm.transport, metadata=config.comm.metadata,
-                                    timeout_s=config.comm.timeout_s, channels=self.m, attention_groups=count_groups,
-                                    intra_node=config.comm.intra_node)
+        if self.ctx.is_attention and config.balancer.stats_path:
+            self.expert_stats = ExpertStatsRecorder(spec.num_moe_layers, spec.num_experts,
+                                                    len(topo.expert_ranks), self.ctx.device)
+        router = self._build_exchange()
         experts = None
         if self.ctx.is_expert:
             j = topo.expert_index(self.rank)
             mine = {layer: self.placement.slots(i, j) for i, layer in enumerate(spec.moe_layer_ids)}
             experts = ExpertModel(load_expert_weights(source, spec, dtype, self.ctx.device, mine))
+        self.experts = experts
         self.engine = None
         self.server = None
         self.times = PhaseTimes(self.ctx.device, sync=config.runtime.profile)
         if self.ctx.is_attention:
-            moe = RemoteExperts(self.exchange, router, experts, self.times)
+            moe = self._remote = RemoteExperts(self.exchange, router, experts, self.times)
             self.engine = LLMEngine(config, build_moe=lambda *_: moe, device=self.ctx.device,
                                     micro_batches=1, spec_and_source=(spec, source))
         else:
@@ -105,8 +104,116 @@ class RankRuntime:
             self.server = ExpertServer(self.exchange, spec, experts, 1, self.times, config.runtime.max_num_seqs,
                                        graphs)
         self.coord = Coordinator(self) if self.rank == self.coordinator else None
+        self.applied_step = -1  # attention ranks: the last plan whose requests and aborts this rank took
+        self.unacked: tuple[int, StepReport] | None = None  # (step, report) the coordinator may not have yet
+        self.failover = Failover(self) if config.comm.failover and self.ctx.world_size > 1 else None
+        self._fault = _injected_faults(self.rank)
         log.info("rank %d ready: %s, %s micro-batch(es), transport %s", self.rank, topo.role_of(self.rank),
                  config.runtime.micro_batches, config.comm.transport)
+
+    def _build_exchange(self) -> ExpertRouter | None:
+        """The exchange over the current world, and the router (attention ranks) over the current placement."""
+        config, spec, topo = self.config, self.spec, self.topo
+        router = None
+        if self.ctx.is_attention:
+            router = ExpertRouter(spec, self.placement, self.ctx.device, topo.attention_index(self.rank),
+                                  len(topo.attention_ranks), self.expert_stats)
+        # every rank builds the same channel groups: whether attention groups exist must not depend on the role
+        count_groups = ExpertRouter.needs_count_groups(self.placement, len(topo.attention_ranks))
+        self.exchange = MoEExchange(self.ctx, spec.hidden_size, spec.top_k, self.dtype,
+                                    max_tokens_per_rank=config.runtime.max_num_batched_tokens,
+                                    transport=config.comm.transport, metadata=config.comm.metadata,
+                                    timeout_s=config.comm.timeout_s, channels=self.m, attention_groups=count_groups,
+                                    intra_node=config.comm.intra_node)
+        return router
+
+    def comm_groups(self) -> list:
+        """Every process group this rank uses in the current world (failover closes or buries them)."""
+        groups = [self.ctx.data_group, self.ctx.control_group, self.attention_group]
+        for ch in getattr(getattr(self, "exchange", None), "channels", []):
+            groups += [ch.data_group, ch.attention_group, ch.header_group, ch.node_group]
+        return [g for g in dict.fromkeys(groups) if g is not None]
+
+    def rebuild(self, ctx, kept: list[int], dead: list[int]) -> int:
+        """Go on in the world `ctx` of the survivors (kept[i]: old rank of new rank i; `dead`: launch-time ranks
+        of the lost, for messages): remap the placement, load the experts that lost every replica, new exchange
+        and router. Returns the number of experts loaded (on all survivors together)."""
+        old_topo = self.topo
+        kept_j = [old_topo.expert_index(r) for r in kept if old_topo.ranks[r].is_expert]
+        placement, reloads, lost = self.placement.after_loss(kept_j, self.slot_capacity)
+        if lost or not kept_j:
+            what = ", ".join(f"layer {l} expert {e}" for l, e in lost[:6]) + (" ..." if len(lost) > 6 else "")
+            raise ExpertsLost(f"failover impossible: it held the only replicas of {what or 'every expert'} and no "
+                              f"surviving expert rank has a free slot ({self.slot_capacity} slots per rank = "
+                              f"ceil(experts / expert ranks) + balancer.spare_slots_per_rank "
+                              f"{self.config.balancer.spare_slots_per_rank}); give replicas (balancer.replicas: auto) "
+                              "or spare slots to survive this", dead[0] if dead else None)
+        new_index = {old: new for new, old in enumerate(kept)}
+        self.exchange.close()
+        self.ctx, self.topo, self.rank = ctx, ctx.topology, ctx.rank
+        self.coordinator = new_index[self.coordinator]
+        self.placement = placement
+        self._control = None
+        stats = bool(self.config.balancer.stats_path)
+        self.attention_group = dist.new_group(list(self.topo.attention_ranks)) if stats else None
+        loaded = 0
+        if self.experts is not None:
+            mine = reloads.get(self.topo.expert_index(self.rank), {})
+            loaded = self._load_into_slots(mine)
+        router = self._build_exchange()
+        if self.engine is not None:
+            backend = self._remote
+            backend.exchange, backend.router = self.exchange, router
+            backend._inflight.clear()  # the failed step's handles
+            static = self.engine.runner.static
+            if static is not None and static.graphs is not None:
+                static.graphs.reset()  # captured over the old world's groups
+        if self.server is not None:
+            self.server.exchange = self.exchange
+            if self.server.graphs is not None:
+                self.server.graphs.reset()
+            self.server.graphs = self.server.graphs if self.exchange.graph_safe else None
+        if self.coord is not None:
+            self.coord.renumber(new_index)
+        return sum(len(v) for per_rank in reloads.values() for v in per_rank.values())
+
+    def _load_into_slots(self, mine: dict[int, list[tuple[int, int]]]) -> int:
+        """Load logical experts from the checkpoint into this rank's slots ({moe layer: [(slot, expert)]})."""
+        w = self.experts.w
+        n = 0
+        for i, items in sorted(mine.items()):
+            layer = self.spec.moe_layer_ids[i]
+            ids = list(w.experts[layer])
+            got = load_expert_weights(self.source, self.spec, self.dtype, self.ctx.device,
+                                      {layer: [e for _s, e in items]})
+            for k, (slot, e) in enumerate(items):
+                if slot == len(ids):  # a spare slot: the stacked weights grow by one
+                    ids.append(e)
+                    w.w13[layer] = torch.cat([w.w13[layer], got.w13[layer][k:k + 1]])
+                    w.w2[layer] = torch.cat([w.w2[layer], got.w2[layer][k:k + 1]])
+                else:  # over a replica another rank still holds
+                    ids[slot] = e
+                    w.w13[layer][slot].copy_(got.w13[layer][k])
+                    w.w2[layer][slot].copy_(got.w2[layer][k])
+                n += 1
+            w.experts[layer] = tuple(ids)
+        return n
+
+    def fail_over(self, exc: BaseException) -> dict:
+        """Recover from a lost peer (afsplit/runtime/failover.py); re-raises `exc` when failover is off or it is
+        not a comm failure."""
+        if self.failover is None or not is_comm_failure(exc):
+            raise exc
+        return self.failover.recover(exc)
+
+    def sync_answer(self, step: int) -> SyncAnswer | None:
+        """What this rank has of step `step` after a recovery (attention ranks; None elsewhere)."""
+        if self.engine is None:
+            return None
+        report = self.unacked[1] if self.unacked is not None and self.unacked[0] == step else None
+        sched = self.engine.scheduler
+        redo = len(sched.running) if self.applied_step == step and report is None else 0
+        return SyncAnswer(self.applied_step, report, redo)
 
     # -- control plane -------------------------------------------------------------------------
 
@@ -145,6 +252,7 @@ class RankRuntime:
             engine.abort_request(rid)
         for seq in plan.assign.get(self.rank, []):
             engine.add_sequence(seq)
+        self.applied_step = plan.step
         engine.runner.micro_batches = plan.micro_batches
         start = self.times.now()
         updates = engine.step(lockstep=True)
@@ -153,14 +261,17 @@ class RankRuntime:
         kv = engine.kv
         demand = sum(kv.blocks_for(s.num_tokens) for s in engine.scheduler.waiting)
         tokens, decodes = engine.last_step
-        return StepReport(updates=aborted + updates, free_blocks=kv.num_free_blocks, demand_blocks=demand,
-                          has_work=engine.scheduler.has_work(), tokens=tokens, decodes=decodes, step_s=step_s,
-                          phases=self.times.take(), num_running=len(engine.scheduler.running),
-                          num_waiting=len(engine.scheduler.waiting))
+        report = StepReport(updates=aborted + updates, free_blocks=kv.num_free_blocks, demand_blocks=demand,
+                            has_work=engine.scheduler.has_work(), tokens=tokens, decodes=decodes, step_s=step_s,
+                            phases=self.times.take(), num_running=len(engine.scheduler.running),
+                            num_waiting=len(engine.scheduler.waiting))
+        self.unacked = (plan.step, report)
+        return report
 
     def _expert_step(self, plan: StepPlan) -> StepReport:
         self.server.micro_batches = plan.micro_batches
         start = self.times.now()
+        self.server.fault = self._fault.get(plan.step)
         self.server.serve_step()
         return StepReport(step_s=self.times.now() - start, phases=self.times.take())
 
@@ -178,13 +289,19 @@ class RankRuntime:
                 log.error("rank %d: fault injection: exiting", self.rank)
                 os._exit(1)
             steps += 1
-            plan = self.broadcast(None)
-            if plan.stop:
-                self.dump_expert_stats()
-                return
-            if plan.idle:  # an idle coordinator is still there: no step, nothing to report
-                continue
-            self.gather(self.run_step(plan))
+            try:
+                plan = self.broadcast(None)
+                if plan.stop:
+                    self.dump_expert_stats()
+                    return
+                if plan.idle:  # an idle coordinator is still there: no step, nothing to report
+                    continue
+                if plan.sync:  # after a recovery: what this rank has of the step that failed
+                    self.gather(self.sync_answer(plan.step))
+                    continue
+                self.gather(self.run_step(plan))
+            except Exception as e:  # noqa: BLE001 -- a lost peer: recover and follow the next plan
+                self.fail_over(e)
 
     def generate(self, prompts: list, params: list, use_tqdm: bool = True, last: bool = True) -> list[RequestOutput]:
         """Coordinator: run every prompt to completion over the cluster (see Coordinator).
@@ -217,11 +334,18 @@ class RankRuntime:
             rec.dump(self.config.balancer.stats_path)
             log.info("expert activation counts appended to %s", self.config.balancer.stats_path)
 
+    @property
+    def failed_over(self) -> bool:
+        """Whether this rank went through a recovery (its old world's groups are kept, never torn down)."""
+        return self.failover is not None and self.failover.agreement.epoch > 0
+
     def shutdown(self, abort: bool = False) -> None:
         """Idempotent; `abort` after a failure: do not wait for peers."""
         if getattr(self, "_closed", False):
             return
         self._closed = True
+        if self.failover is not None:
+            self.failover.stop()
         self.exchange.close()
         caches = [self.server.graphs if self.server is not None else None,
                   self.engine.runner.static.graphs if self.engine is not None and self.engine.runner.static else None]
@@ -234,5 +358,19 @@ class RankRuntime:
                 captured = True
         # captured NCCL collectives can make an orderly communicator teardown wait forever: abort instead
         # (every step was drained, so nothing is in flight)
-        if self.owns_ctx:
+        if self.owns_ctx and not self.failed_over:  # after a failover the process leaves with os._exit (cli.py)
             self.ctx.shutdown(abort=abort or captured)
+
+
+FAULTS_ENV = "AFSPLIT_FAULTS"  # fault injection for the failover tests: "RANK@STEP:KILL|STOP,..."
+
+
+def _injected_faults(rank: int) -> dict[int, int]:
+    """{step: signal} this (launch-time) rank sends itself in the middle of that step (expert ranks)."""
+    out = {}
+    for item in filter(None, os.environ.get(FAULTS_ENV, "").split(",")):
+        who, _, rest = item.partition("@")
+        step, _, sig = rest.partition(":")
+        if int(who) == rank:
+            out[int(step)] = getattr(signal, f"SIG{sig or 'KILL'}")
+    return out

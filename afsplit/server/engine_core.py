@@ -48,6 +48,9 @@ class LocalCore:
     def take_exchange_seconds(self) -> dict[str, float]:
         return {}
 
+    def take_failovers(self) -> list[dict]:
+        return []
+
     def close(self) -> None:
         pass
 
@@ -64,6 +67,7 @@ class ClusterCore:
         self.device = runtime.ctx.device
         self.num_attention = len(runtime.topo.attention_ranks)
         self.num_moe_layers = max(1, runtime.spec.num_moe_layers)
+        self._failovers_seen = 0
 
     def load(self) -> Load:
         coord = self.core
@@ -76,9 +80,13 @@ class ClusterCore:
 
     def keepalive(self) -> None:
         """An idle plan: the followers' control-plane waits must not reach comm.timeout_s on an idle server."""
-        from afsplit.runtime.coordinator import StepPlan
+        self.core.keepalive()
 
-        self.runtime.broadcast(StepPlan(idle=True))
+    def take_failovers(self) -> list[dict]:
+        """Recoveries from a lost rank since the last call (afsplit/runtime/failover.py)."""
+        records = self.core.failovers[self._failovers_seen:]
+        self._failovers_seen += len(records)
+        return records
 
     def take_exchange_seconds(self) -> dict[str, float]:
         """Mean seconds per MoE layer and attention rank spent in dispatch and combine since the last call

@@ -203,6 +203,7 @@ class EngineLoop:
                     updates = core.step()
                     last_plan = time.monotonic()
                     self.metrics.observe_exchange(self.core.take_exchange_seconds())
+                    self.metrics.observe_failovers(self.core.take_failovers())
                     for upd in updates:
                         if upd.finish_reason:
                             self._in_engine.discard(upd.request_id)

@@ -47,6 +47,16 @@ class ServerMetrics:
                                  buckets=_log_buckets(1e-3, 80), registry=r))
         self.e2e = one(Histogram("afsplit:e2e_request_latency_seconds", "Arrival to the last token.", label,
                                  buckets=_log_buckets(1e-2, 7680), registry=r))
+        self.failovers = one(Counter("afsplit:failovers", "Recoveries from a lost rank (comm.failover).", label,
+                                     registry=r))
+        self.failover_detection = one(Histogram(
+            "afsplit:failover_detection_seconds", "From a lost rank's last sign of life to the start of recovery.",
+            label, buckets=_log_buckets(1e-3, 100.0), registry=r))
+        self.failover_recovery = one(Histogram(
+            "afsplit:failover_recovery_seconds", "From the start of a recovery to serving again.", label,
+            buckets=_log_buckets(1e-3, 100.0), registry=r))
+        self.failover_replayed = one(Counter("afsplit:failover_requests_replayed",
+                                             "Requests whose step was run again after a recovery.", label, registry=r))
         self._exchange = None
         if exchanges:
             self._exchange = Histogram(
@@ -65,6 +75,13 @@ class ServerMetrics:
         if self._exchange is not None:
             for phase, s in seconds.items():
                 self._exchange.labels(self._model, phase).observe(s)
+
+    def observe_failovers(self, records: list[dict]) -> None:
+        for rec in records:
+            self.failovers.inc()
+            self.failover_detection.observe(rec["detection_s"])
+            self.failover_recovery.observe(rec["recovery_s"])
+            self.failover_replayed.inc(rec.get("requests_replayed", 0))
 
     def finished(self, reason: str) -> None:
         self._success.labels(self._model, reason).inc()
