@@ -137,7 +137,7 @@ class Failover:
                   "dead_roles": [dead_roles[r] for r in decision.dead], "detection_s": round(decision.detected_s, 3),
                   "recovery_s": round(time.monotonic() - start, 3), "reloaded_experts": reloaded,
                   "world_size": size}
-        log.warning("rank %d: recovery %d done: ranks %s gone, %d left, %d expert(s) reloaded here", self.orig,
+        log.warning("rank %d: recovery %d done: ranks %s gone, %d left, %d expert(s) reloaded", self.orig,
                     decision.epoch, decision.dead, size, reloaded)
         return record
 

@@ -106,7 +106,9 @@ class RankRuntime:
         self.coord = Coordinator(self) if self.rank == self.coordinator else None
         self.applied_step = -1  # attention ranks: the last plan whose requests and aborts this rank took
         self.unacked: tuple[int, StepReport] | None = None  # (step, report) the coordinator may not have yet
-        self.failover = Failover(self) if config.comm.failover and self.ctx.world_size > 1 else None
+        # failover replaces the default process group: only for a world this runtime made itself
+        wanted = config.comm.failover and self.ctx.world_size > 1 and self.owns_ctx
+        self.failover = Failover(self) if wanted else None
         self._fault = _injected_faults(self.rank)
         log.info("rank %d ready: %s, %s micro-batch(es), transport %s", self.rank, topo.role_of(self.rank),
                  config.runtime.micro_batches, config.comm.transport)
@@ -156,10 +158,9 @@ class RankRuntime:
         self._control = None
         stats = bool(self.config.balancer.stats_path)
         self.attention_group = dist.new_group(list(self.topo.attention_ranks)) if stats else None
-        loaded = 0
         if self.experts is not None:
             mine = reloads.get(self.topo.expert_index(self.rank), {})
-            loaded = self._load_into_slots(mine)
+            self._load_into_slots(mine)
         router = self._build_exchange()
         if self.engine is not None:
             backend = self._remote
