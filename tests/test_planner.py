@@ -413,6 +413,53 @@ def test_fit_system_recovers_overheads_and_exchange_cost():
     assert sysd["runtime"]["step_overhead_ms"] == pytest.approx([1.58 - 0.2, 2.78 - 0.2])
 
 
+def test_deep_point_is_the_models_own_depth_where_it_fits(tmp_path):
+    """The whole runs' deeper copy is the model's own 48 layers when weights + KV fit in 80% of the GPU (the
+    slope from 2 layers is then the mean of all its layers), else the plan's 16."""
+    from afsplit.config import load_config
+    from afsplit.planner.system_runs import FULL, deep_plan
+
+    cfg_path = tmp_path / "q.yaml"
+    cfg_path.write_text("model: {weights: random, preset: qwen3-30b-a3b, dtype: bfloat16}\n"
+                        "topology: {device: cuda, nodes: [{colocated: 1}]}\n")
+    cfg = load_config(cfg_path)
+    # 48 layers of Qwen3-30B-A3B: ~61 GB of weights + ~37 GB of KV for the plan's runs
+    assert deep_plan(cfg, FULL, 143.8e9).depths == (2, 48)
+    assert deep_plan(cfg, FULL, 110e9).depths == FULL.depths == (2, 16)
+
+
+def test_work_outside_steps_is_measured_per_prompt_token_and_added_to_the_wall(tmp_path):
+    """The runs' wall time minus their steps' is the driver's and coordinator's work per prompt token (both
+    modes measure their own); a predicted run's wall time (and so its tokens/s) adds it, its steps do not."""
+    from afsplit.config import load_config
+    from afsplit.planner.simulate import predict_run
+    from afsplit.planner.system_runs import SystemPlan, fit_system, runtime_gap
+
+    plan = SystemPlan(depths=(2, 10))
+    layer = {8: 0.4, 128: 0.6}
+    eng = {"graphs": {d: {b: 1.0 + d * layer[b] for b in layer} for d in plan.depths},
+           "gap": {d: {8: [0.001, 1024], 128: [0.003, 16384]} for d in plan.depths}}
+    rt = {d: {b: 1.5 + d * layer[b] for b in layer} for d in plan.depths}
+    rt_gap = {d: {8: [0.002, 1024], 128: [0.012, 16384]} for d in plan.depths}
+    sysd = fit_system(eng, rt, layer_table=lambda b: 0.5e-3, head=lambda rows: 0.0, plan=plan, rt_gap=rt_gap)
+    assert sysd["engine"]["admit_us_per_prompt_token"] == pytest.approx(1e6 * 0.004 / 17408)
+    assert sysd["runtime"]["admit_us_per_prompt_token"] == pytest.approx(1e6 * 0.014 / 17408)
+    # a 1-rank runtime's stats: its phases per MoE layer and step add up to its steps' time
+    stats = {"wall_s": 1.0, "steps": 10, "per_layer_ms": {"attention": {"attention": 2.0, "dispatch": 1.0}}}
+    assert runtime_gap(stats, 30) == pytest.approx(1.0 - 1e-3 * 3.0 * 10 * 30)
+
+    prof, _ = _run_files(tmp_path, profile(), {})
+    cfg = load_config(tmp_path / "q.yaml")
+    base = predict_run(model(json.loads(prof.read_text())), L.colocated(1, 1), cfg, 16, 512, 8, 1, graphs=True)
+    with_admit = json.loads(prof.read_text())
+    with_admit["system"]["runtime"]["admit_us_per_prompt_token"] = 2.0
+    with_admit["system"]["engine"]["admit_us_per_prompt_token"] = 7.0  # the engine's: not the runtime's
+    pred = predict_run(model(with_admit), L.colocated(1, 1), cfg, 16, 512, 8, 1, graphs=True)
+    assert pred.wall_s == pytest.approx(base.wall_s + 2e-6 * 16 * 512)
+    assert pred.decode_step_ms_median == base.decode_step_ms_median and pred.kinds["admit"][0] == 1
+    assert pred.tokens_per_s_per_gpu == pytest.approx(16 * 8 / pred.wall_s)
+
+
 @pytest.mark.slow
 def test_profile_on_cpu_tiny_model_end_to_end(tmp_path, capsys):
     """`afsplit profile --quick` on the CPU: kernel tables, engine and 1-rank runtime runs of shallow copies;

@@ -15,10 +15,12 @@ Format ``afsplit-profile/1``; every time is in milliseconds, per layer unless sa
     gemm:              {points: [{weight_bytes, flops, ms}]}        dense GEMMs (roofline of projections)
     links:             {intra: {alpha_us, GBps, gap_us, source}, inter: {...}}   one stage of n messages on
                        a link = alpha + n * gap + bytes / GBps
-    system:            {engine: {batch, step_overhead_ms, layer_scale, eager_layer_ms, eager_step_extra_ms},
-                        runtime: {batch, step_overhead_ms, exchange_call_ms}, points, depths, workload}
-                       measured in whole runs of shallow copies of the model (see system_runs.py; the
-                       planner refits the raw points with the current estimator)
+    system:            {engine: {batch, step_overhead_ms, layer_scale, eager_layer_ms, eager_step_extra_ms,
+                                 context_factor, admit_us_per_prompt_token},
+                        runtime: {batch, step_overhead_ms, exchange_call_ms, eager_layer_ms, eager_step_extra_ms,
+                                  admit_us_per_prompt_token}, points, depths, workload}
+                       measured in whole runs of 2-layer and full-depth (or 16-layer) copies of the model (see
+                       system_runs.py; the planner refits the raw points with the current estimator)
     balancer:          {expert_ranks: [...], max_over_mean: [...] (least-loaded over replicas),
                         round_robin: [...] (no replicas), spare_fraction (replica slots / experts), source}
     assumed:           {memory_reserve_gb, memory_utilization, control_us_per_doubling}
@@ -284,8 +286,8 @@ class BlockTimes:
         def layer_table(b):
             return own.attention_decode(bucket(b), ctx) + own.moe(b * p.top_k, p.num_experts)
 
-        eng, rt, rt_eager = points_from_json(pts)
-        return {**sec, **fit_system(eng, rt, layer_table, own.head, plan, rt_eager, own.attention_decode)}
+        eng, rt, rt_eager, rt_gap = points_from_json(pts)
+        return {**sec, **fit_system(eng, rt, layer_table, own.head, plan, rt_eager, own.attention_decode, rt_gap)}
 
     @cached_property
     def _system_tables(self) -> dict:
@@ -379,6 +381,11 @@ class BlockTimes:
             if key in sec.get(m, {}):
                 return sec[m][key] * MS
         return 0.0
+
+    def admit_per_prompt_token(self, mode: str = "engine") -> float:
+        """Wall time outside the steps per prompt token of a run (the driver's and, in the runtime, the
+        coordinator's copy of each request for its attention rank), measured in mode's own runs only."""
+        return self.system_section.get(mode, {}).get("admit_us_per_prompt_token", 0.0) * 1e-6
 
     def eager_layer_host(self, mode: str = "engine") -> float:
         """Host time to launch one layer eagerly (a floor for layers that run outside CUDA graphs)."""

@@ -255,9 +255,10 @@ def run_profile(config_path: str, overrides, out_path: str, quick: bool = False,
     prof["balancer"] = dict(BALANCER_MEASURED)
     check_profile(prof, out_path)
     if system != "none":
-        from afsplit.planner.system_runs import FULL, QUICK, measure_system
+        from afsplit.planner.system_runs import FULL, QUICK, deep_plan, measure_system
 
-        plan = QUICK if quick else FULL
+        # the model's own depth where it fits on this GPU (the mean in-model layer of all its layers)
+        plan = QUICK if quick else (deep_plan(cfg, FULL, mem * 1e9) if device.type == "cuda" else FULL)
         blocks = BlockTimes(prof, shape)
         ctx = plan.mean_context
 

@@ -14,7 +14,8 @@ budget. Each scheduled step is then priced by the step model the way the engine 
 What ran before the measured run on the same engine sets the cache: ``--warmup`` (the same prompts
 for 3 tokens, cuda_graphs.warm_up_requests) and, for engine runs made one after another in one
 process (engine_runs.py), the earlier runs. Only the measured run's steps are timed; its wall time
-is their sum, as the runs measure it (from the first step to the last). Several attention ranks
+is their sum, as the runs measure it (from the first step to the last), plus the work outside the steps
+per prompt token the profile measured in its own runs (StepModel.admit_time). Several attention ranks
 get the requests round-robin (the coordinator spreads them by free KV capacity, which is that for
 equal requests); the ranks run in lockstep, so the fullest rank's schedule sets the pace.
 """
@@ -122,6 +123,10 @@ def _run(sm, layout, config, num_requests: int, input_len: int, output_len: int,
                 generated += 1
                 if len(seq.output_token_ids) >= output_len:
                     sched.finish(seq, "length")
+    if timed:  # the run's work outside its steps (copying requests to their ranks, outputs): in its wall time
+        t = sm.admit_time(layout, num_requests, input_len)
+        wall += t
+        kinds["admit"] = (1, t)
     total = generated * num_requests / mine if mine else 0
     med = 1e3 * statistics.median(decode_steps) if decode_steps else None
     return RunPrediction(steps, wall, med, int(total), total / wall / layout.gpus if wall else 0.0, kinds)

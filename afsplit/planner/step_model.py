@@ -125,6 +125,10 @@ class StepModel:
         return (b.step_overhead(self._mode(layout), seqs) + b.control(ranks)
                 + (b.eager_step_extra(self._mode(layout)) if eager else 0.0))
 
+    def admit_time(self, layout, num_requests: int, input_len: int) -> float:
+        """A run's wall time outside its steps: the driver's (and coordinator's) work per prompt token."""
+        return self.blocks.admit_per_prompt_token(self._mode(layout)) * num_requests * input_len
+
     def _exchange(self, layout, rows: int, transport: str, tokens: int | None = None) -> tuple[float, float]:
         """(dispatch, combine) of one micro-batch of `tokens` real rows padded to `rows`."""
         call = self.blocks.exchange_call(rows) if layout.kind != "engine" else 0.0
