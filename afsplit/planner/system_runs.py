@@ -182,6 +182,37 @@ def _engine_points(config, tmp: Path, plan: SystemPlan, depth: int, graphs: bool
         out["long"][depth] = ms
         log.info("engine depth %d graphs B=%d, %d-token prompts: %.3f ms", depth, plan.context_batch,
                  plan.long_input_len, ms)
+    if not graphs:  # after the timed run (it syncs every layer): what the routing does in this model
+        for b in [b for b in ROUTING_BATCHES if b <= max(plan.engine_batches)]:
+            out.setdefault("routing", {}).setdefault(depth, {})[b] = distinct_experts(engine, b, plan.input_len)
+            log.info("engine depth %d B=%d: distinct experts per layer in decode %s", depth, b,
+                     " ".join(f"{v:.0f}" for v in out["routing"][depth][b]))
+
+
+ROUTING_BATCHES = (8, 64)
+
+
+def distinct_experts(engine, batch: int, input_len: int, output_len: int = 6) -> list[float]:
+    """Mean number of distinct experts the `batch` rows of a decode step route to, per MoE layer, in an eager
+    engine (the router is called from Python there): a diagnostic of how far the model's routing is from the
+    kernel table's uniform spread (the in-model layer time already contains it)."""
+    from afsplit.planner.engine_runs import measure_engine
+
+    model = engine.model
+    seen: dict[int, list[int]] = {}
+
+    def route(layer, x):
+        weights, ids = type(model).route(model, layer, x)
+        if x.shape[0] == batch:  # a decode step of the whole batch
+            seen.setdefault(layer, []).append(int(ids.unique().numel()))
+        return weights, ids
+
+    model.route = route
+    try:
+        measure_engine(engine, batch, input_len, output_len, warmup=False)
+    finally:
+        del model.route
+    return [sum(v) / len(v) for _, v in sorted(seen.items())]
 
 
 def runtime_gap(stats: dict, moe_layers: int) -> float:
