@@ -16,7 +16,7 @@ Format ``afsplit-profile/1``; every time is in milliseconds, per layer unless sa
     links:             {intra: {alpha_us, GBps, gap_us, source}, inter: {...}}   one stage of n messages on
                        a link = alpha + n * gap + bytes / GBps
     system:            {engine: {batch, step_overhead_ms, layer_scale, eager_layer_ms, eager_step_extra_ms,
-                                 context_factor, admit_us_per_prompt_token},
+                                 context_factor, admit_us_per_prompt_token, static_eager_layer_ms},
                         runtime: {batch, step_overhead_ms, exchange_call_ms, eager_layer_ms, eager_step_extra_ms,
                                   admit_us_per_prompt_token}, points, depths, workload}
                        measured in whole runs of 2-layer and full-depth (or 16-layer) copies of the model (see
@@ -390,6 +390,16 @@ class BlockTimes:
     def eager_layer_host(self, mode: str = "engine") -> float:
         """Host time to launch one layer eagerly (a floor for layers that run outside CUDA graphs)."""
         return self._eager_term(mode, "eager_layer_ms")
+
+    def static_layer_host(self, mode: str = "engine") -> float:
+        """Host time per layer of a decode bucket's first visit (and of a capture's launches): the static path
+        (static_decode.py) run eagerly. Measured in the engine's graphed runs where their tails visit new
+        buckets; the 1-rank runtime runs the same static path (plus a router and dispatch/combine calls that
+        move nothing), so it uses the engine's; without it, the mode's graphs-off eager layer."""
+        sec = self.system_section.get("engine", {})
+        if "static_eager_layer_ms" in sec:
+            return sec["static_eager_layer_ms"] * MS
+        return self.eager_layer_host(mode)
 
     def eager_step_extra(self, mode: str = "engine") -> float:
         """What an eager step costs beyond a graphed one outside its layers (embedding, lm_head and sampler

@@ -181,7 +181,9 @@ class StepModel:
             te = self.expert_time(layout, per_mb)[0]
         d, c = self._exchange(layout, mb_rows, transport, per_mb)
         layer, _ = pingpong_layer(layout.kind, m, ta, te, d, c)
-        host = m * b.eager_layer_host(self._mode(layout))
+        # a bucket's first visit runs the static path (rows given); anything else the eager metadata path
+        mode = self._mode(layout)
+        host = m * (b.static_layer_host(mode) if rows is not None else b.eager_layer_host(mode))
         dense_mlp = b.gemm_time(s.dense_layer_weight_bytes - s.attention_layer_weight_bytes,
                                 s.dense_gemm_flops(per_mb) - s.attention_gemm_flops(per_mb))
         dense = (s.num_layers - s.num_moe_layers) * max(host, m * (ta + max(0.0, dense_mlp)))
@@ -193,5 +195,5 @@ class StepModel:
         layer's kernels are launched once as in an eager step (recorded, not run), then the graph replays."""
         b, s = self.blocks, self.shape
         mode = self._mode(layout)
-        launch = s.num_layers * m * b.eager_layer_host(mode) + b.eager_step_extra(mode)
+        launch = s.num_layers * m * b.static_layer_host(mode) + b.eager_step_extra(mode)
         return launch + self.decode_step(layout, batch, m, ctx, transport).step_s

@@ -14,6 +14,9 @@ straight line ``step = overhead(B) + layers x layer(B)``:
 * per mode ``admit_us_per_prompt_token``: the run's wall time outside its steps (the driver's and the
   coordinator's work between steps: copying each request to its attention rank, the outputs) per prompt
   token of the run.
+* engine ``static_eager_layer_ms``: host per layer of a decode bucket's first visit (the static path run
+  eagerly, the tail of the graphed runs: engine_runs.step_kind), which the graphs-off runs do not take;
+* ``points.engine.routing`` (diagnostic only): distinct experts per layer of a decode step at B = 8, 64.
 
 Why the model's own depth: per-layer time is not the same in every layer (routing, and with random weights
 the hidden states of different sequences grow alike with depth, so small batches touch fewer experts in
@@ -140,11 +143,12 @@ def _load(d: dict, where: str):
 def engine_points(config, tmp: Path, plan: SystemPlan) -> tuple[dict, list]:
     """({"graphs": {depth: {B: median decode ms}}, "eager": {depth: ms at plan.eager_batch},
     "long": {depth: ms at plan.context_batch with the long prompt}, "gap": {depth: {B: [seconds of the run
-    outside its steps, prompt tokens]}}}, errors) of the engine; an engine that fails (memory) is an error,
+    outside its steps, prompt tokens]}}, "first": {depth: {B: median ms of a bucket's first visits}}}, errors)
+    of the engine; an engine that fails (memory) is an error,
     the other points still count."""
     import torch
 
-    out = {"graphs": {}, "eager": {}, "long": {}, "gap": {}}
+    out = {"graphs": {}, "eager": {}, "long": {}, "gap": {}, "first": {}}
     errors = []
     for depth in plan.depths:
         for graphs in (True, False):
@@ -174,6 +178,9 @@ def _engine_points(config, tmp: Path, plan: SystemPlan, depth: int, graphs: bool
         if graphs:
             out["graphs"].setdefault(depth, {})[b] = ms
             out["gap"].setdefault(depth, {})[b] = [run["wall_s"] - 1e-3 * sum(run["step_ms"]), b * plan.input_len]
+            first = sorted(t for t, k in zip(run["step_ms"], run["step_kinds"]) if k == "first")
+            if first:  # a bucket's first visit (static path, eager): the tail of a run whose sequences finish apart
+                out["first"].setdefault(depth, {})[b] = first[len(first) // 2]
         else:
             out["eager"][depth] = ms
         log.info("engine depth %d %s B=%d: %.3f ms", depth, "graphs" if graphs else "eager", b, ms)
@@ -326,7 +333,8 @@ def fit_system(eng: dict, rt: dict, layer_table, head, plan: SystemPlan = FULL, 
     ``step_overhead`` = intercept - lm_head; runtime ``exchange_call`` = (runtime slope - engine slope) / 2;
     per mode ``eager_layer_ms`` (host launches of one layer, CUDA graphs off) and ``eager_step_extra_ms``
     (the eager step's intercept beyond the graphed step's at the same batch: embedding, lm_head and
-    sampler launched one by one, and the per-sequence metadata); engine ``context_factor`` = the
+    sampler launched one by one, and the per-sequence metadata); engine ``static_eager_layer_ms`` (host
+    per layer of a decode bucket's first visit, the static path run eagerly, from the graphed runs' tails); engine ``context_factor`` = the
     in-model growth of a layer from the short to the long prompt / the attention table's growth; per mode
     ``admit_us_per_prompt_token`` (admit_per_prompt_token: the wall time outside the steps)."""
     from afsplit.planner.fitting import Table1D
@@ -368,6 +376,11 @@ def fit_system(eng: dict, rt: dict, layer_table, head, plan: SystemPlan = FULL, 
         admit = admit_per_prompt_token(eng.get("gap", {}))
         if admit is not None:
             out["engine"]["admit_us_per_prompt_token"] = 1e6 * admit
+        first = eng.get("first", {})
+        both = sorted(set(first.get(depths[0], {})) & set(first.get(depths[1], {})))
+        if both and first[depths[1]][both[-1]] > first[depths[0]][both[-1]]:  # the largest batch seen at both
+            b = both[-1]
+            out["engine"]["static_eager_layer_ms"] = (first[depths[1]][b] - first[depths[0]][b]) / (depths[1] - depths[0])
     r_batch, r_over, r_call = [], [], []
     for b in sorted(r_slopes):
         if not e_batch:
@@ -403,7 +416,7 @@ def points_from_json(points: dict) -> tuple[dict, dict, dict, dict]:
         return {int(k): (ints(v) if isinstance(v, dict) else v) for k, v in d.items()}
 
     eng = points.get("engine", {})
-    return ({key: ints(eng.get(key, {})) for key in ("graphs", "eager", "long", "gap")},
+    return ({key: ints(eng.get(key, {})) for key in ("graphs", "eager", "long", "gap", "first")},
             ints(points.get("runtime", {})), ints(points.get("runtime_eager", {})), ints(points.get("runtime_gap", {})))
 
 
