@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Deployment planner (issue 18) on 1 GPU, one device call of ~4-5 minutes on 1 H200:
-#   1. afsplit profile, Qwen3-30B-A3B shapes (random weights, bf16): kernel tables, then whole runs of
+#   1. afsplit profile, Qwen3-30B-A3B shapes (random weights, bf16): kernel tables (with mixed prefill + decode
+#      points), then whole runs of
 #      2-layer and full-depth (48-layer) copies (engine in-process at B = 1, 8, 32, 64, 256, one long-prompt
 #      run and one with CUDA graphs off; 1-rank runtime under torchrun at B = 256, graphs off, 8)  -> profile.json
 #   2. the single-GPU engine, one model load, 5 workloads                            -> runs/engine-*.json

@@ -199,6 +199,44 @@ def test_first_visits_of_a_bucket_run_the_static_path_host_cost():
         assert sm.capture_step(lay, 64, 1, 500.0) == pytest.approx(QWEN.num_layers * 4.0e-3 + 2.0e-3 + replay)
 
 
+def test_mixed_steps_price_decode_rows_from_the_mixed_points():
+    """The profile's mixed points (a prompt piece plus k decode rows, and the piece alone, GPU time) give what one
+    decode row adds: per query block of the longest piece (the grid's programs that exit at once), per key tile
+    of its context, fixed; a chunk step then prices only the prompt pieces on tiles and adds that per decode row.
+    Without the points every row goes on the tiles, as before."""
+    from types import SimpleNamespace
+
+    from afsplit.planner.fitting import flash_tile_pairs
+    from afsplit.planner.simulate import GraphCacheModel, _step_time
+
+    row_ms = lambda n, c: 0.002 * math.ceil(n / 128) + 0.003 * math.ceil(c / 128) + 0.001  # noqa: E731
+    prof = profile()
+    prof["attention_mixed"] = {"decodes": 4, "points": [
+        {"prompt_len": n, "decode_ctx": c, "alone_ms": 1.0, "ms": 1.0 + 4 * row_ms(n, c)}
+        for n in (512, 2048) for c in (512, 2048)]}
+    b = BlockTimes(prof, QWEN)
+    # (less the 4 rows' share of the GEMMs and per-token kernels: a few ns here)
+    assert b._mixed_fit == pytest.approx((2e-6, 3e-6, 1e-6), rel=1e-3, abs=1e-8)
+    assert b.mixed_decode_row(512, 1000) == pytest.approx(row_ms(512, 1000) * 1e-3, rel=1e-3, abs=1e-8)
+
+    seqs = [SimpleNamespace(num_computed_tokens=p, num_tokens=t) for p, t in ((0, 512), (700, 701), (900, 901))]
+    batch = SimpleNamespace(seqs=seqs, num_tokens=[512, 1, 1])
+    col = L.colocated(1, 1)
+    for prof_, mixed in ((prof, True), (profile(), False)):
+        sm = model(prof_)
+        kind, t = _step_time(sm, col, batch, 1, None, True, "direct", GraphCacheModel(), True)
+        bm, bn = sm.blocks.prefill_tiles
+        piece = flash_tile_pairs(512, 0, bm, bn)
+        if mixed:
+            extra = sm.blocks.mixed_decode_row(512, 700) + sm.blocks.mixed_decode_row(512, 900)
+            want = sm.eager_step(col, 514, piece, 3, 3, 1, "direct", attention_extra=extra)
+            assert extra == pytest.approx((row_ms(512, 700) + row_ms(512, 900)) * 1e-3, rel=1e-3, abs=2e-8)
+        else:
+            tiles = piece + flash_tile_pairs(1, 700, bm, bn) + flash_tile_pairs(1, 900, bm, bn)
+            want = sm.eager_step(col, 514, tiles, 3, 3, 1, "direct")
+        assert kind == "chunk" and t == pytest.approx(want)
+
+
 def test_shapes_and_padded_exchange_bytes():
     assert QWEN.routed_expert_bytes_total == 128 * 48 * 3 * 2048 * 768 * 2
     assert QWEN.kv_bytes_per_token == 2 * 48 * 4 * 128 * 2
@@ -517,6 +555,8 @@ def test_profile_on_cpu_tiny_model_end_to_end(tmp_path, capsys):
     assert set(pts["engine"]["graphs"]) == {"1", "2"} and set(pts["engine"]["eager"]) == {"1", "2"}
     assert set(pts["runtime"]) == {"1", "2"}, prof["system"].get("errors")
     assert set(pts["engine"]["long"]) == {"1", "2"} and set(pts["runtime_eager"]) == {"1", "2"}
+    assert len(prof["attention_mixed"]["points"]) == 4, prof["attention_mixed"].get("error")
+    assert set(pts["engine"]["gap"]) == {"1", "2"} and set(pts["runtime_gap"]) == {"1", "2"}
     capsys.readouterr()
     assert main(["plan", "--model", str(tmp_path / "tiny"), "--profile", str(out), "--gpus", "2",
                  "--tpot-ms", "1e9", "--max-batch", "8"]) == 0

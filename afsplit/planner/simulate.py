@@ -9,7 +9,9 @@ budget. Each scheduled step is then priced by the step model the way the engine 
   first step of a bucket runs the static path eagerly, the second captures (every kernel launched
   once) and replays, later ones replay;
 * anything else (prefill chunks, mixed steps, graphs off) is an eager step whose attention is the
-  prefill kernel's padded tiles over every sequence of the step, decodes included.
+  prefill kernel's padded tiles over every sequence of the step, decodes included (with the profile's
+  mixed points: the prompt pieces' tiles plus what each decode row measured to add, given the longest
+  piece, BlockTimes.mixed_decode_row).
 
 What ran before the measured run on the same engine sets the cache: ``--warmup`` (the same prompts
 for 3 tokens, cuda_graphs.warm_up_requests) and, for engine runs made one after another in one
@@ -152,7 +154,14 @@ def _step_time(sm, layout, batch, m: int, rt, graphs: bool, transport: str, cach
         return kind, sm.eager_step(layout, seqs, 0.0, seqs, seqs, m, transport, decode_ctx=ctx, rows=rows)
     if not timed:
         return "chunk", 0.0
-    bm, bn = sm.blocks.prefill_tiles
-    tiles = sum(flash_tile_pairs(n, s.num_computed_tokens, bm, bn) for s, n in zip(batch.seqs, ns))
+    blocks = sm.blocks
+    bm, bn = blocks.prefill_tiles
     sampled = sum(1 for s, n in zip(batch.seqs, ns) if s.num_computed_tokens + n == s.num_tokens)
-    return "chunk", sm.eager_step(layout, sum(ns), tiles, seqs, sampled, m, transport)
+    if not blocks.has_mixed:  # every row on the prefill kernel's padded tiles
+        tiles = sum(flash_tile_pairs(n, s.num_computed_tokens, bm, bn) for s, n in zip(batch.seqs, ns))
+        return "chunk", sm.eager_step(layout, sum(ns), tiles, seqs, sampled, m, transport)
+    # single-token rows (decodes riding along) at the cost the profile's mixed points measured
+    longest = max(n for n in ns if n > 1)
+    tiles = sum(flash_tile_pairs(n, s.num_computed_tokens, bm, bn) for s, n in zip(batch.seqs, ns) if n > 1)
+    extra = sum(blocks.mixed_decode_row(longest, s.num_computed_tokens) for s, n in zip(batch.seqs, ns) if n == 1)
+    return "chunk", sm.eager_step(layout, sum(ns), tiles, seqs, sampled, m, transport, attention_extra=extra)

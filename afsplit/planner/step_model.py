@@ -162,13 +162,15 @@ class StepModel:
         return StepResult(step, layer, neck, gen / step / layout.gpus, rows, parts)
 
     def eager_step(self, layout, tokens: int, tile_pairs: float, seqs: int, sampled: int, m: int,
-                   transport: str = "direct", decode_ctx: float | None = None, rows: int | None = None) -> float:
+                   transport: str = "direct", decode_ctx: float | None = None, rows: int | None = None,
+                   attention_extra: float = 0.0) -> float:
         """A step outside CUDA graphs (prefill chunks, mixed steps, a decode bucket's first step, graphs off):
         `tokens` tokens per attention rank from `seqs` sequences, `tile_pairs` (query, key) pairs of the
         prefill kernel over them (decode-only when `decode_ctx` is given: the paged decode kernel; `rows`: the
         static path pads each micro-batch to its bucket). The host launches each layer's kernels while the
         GPU runs earlier ones, so a layer takes the longer of its host time (m micro-batches' launches,
-        measured with graphs off) and its GPU time."""
+        measured with graphs off) and its GPU time. `attention_extra`: GPU seconds per layer the step's attention
+        adds beyond the tiles (decode rows of a mixed step), spread over its micro-batches."""
         b, s = self.blocks, self.shape
         per_mb = math.ceil(tokens / m)
         mb_rows = rows if rows is not None else per_mb
@@ -177,7 +179,7 @@ class StepModel:
             ta = b.in_model_attention(mb_rows, decode_ctx, scale)
             te = self.expert_time(layout, per_mb)[0] * scale
         else:
-            ta = b.attention_prefill(per_mb, tile_pairs / m)
+            ta = b.attention_prefill(per_mb, tile_pairs / m) + attention_extra / m
             te = self.expert_time(layout, per_mb)[0]
         d, c = self._exchange(layout, mb_rows, transport, per_mb)
         layer, _ = pingpong_layer(layout.kind, m, ta, te, d, c)
