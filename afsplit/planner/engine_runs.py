@@ -8,7 +8,8 @@ runtime's --warmup) and then the measured run, timing every engine step. Each ru
 runtime's names (steps, wall_s, generated_tokens, tokens_per_s_per_gpu, decode_step_ms_median, ...)
 plus ``mode: engine``, its ``workload``, the config and overrides, ``warmup`` and ``earlier_runs`` (the
 workloads run before it on the same engine, whose CUDA graphs it inherits), so ``afsplit plan
-validate`` can replay it.
+validate`` can replay it, and each step's time, shape and kind (``step_kinds``: replay, capture, first
+visit of a bucket, eager, chunk).
 """
 
 from __future__ import annotations
@@ -24,6 +25,26 @@ from pathlib import Path
 def random_prompts(n: int, input_len: int, vocab: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     return [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(input_len)]} for _ in range(n)]
+
+
+def graph_counts(engine) -> tuple[int, int, int] | None:
+    """(calls, replays, graphs) of the engine's decode-graph cache, or None without the static path."""
+    static = getattr(engine.runner, "static", None)
+    g = getattr(static, "graphs", None)
+    return None if g is None else (g.calls, g.replays, len(g.graphs))
+
+
+def step_kind(before, after, decode: bool) -> str:
+    """What a step was, from the graph cache's counters around it (cuda_graphs.GraphCache.run): ``replay``,
+    ``capture``, ``first`` (a bucket's first visit: the static path run eagerly), ``eager`` (a decode step
+    outside the static path) or ``chunk`` (prefill or mixed)."""
+    if not decode:
+        return "chunk"
+    if before is None or after[0] == before[0]:
+        return "eager"
+    if after[1] == before[1]:
+        return "first"
+    return "capture" if after[2] > before[2] else "replay"
 
 
 def measure_engine(engine, num_requests: int, input_len: int, output_len: int, seed: int = 0,
@@ -47,11 +68,15 @@ def measure_engine(engine, num_requests: int, input_len: int, output_len: int, s
         shape["tokens"] = [sum(batch.num_tokens), sum(1 for n in batch.num_tokens if n == 1)]
         return batch
 
+    kinds: list[str] = []
+
     def timed_step(*a, **k):
+        before = graph_counts(engine)
         t0 = time.perf_counter()
         out = step(*a, **k)  # sampling reads the logits back: the step's GPU work is done here
         steps.append((time.perf_counter() - t0, shape.get("decode", False)))
         shapes.append(shape.get("tokens", [0, 0]))
+        kinds.append(step_kind(before, graph_counts(engine), shape.get("decode", False)))
         return out
 
     engine.scheduler.schedule, engine.step = seen_schedule, timed_step
@@ -69,7 +94,7 @@ def measure_engine(engine, num_requests: int, input_len: int, output_len: int, s
             "decode_step_ms_mean": 1e3 * statistics.fmean(dec) if dec else None,
             "decode_step_ms_median": 1e3 * dec[len(dec) // 2] if dec else None,
             "workload": {"input_len": input_len, "output_len": output_len, "num_requests": num_requests},
-            "step_ms": [round(1e3 * t, 3) for t, _ in steps], "step_tokens": shapes}
+            "step_ms": [round(1e3 * t, 3) for t, _ in steps], "step_tokens": shapes, "step_kinds": kinds}
 
 
 def parse_runs(text: str) -> list[tuple[int, int, int]]:

@@ -9,16 +9,20 @@ Format ``afsplit-profile/1``; every time is in milliseconds, per layer unless sa
     attention_prefill: {points: [{tokens, prompt_len, s2, kv_tokens, ms}], block_m?, block_n?}   one eager
                        chunk of tokens / prompt_len whole prompts, timed with its host launches (the
                        planner fits max(host, GPU) to it, GPU work on the kernel's padded tiles)
+    attention_mixed:   {decodes: k, points: [{prompt_len, decode_ctx, ms, alone_ms}]} (optional)   GPU time
+                       of a prompt piece plus k decode rows of context decode_ctx, and of the piece alone
     head:              {batch: [...], ms: [...]}                     final norm + lm_head for B rows (per step)
     moe:               {experts_per_rank: [S...], pairs: [N...], ms: [[...] per S]}   fused MoE of N
                        (token, expert) pairs spread uniformly over S local experts
     gemm:              {points: [{weight_bytes, flops, ms}]}        dense GEMMs (roofline of projections)
     links:             {intra: {alpha_us, GBps, gap_us, source}, inter: {...}}   one stage of n messages on
                        a link = alpha + n * gap + bytes / GBps
-    system:            {engine: {batch, step_overhead_ms, layer_scale, eager_layer_ms, eager_step_extra_ms},
-                        runtime: {batch, step_overhead_ms, exchange_call_ms}, points, depths, workload}
-                       measured in whole runs of shallow copies of the model (see system_runs.py; the
-                       planner refits the raw points with the current estimator)
+    system:            {engine: {batch, step_overhead_ms, layer_scale, eager_layer_ms, eager_step_extra_ms,
+                                 context_factor, admit_us_per_prompt_token, static_eager_layer_ms},
+                        runtime: {batch, step_overhead_ms, exchange_call_ms, eager_layer_ms, eager_step_extra_ms,
+                                  admit_us_per_prompt_token}, points, depths, workload}
+                       measured in whole runs of 2-layer and full-depth (or 16-layer) copies of the model (see
+                       system_runs.py; the planner refits the raw points with the current estimator)
     balancer:          {expert_ranks: [...], max_over_mean: [...] (least-loaded over replicas),
                         round_robin: [...] (no replicas), spare_fraction (replica slots / experts), source}
     assumed:           {memory_reserve_gb, memory_utilization, control_us_per_doubling}
@@ -171,6 +175,46 @@ class BlockTimes:
         return fit_floor_or_rate(pts)
 
     @cached_property
+    def _mixed_fit(self) -> tuple[float, float, float] | None:
+        """(seconds per query block of the longest piece, per key tile of the row's context, fixed) of one decode
+        row in a mixed step, or None without the profile's mixed points. The prefill kernel's grid is (query
+        blocks of the longest piece, heads, sequences), so a decode row gets as many programs as the longest
+        piece has query blocks, all but one exiting at once, and its one real program walks its paged prefix."""
+        sec = self.profile.get("attention_mixed") or {}
+        pts, k = sec.get("points") or [], sec.get("decodes", 0)
+        if len(pts) < 3 or k <= 0:
+            return None
+        p = self.profiled
+        bm, bn = self.prefill_tiles
+        rows, ys = [], []
+        for q in pts:  # what k rows add beyond the piece, less their share of the GEMMs and per-token kernels
+            base = self._prefill_gpu_base(p, q["prompt_len"] + k) - self._prefill_gpu_base(p, q["prompt_len"])
+            rows.append([math.ceil(q["prompt_len"] / bm), math.ceil(q["decode_ctx"] / bn), 1.0])
+            ys.append(max(0.0, ((q["ms"] - q["alone_ms"]) * MS - base) / k))
+        try:
+            return fit_nonneg(rows, ys)
+        except ValueError:
+            return None
+
+    @property
+    def has_mixed(self) -> bool:
+        return self._mixed_fit is not None
+
+    def mixed_decode_row(self, longest_piece: int, ctx: float) -> float:
+        """GPU seconds one decode row (context `ctx`) adds to a mixed step's attention kernel whose longest
+        prompt piece has `longest_piece` tokens (0 without the mixed points); other shapes scale the profiled
+        model's coefficients by their query heads (programs) and head size (the prefix loop's work)."""
+        fit = self._mixed_fit
+        if fit is None:
+            return 0.0
+        per_block, per_tile, fixed = fit
+        bm, bn = self.prefill_tiles
+        heads = self.shape.num_heads / self.profiled.num_heads
+        dim = self.shape.head_dim / self.profiled.head_dim
+        return heads * (per_block * math.ceil(max(1, longest_piece) / bm) + dim * per_tile * math.ceil(ctx / bn)
+                        + fixed)
+
+    @cached_property
     def moe_roof(self) -> Roofline:
         p, sec = self.profiled, self.profile["moe"]
         pts = []
@@ -194,7 +238,10 @@ class BlockTimes:
                                      "kv_GBps": 1e-9 / s_kv if s_kv else math.inf},
                 "attention_prefill": {"eager_host_us": host * 1e6, "attn_TFLOPs": 1e-12 / s_fl if s_fl else math.inf,
                                       "tiles": list(self.prefill_tiles)},
-                "head_c_us": self._head_c * 1e6}
+                "head_c_us": self._head_c * 1e6,
+                "mixed_decode_row_us": (None if self._mixed_fit is None else
+                                        dict(zip(("per_query_block", "per_key_tile", "fixed"),
+                                                 (v * 1e6 for v in self._mixed_fit))))}
 
     # -- rooflines in the target shape ---------------------------------------------------------
 
@@ -284,8 +331,8 @@ class BlockTimes:
         def layer_table(b):
             return own.attention_decode(bucket(b), ctx) + own.moe(b * p.top_k, p.num_experts)
 
-        eng, rt, rt_eager = points_from_json(pts)
-        return {**sec, **fit_system(eng, rt, layer_table, own.head, plan, rt_eager, own.attention_decode)}
+        eng, rt, rt_eager, rt_gap = points_from_json(pts)
+        return {**sec, **fit_system(eng, rt, layer_table, own.head, plan, rt_eager, own.attention_decode, rt_gap)}
 
     @cached_property
     def _system_tables(self) -> dict:
@@ -380,9 +427,24 @@ class BlockTimes:
                 return sec[m][key] * MS
         return 0.0
 
+    def admit_per_prompt_token(self, mode: str = "engine") -> float:
+        """Wall time outside the steps per prompt token of a run (the driver's and, in the runtime, the
+        coordinator's copy of each request for its attention rank), measured in mode's own runs only."""
+        return self.system_section.get(mode, {}).get("admit_us_per_prompt_token", 0.0) * 1e-6
+
     def eager_layer_host(self, mode: str = "engine") -> float:
         """Host time to launch one layer eagerly (a floor for layers that run outside CUDA graphs)."""
         return self._eager_term(mode, "eager_layer_ms")
+
+    def static_layer_host(self, mode: str = "engine") -> float:
+        """Host time per layer of a decode bucket's first visit (and of a capture's launches): the static path
+        (static_decode.py) run eagerly. Measured in the engine's graphed runs where their tails visit new
+        buckets; the 1-rank runtime runs the same static path (plus a router and dispatch/combine calls that
+        move nothing), so it uses the engine's; without it, the mode's graphs-off eager layer."""
+        sec = self.system_section.get("engine", {})
+        if "static_eager_layer_ms" in sec:
+            return sec["static_eager_layer_ms"] * MS
+        return self.eager_layer_host(mode)
 
     def eager_step_extra(self, mode: str = "engine") -> float:
         """What an eager step costs beyond a graphed one outside its layers (embedding, lm_head and sampler

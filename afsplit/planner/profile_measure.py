@@ -149,6 +149,31 @@ def moe_fn(x_TD, w13, w2, slots: int, pairs: int, top_k: int):
     return lambda: ops.fused_moe(x, a, b, ids, weights)
 
 
+MIXED_DECODES = 64  # decode rows added to a prompt chunk in the mixed points
+MIXED_GRID = ((512, 2048), (512, 2048))  # (prompt pieces, decode contexts)
+
+
+def measure_mixed(bench: "LayerBench", timer, quick: bool) -> dict:
+    """The attention side of a mixed step (a prompt piece of L tokens plus decode rows of context c, which go
+    through the prefill kernel's paged-prefix loop) and of the piece alone, GPU time (CUDA graphs): what a
+    decode row adds to a chunked-prefill step. An error is recorded, not raised (the rest of the profile stands)."""
+    k, (pieces, contexts) = (2, ((16, 32), (16, 32))) if quick else (MIXED_DECODES, MIXED_GRID)
+    out: dict = {"decodes": k, "points": []}
+    try:
+        for n in pieces:
+            alone = 1e3 * timer(bench.attention_fn(bench._meta([n], [n]), n))
+            for c in contexts:
+                meta = bench._meta([n] + [c + 1] * k, [n] + [1] * k)
+                ms = 1e3 * timer(bench.attention_fn(meta, n + k))
+                out["points"].append({"prompt_len": n, "decode_ctx": c, "ms": ms, "alone_ms": alone})
+                log.info("attention mixed: %d-token piece + %d decodes at context %d: %.3f ms (alone %.3f)", n, k, c,
+                         ms, alone)
+    except Exception as e:  # noqa: BLE001 -- a new measurement must not cost the profile
+        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning("attention mixed points failed: %s", out["error"])
+    return out
+
+
 def measure_kernels(spec, shape, dtype: torch.dtype, device: torch.device, quick: bool) -> dict:
     timer = make_timer(device)
     batches = [1, 4] if quick else grids.DECODE_BATCH
@@ -174,6 +199,7 @@ def measure_kernels(spec, shape, dtype: torch.dtype, device: torch.device, quick
         pts.append(p)
         log.info("attention prefill %d x %d tokens: %.3f ms", k, n, p["ms"])
     out["attention_prefill"] = {"points": pts}
+    out["attention_mixed"] = measure_mixed(bench, timer, quick)
     heads = [1, 4] if quick else grids.HEAD_BATCH
     out["head"] = {"batch": heads, "ms": [1e3 * timer(bench.head_fn(b)) for b in heads]}
     gemm = []
@@ -255,9 +281,10 @@ def run_profile(config_path: str, overrides, out_path: str, quick: bool = False,
     prof["balancer"] = dict(BALANCER_MEASURED)
     check_profile(prof, out_path)
     if system != "none":
-        from afsplit.planner.system_runs import FULL, QUICK, measure_system
+        from afsplit.planner.system_runs import FULL, QUICK, deep_plan, measure_system
 
-        plan = QUICK if quick else FULL
+        # the model's own depth where it fits on this GPU (the mean in-model layer of all its layers)
+        plan = QUICK if quick else (deep_plan(cfg, FULL, mem * 1e9) if device.type == "cuda" else FULL)
         blocks = BlockTimes(prof, shape)
         ctx = plan.mean_context
 

@@ -9,12 +9,15 @@ budget. Each scheduled step is then priced by the step model the way the engine 
   first step of a bucket runs the static path eagerly, the second captures (every kernel launched
   once) and replays, later ones replay;
 * anything else (prefill chunks, mixed steps, graphs off) is an eager step whose attention is the
-  prefill kernel's padded tiles over every sequence of the step, decodes included.
+  prefill kernel's padded tiles over every sequence of the step, decodes included (with the profile's
+  mixed points: the prompt pieces' tiles plus what each decode row measured to add, given the longest
+  piece, BlockTimes.mixed_decode_row).
 
 What ran before the measured run on the same engine sets the cache: ``--warmup`` (the same prompts
 for 3 tokens, cuda_graphs.warm_up_requests) and, for engine runs made one after another in one
 process (engine_runs.py), the earlier runs. Only the measured run's steps are timed; its wall time
-is their sum, as the runs measure it (from the first step to the last). Several attention ranks
+is their sum, as the runs measure it (from the first step to the last), plus the work outside the steps
+per prompt token the profile measured in its own runs (StepModel.admit_time). Several attention ranks
 get the requests round-robin (the coordinator spreads them by free KV capacity, which is that for
 equal requests); the ranks run in lockstep, so the fullest rank's schedule sets the pace.
 """
@@ -122,6 +125,10 @@ def _run(sm, layout, config, num_requests: int, input_len: int, output_len: int,
                 generated += 1
                 if len(seq.output_token_ids) >= output_len:
                     sched.finish(seq, "length")
+    if timed:  # the run's work outside its steps (copying requests to their ranks, outputs): in its wall time
+        t = sm.admit_time(layout, num_requests, input_len)
+        wall += t
+        kinds["admit"] = (1, t)
     total = generated * num_requests / mine if mine else 0
     med = 1e3 * statistics.median(decode_steps) if decode_steps else None
     return RunPrediction(steps, wall, med, int(total), total / wall / layout.gpus if wall else 0.0, kinds)
@@ -147,7 +154,14 @@ def _step_time(sm, layout, batch, m: int, rt, graphs: bool, transport: str, cach
         return kind, sm.eager_step(layout, seqs, 0.0, seqs, seqs, m, transport, decode_ctx=ctx, rows=rows)
     if not timed:
         return "chunk", 0.0
-    bm, bn = sm.blocks.prefill_tiles
-    tiles = sum(flash_tile_pairs(n, s.num_computed_tokens, bm, bn) for s, n in zip(batch.seqs, ns))
+    blocks = sm.blocks
+    bm, bn = blocks.prefill_tiles
     sampled = sum(1 for s, n in zip(batch.seqs, ns) if s.num_computed_tokens + n == s.num_tokens)
-    return "chunk", sm.eager_step(layout, sum(ns), tiles, seqs, sampled, m, transport)
+    if not blocks.has_mixed:  # every row on the prefill kernel's padded tiles
+        tiles = sum(flash_tile_pairs(n, s.num_computed_tokens, bm, bn) for s, n in zip(batch.seqs, ns))
+        return "chunk", sm.eager_step(layout, sum(ns), tiles, seqs, sampled, m, transport)
+    # single-token rows (decodes riding along) at the cost the profile's mixed points measured
+    longest = max(n for n in ns if n > 1)
+    tiles = sum(flash_tile_pairs(n, s.num_computed_tokens, bm, bn) for s, n in zip(batch.seqs, ns) if n > 1)
+    extra = sum(blocks.mixed_decode_row(longest, s.num_computed_tokens) for s, n in zip(batch.seqs, ns) if n == 1)
+    return "chunk", sm.eager_step(layout, sum(ns), tiles, seqs, sampled, m, transport, attention_extra=extra)

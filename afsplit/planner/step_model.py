@@ -125,6 +125,10 @@ class StepModel:
         return (b.step_overhead(self._mode(layout), seqs) + b.control(ranks)
                 + (b.eager_step_extra(self._mode(layout)) if eager else 0.0))
 
+    def admit_time(self, layout, num_requests: int, input_len: int) -> float:
+        """A run's wall time outside its steps: the driver's (and coordinator's) work per prompt token."""
+        return self.blocks.admit_per_prompt_token(self._mode(layout)) * num_requests * input_len
+
     def _exchange(self, layout, rows: int, transport: str, tokens: int | None = None) -> tuple[float, float]:
         """(dispatch, combine) of one micro-batch of `tokens` real rows padded to `rows`."""
         call = self.blocks.exchange_call(rows) if layout.kind != "engine" else 0.0
@@ -158,13 +162,15 @@ class StepModel:
         return StepResult(step, layer, neck, gen / step / layout.gpus, rows, parts)
 
     def eager_step(self, layout, tokens: int, tile_pairs: float, seqs: int, sampled: int, m: int,
-                   transport: str = "direct", decode_ctx: float | None = None, rows: int | None = None) -> float:
+                   transport: str = "direct", decode_ctx: float | None = None, rows: int | None = None,
+                   attention_extra: float = 0.0) -> float:
         """A step outside CUDA graphs (prefill chunks, mixed steps, a decode bucket's first step, graphs off):
         `tokens` tokens per attention rank from `seqs` sequences, `tile_pairs` (query, key) pairs of the
         prefill kernel over them (decode-only when `decode_ctx` is given: the paged decode kernel; `rows`: the
         static path pads each micro-batch to its bucket). The host launches each layer's kernels while the
         GPU runs earlier ones, so a layer takes the longer of its host time (m micro-batches' launches,
-        measured with graphs off) and its GPU time."""
+        measured with graphs off) and its GPU time. `attention_extra`: GPU seconds per layer the step's attention
+        adds beyond the tiles (decode rows of a mixed step), spread over its micro-batches."""
         b, s = self.blocks, self.shape
         per_mb = math.ceil(tokens / m)
         mb_rows = rows if rows is not None else per_mb
@@ -173,11 +179,13 @@ class StepModel:
             ta = b.in_model_attention(mb_rows, decode_ctx, scale)
             te = self.expert_time(layout, per_mb)[0] * scale
         else:
-            ta = b.attention_prefill(per_mb, tile_pairs / m)
+            ta = b.attention_prefill(per_mb, tile_pairs / m) + attention_extra / m
             te = self.expert_time(layout, per_mb)[0]
         d, c = self._exchange(layout, mb_rows, transport, per_mb)
         layer, _ = pingpong_layer(layout.kind, m, ta, te, d, c)
-        host = m * b.eager_layer_host(self._mode(layout))
+        # a bucket's first visit runs the static path (rows given); anything else the eager metadata path
+        mode = self._mode(layout)
+        host = m * (b.static_layer_host(mode) if rows is not None else b.eager_layer_host(mode))
         dense_mlp = b.gemm_time(s.dense_layer_weight_bytes - s.attention_layer_weight_bytes,
                                 s.dense_gemm_flops(per_mb) - s.attention_gemm_flops(per_mb))
         dense = (s.num_layers - s.num_moe_layers) * max(host, m * (ta + max(0.0, dense_mlp)))
@@ -189,5 +197,5 @@ class StepModel:
         layer's kernels are launched once as in an eager step (recorded, not run), then the graph replays."""
         b, s = self.blocks, self.shape
         mode = self._mode(layout)
-        launch = s.num_layers * m * b.eager_layer_host(mode) + b.eager_step_extra(mode)
+        launch = s.num_layers * m * b.static_layer_host(mode) + b.eager_step_extra(mode)
         return launch + self.decode_step(layout, batch, m, ctx, transport).step_s
