@@ -8,7 +8,8 @@ any other node:
    on it fail at once and enter too), sets ``fo/<k>/started`` and checks in under ``fo/<k>/in/<rank>``;
 2. the coordinator (the first attention rank, which must survive: attention-rank death of the
    coordinator ends the job) waits until every rank of the current world has either checked in or
-   been stale for ``peer_timeout_s`` (no heartbeat), then writes the decision ``fo/<k>/decision``:
+   been stale for ``peer_timeout_s`` (no heartbeat) or reported gone by its node agent, then writes
+   the decision ``fo/<k>/decision``:
    the survivors (checked in) and the dead (the rest; after ``timeout_s`` a rank that neither checks
    in nor goes stale counts as dead too);
 3. every survivor reads the decision and joins a new default process group on the store prefix
@@ -83,7 +84,7 @@ class SurvivorAgreement:
         while True:
             checked = [r for r in world if self.store.check([f"{PREFIX}{k}/in/{r}"])]
             pending = [r for r in world if r not in checked]
-            gone = [r for r in pending if self.liveness.stale_for(r) >= self.peer_timeout_s]
+            gone = [r for r in pending if self.liveness.stale_for(r) >= self.peer_timeout_s or self.liveness.gone(r)]
             waiting = [r for r in pending if r not in gone]
             if not waiting or time.monotonic() > deadline:
                 break

@@ -1,10 +1,13 @@
 """Who is alive: heartbeats through the rendezvous store, and cutting the process groups loose from the dead.
 
 Every rank bumps a counter ``hb/<rank>`` in the job's TCP store (the one torchrun's node-0 agent
-hosts) every ``peer_timeout_s / 5``, from a daemon thread with its own store connection. The same
-thread watches the others: a counter that has not moved for ``peer_timeout_s`` on this rank's
-clock (no cross-host clock is compared) marks its rank *stale* -- dead (SIGKILL, a lost node) or
-silent (SIGSTOP, a hung host): either way it no longer answers.
+hosts) every ``peer_timeout_s / 5``, from a daemon thread with its own store connection. The
+coordinator's thread reads every counter (one ``multi_get``): a counter that has not moved for
+``peer_timeout_s`` on its clock (no cross-host clock is compared) marks its rank *stale* -- dead
+(SIGKILL, a lost node) or silent (SIGSTOP, a hung host): either way it no longer answers -- and it
+publishes the stale list under ``stale``; every other rank reads only that list and the coordinator's
+own counter, so the store serves O(ranks) reads per beat, not O(ranks^2). A node agent that saw its
+rank exit says so at once under ``gone/<rank>`` (launch/node_agent.py), which needs no timeout.
 
 Why a thread and the store: the data and control waits are blocking gloo waits or NCCL event
 polls, and a gloo wait cannot be woken up -- but it fails at once when the *pair* it waits on is
@@ -15,12 +18,13 @@ pairs of a stale peer (so a wait on a SIGSTOPped rank ends after ``peer_timeout_
 ``comm.timeout_s``); a rank that starts a recovery does it to all its pairs (so every peer blocked
 on it joins the recovery within milliseconds). NCCL communicators are aborted instead.
 
-    live = Liveness(store, rank=3, ranks=range(8), peer_timeout_s=10, on_stale=lambda r: ...)
+    live = Liveness(store, rank=3, ranks=range(8), peer_timeout_s=10, watcher=0, on_stale=lambda r: ...)
     live.start(); ...; live.stale_for(5)    # seconds rank 5's heartbeat has not moved (0 if it has)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -31,6 +35,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+STALE_KEY = "afsplit/stale"  # the watcher's list of stale ranks (JSON)
+GONE_PREFIX = "afsplit/gone/"  # gone/<rank>: its node agent saw it exit
 POISON_TAG = 0x7ADD  # a tag no message ever uses: the receive posted to close a pair never matches
 HEARTBEATS_PER_TIMEOUT = 5
 
@@ -52,10 +58,12 @@ class Liveness:
     the thread, once per rank, when r's heartbeat has been still for `peer_timeout_s`; `on_tick()`
     runs on every beat (e.g. to notice that another rank started a recovery)."""
 
-    def __init__(self, store, rank: int, ranks: Iterable[int], peer_timeout_s: float,
+    def __init__(self, store, rank: int, ranks: Iterable[int], peer_timeout_s: float, watcher: int,
                  on_stale: Callable[[int], None] | None = None, on_tick: Callable[[], None] | None = None,
                  prefix: str = "afsplit/hb/"):
+        """`watcher`: the rank that reads every heartbeat and publishes the stale list (the coordinator)."""
         self.store, self.rank, self.peer_timeout_s = store, rank, peer_timeout_s
+        self.watcher = watcher
         self.prefix = prefix
         self.interval_s = peer_timeout_s / HEARTBEATS_PER_TIMEOUT
         self.on_stale, self.on_tick = on_stale, on_tick
@@ -63,6 +71,7 @@ class Liveness:
         self._watched = [r for r in ranks if r != rank]
         self._seen: dict[int, tuple[int, float]] = {}  # rank -> (counter, when it last moved, monotonic)
         self._reported: set[int] = set()
+        self._created: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -104,14 +113,29 @@ class Liveness:
                 log.warning("rank %d: heartbeat store unreachable (%s); liveness stops", self.rank, e)
                 return
 
+    def _read(self, keys: list[str]) -> list[int]:
+        """Counter values (0 for a rank that has not beaten yet), in one round trip where the store can."""
+        if len(keys) < 2 or not hasattr(self.store, "multi_get"):
+            return [int(self.store.add(k, 0)) for k in keys]  # add 0: read without waiting
+        for k in keys:
+            if k not in self._created:  # multi_get would wait for a key nobody wrote yet
+                self.store.add(k, 0)
+                self._created.add(k)
+        return [int(v) for v in self.store.multi_get(keys)]
+
+    def gone(self, rank: int) -> bool:
+        """Whether `rank`'s node agent reported it exited (no waiting for its heartbeat to go still)."""
+        return self.store.check([f"{GONE_PREFIX}{rank}"])
+
     def _beat_and_look(self) -> None:
         self.store.add(f"{self.prefix}{self.rank}", 1)
         now = time.monotonic()
         with self._lock:
-            watched = list(self._watched)
+            watched = list(self._watched) if self.rank == self.watcher else [self.watcher]
+        watched = [r for r in watched if r != self.rank]
         stale = []
-        for r in watched:
-            value = self.store.add(f"{self.prefix}{r}", 0)  # read without a wait (add 0)
+        values = self._read([f"{self.prefix}{r}" for r in watched])
+        for r, value in zip(watched, values):
             with self._lock:
                 old = self._seen.get(r)
                 if old is None or old[0] != value:
@@ -119,6 +143,14 @@ class Liveness:
                 elif value and now - old[1] >= self.peer_timeout_s and r not in self._reported:
                     self._reported.add(r)
                     stale.append(r)
+        if self.rank == self.watcher:
+            if stale:
+                self.store.set(STALE_KEY, json.dumps(sorted(self._reported)))
+        elif self.store.check([STALE_KEY]):
+            listed = json.loads(self.store.get(STALE_KEY).decode())
+            with self._lock:
+                stale += [r for r in listed if r not in self._reported and r in self._watched]
+                self._reported.update(listed)
         for r in stale:
             log.warning("rank %d: no heartbeat from rank %d for %.1f s", self.rank, r, self.peer_timeout_s)
             if self.on_stale is not None:

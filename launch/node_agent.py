@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         failures = {str(rank): {"local_rank": f.local_rank, "exitcode": f.exitcode, "pid": f.pid,
                                 "timestamp": f.timestamp} for rank, f in e.failures.items()}
         _write(node, {"failures": failures, "first": first_rank})
+        _tell_survivors(argv, [int(r) for r in e.failures])
         if debug:
             traceback.print_exc()
         return _status(first.exitcode)
@@ -89,6 +90,32 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         return 1
+
+
+def _tell_survivors(argv: list[str], ranks: list[int]) -> None:
+    """Mark these global ranks gone in the job's store (``afsplit/gone/<rank>``, comm/liveness.py): with
+    failover the survivors then go on without waiting comm.peer_timeout_s for their heartbeats to go still."""
+    def arg(name: str) -> str | None:
+        for i, a in enumerate(argv):
+            if a == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if a.startswith(name + "="):
+                return a.split("=", 1)[1]
+        return None
+
+    addr, port = arg("--master-addr") or arg("--master_addr"), arg("--master-port") or arg("--master_port")
+    if not addr or not port:
+        return
+    try:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        store = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=2), wait_for_workers=False)
+        for r in ranks:
+            store.set(f"afsplit/gone/{r}", "1")
+    except Exception:  # noqa: BLE001 -- the store's host is gone too: nobody is left to tell
+        pass
 
 
 EXIT_BARRIER_ENV = "AFSPLIT_EXIT_BARRIER_S"

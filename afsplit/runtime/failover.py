@@ -70,7 +70,7 @@ class Failover:
         self.recovering = False
         self.store = store_client(cfg.timeout_s)
         self.live = Liveness(store_client(cfg.timeout_s), self.orig, self.world, cfg.peer_timeout_s,
-                             on_stale=self._on_stale, on_tick=self._on_tick)
+                             watcher=rt.coordinator, on_stale=self._on_stale, on_tick=self._on_tick)
         self.agreement = SurvivorAgreement(self.store, self.orig, rt.coordinator, self.live, cfg.peer_timeout_s,
                                            cfg.timeout_s)
         self.records: list[dict] = []  # coordinator: one per failover (stats JSON, /metrics)
