@@ -164,3 +164,22 @@ def test_lost_experts_with_no_spare_slot_stop_the_job_in_one_line(prompts, tmp_p
     lines = [l for l in proc.stderr.splitlines() if l.startswith("afsplit: error:")]
     assert len(lines) == 1 and "rank 2 (expert, node 2)" in lines[0], proc.stderr[-3000:]
     assert "only replicas of layer 0 expert 4" in lines[0] and "spare_slots_per_rank" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_a_dead_attention_rank_fails_its_requests_alone(prompts, reference, tmp_path):
+    """Out of the issue's scope but defined: attention rank 1 (its own node) dies; its requests get error
+    records, the coordinator's complete with the reference tokens, nothing is lost."""
+    cfg = write_config(tmp_path, experts=2, replicas="auto", spare=4)
+    data = yaml.safe_load(cfg.read_text())
+    data["topology"]["nodes"] = [{"attention": 1}, {"attention": 1}, {"expert": 1}, {"expert": 1}]
+    cfg.write_text(yaml.safe_dump(data))
+    proc, tokens, stats = generate(cfg, prompts, tmp_path, faults="1@6:KILL")
+    assert proc.returncode == 2, proc.stderr[-3000:]  # some requests failed
+    rows = [json.loads(l) for l in (tmp_path / "run.jsonl").read_text().splitlines()]
+    failed = [r for r in rows if "error" in r]
+    assert len(rows) == N_PROMPTS and 0 < len(failed) < N_PROMPTS
+    assert all("its attention rank died" in r["error"] for r in failed)
+    assert all(r["token_ids"] == reference[r["index"]] for r in rows if "error" not in r)
+    assert [f["dead_roles"] for f in stats["failovers"]] == [["attention"]]
+    assert stats["failovers"][0]["requests_failed"] == len(failed)

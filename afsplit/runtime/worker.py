@@ -254,6 +254,8 @@ class RankRuntime:
         for seq in plan.assign.get(self.rank, []):
             engine.add_sequence(seq)
         self.applied_step = plan.step
+        if plan.step in self._fault:  # fault injection (tests): this attention rank dies with its requests
+            os.kill(os.getpid(), self._fault.pop(plan.step))
         engine.runner.micro_batches = plan.micro_batches
         start = self.times.now()
         updates = engine.step(lockstep=True)
@@ -367,7 +369,8 @@ FAULTS_ENV = "AFSPLIT_FAULTS"  # fault injection for the failover tests: "RANK@S
 
 
 def _injected_faults(rank: int) -> dict[int, int]:
-    """{step: signal} this (launch-time) rank sends itself in the middle of that step (expert ranks)."""
+    """{step: signal} this (launch-time) rank sends itself in that step (expert ranks: mid-step, after a
+    dispatch; attention ranks: once the plan is taken)."""
     out = {}
     for item in filter(None, os.environ.get(FAULTS_ENV, "").split(",")):
         who, _, rest = item.partition("@")
