@@ -183,3 +183,39 @@ def test_a_dead_attention_rank_fails_its_requests_alone(prompts, reference, tmp_
     assert all(r["token_ids"] == reference[r["index"]] for r in rows if "error" not in r)
     assert [f["dead_roles"] for f in stats["failovers"]] == [["attention"]]
     assert stats["failovers"][0]["requests_failed"] == len(failed)
+
+
+@pytest.mark.slow
+def test_the_server_keeps_serving_through_a_failover(tmp_path):
+    """`afsplit serve` on the 3-node layout: expert rank 2 dies mid-step while 8 streams run; every request
+    completes with the reference text and /metrics counts the failover."""
+    openai = pytest.importorskip("openai")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from afsplit import LLM, SamplingParams
+    from tests.helpers.server_process import ServerProcess
+
+    model = ROOT / ".cache" / "tiny-qwen3_moe"  # written by the server's start-up if it is not there yet
+    texts = [f"request {i}" for i in range(8)]
+    srv = ServerProcess(["--config", str(ROOT / "configs" / "cpu-failover.yaml"), "--set", f"model.path={model}"],
+                        tmp_path, env={"AFSPLIT_FAULTS": "2@12:KILL"}, ready_s=240)
+    try:
+        ref = LLM(model=str(model), num_kv_blocks=128).generate(
+            texts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        name = client.models.list().data[0].id
+
+        def ask(prompt):
+            stream = client.completions.create(model=name, prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                               extra_body={"ignore_eos": True})
+            return "".join(c.choices[0].text for c in stream)
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(ask, texts))
+        assert got == [r.outputs[0].text for r in ref]
+        m = srv.wait_metrics(lambda m: m.get("afsplit:failovers_total", 0) >= 1)
+        assert m["afsplit:failovers_total"] == 1 and m["afsplit:failover_recovery_seconds_count"] == 1, m
+        assert client.completions.create(model=name, prompt="after", max_tokens=3).usage.completion_tokens == 3
+    finally:
+        srv.kill()
+    assert "failover 1: ranks [2] (expert) lost" in srv.output()
