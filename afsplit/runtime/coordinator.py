@@ -24,6 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from afsplit.runtime.failover import is_comm_failure
 from afsplit.runtime.micro_batches import MicroBatchTuner, fixed_micro_batches
 from afsplit.runtime.stats import RunStats
 from afsplit.sequence import SeqStatus, SeqUpdate, Sequence
@@ -238,8 +239,15 @@ class Coordinator:
         return updates
 
     def stop(self) -> None:
-        """Tell every other rank to leave its serve loop (they dump statistics first)."""
-        self.runtime.broadcast(StepPlan(stop=True))
+        """Tell every other rank to leave its serve loop (they dump statistics first). With failover, a rank
+        lost at this point costs nothing (the work is done): it is logged, not raised."""
+        try:
+            self.runtime.broadcast(StepPlan(stop=True))
+        except Exception as e:  # noqa: BLE001
+            if self.runtime.failover is None or not is_comm_failure(e):
+                raise
+            log.warning("a rank was lost while stopping (%s); the run's work is complete", str(e).split(": [/")[0])
+            return
         self.runtime.dump_expert_stats()
 
     # -- internals -----------------------------------------------------------------------------
