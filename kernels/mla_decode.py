@@ -43,12 +43,12 @@ if HAS_TRITON:
     # NUM_SPLITS is a plain runtime int (not specialised): one compile serves every split count
     @triton.jit(do_not_specialize=["NUM_SPLITS"])
     def _mla_decode_kernel(
-        q_ptr, c_ptr, bt_ptr, sl_ptr, o_ptr, po_ptr, plse_ptr, cnt_ptr,
+        q_ptr, c_ptr, bt_ptr, sl_ptr, o_ptr, po_ptr, plse_ptr,
         qk_scale, HQ, NUM_SPLITS,
         s_qb, s_qh, s_cblk, s_ctok, s_btb, s_ob, s_oh,
         R: tl.constexpr, DR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SINGLE: tl.constexpr,
-        PREFETCH: tl.constexpr, FUSED_MERGE: tl.constexpr, DOT_PREC: tl.constexpr,
+        PREFETCH: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         # head blocks of one (sequence, split) are neighbouring programs: they run together and the
         # second one finds the latent tiles in L2, so HBM sees each latent once however Hq is cut
@@ -113,38 +113,6 @@ if HAS_TRITON:
             prow = (b.to(tl.int64) * HQ + heads) * NUM_SPLITS + sp
             tl.store(po_ptr + prow[:, None] * R + offs_r[None, :], out, mask=omask)
             tl.store(plse_ptr + prow, lse, mask=hmask)
-            if FUSED_MERGE:
-                # the last of this (sequence, head block)'s splits to finish merges them all (no second
-                # launch; the partials are still in L2). The barrier puts every thread's partial stores
-                # before the counter's release; the acquire puts the other splits' stores before our loads.
-                tl.debug_barrier()
-                cnt = cnt_ptr + b * tl.num_programs(0) + hb
-                if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-                    _merge_splits(po_ptr, plse_ptr, o_ptr, b, heads, hmask, offs_r, omask, HQ, NUM_SPLITS,
-                                  s_ob, s_oh, R, BLOCK_H, BLOCK_R)
-                    tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
-
-    @triton.jit
-    def _merge_splits(po_ptr, plse_ptr, o_ptr, b, heads, hmask, offs_r, omask, HQ, NUM_SPLITS, s_ob, s_oh,
-                      R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
-        """out[b, heads] = sum_s w_s po_s / sum_s w_s, w_s = 2^(lse_s - max lse) (log2 domain; an empty
-        split has lse -inf and weight 0). L2-only loads (.cg): L1 is not coherent with the other SMs."""
-        row0 = (b.to(tl.int64) * HQ + heads) * NUM_SPLITS
-        mx = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-        for sp in range(NUM_SPLITS):
-            mx = tl.maximum(mx, tl.load(plse_ptr + row0 + sp, mask=hmask, other=float("-inf"), cache_modifier=".cg"))
-        mx = tl.where(mx == float("-inf"), 0.0, mx)  # every split empty: only a zero-length sequence
-        num = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
-        den = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for sp in range(NUM_SPLITS):
-            w = tl.exp2(tl.load(plse_ptr + row0 + sp, mask=hmask, other=float("-inf"), cache_modifier=".cg") - mx)
-            part = tl.load(po_ptr + (row0 + sp)[:, None] * R + offs_r[None, :], mask=omask, other=0.0,
-                           cache_modifier=".cg")
-            num += w[:, None] * part
-            den += w
-        out = num / tl.where(den == 0.0, 1.0, den)[:, None]
-        tl.store(o_ptr + b.to(tl.int64) * s_ob + heads[:, None] * s_oh + offs_r[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=omask)
 
 
 def mla_decode_ref(q, cache, block_tables, seq_lens, scale, kv_lora_rank: int):
@@ -162,16 +130,17 @@ def mla_decode_ref(q, cache, block_tables, seq_lens, scale, kv_lora_rank: int):
     return out
 
 
-# Tiles per shape class, from the batch-64 context-4k sweep of launch/mla_gpu_check.py on 1 H200
-# (docs/benchmarks/mla-h200.md). `ctas` is how many programs of the config one SM holds (registers and
-# shared memory from an sm_90 AOT compile, Triton 3.9; kernels/NOTES.md): the split rule sizes waves by it.
-#   H16 N32 4 warps 3 stages + prefetch: 246 regs, 93 KB (2 latent buffers), mma.sync  -> 2 per SM
-#   H64 N32 8 warps 2 stages:            255 regs + 16 B spill, 147 KB, wgmma           -> 1 per SM
-# H64's [64, 512] fp32 accumulator alone is 128 registers a thread: larger tiles, more stages or the
-# fused merge (its epilogue needs a second such tile) spill, so H64 merges splits in a second launch.
+# Tiles per shape class, the fastest of the batch-64 context-4k sweep of launch/mla_gpu_check.py on
+# 1 H200 (docs/benchmarks/mla-h200.md). `ctas` is how many programs of the config one SM holds (registers
+# and shared memory from an sm_90 AOT compile, Triton 3.9; kernels/NOTES.md): the split rule sizes waves by it.
+#   H16 N32 4 warps 3 stages + prefetch: 244 regs, 93 KB (2 latent buffers), mma.sync -> 2 per SM
+#   H64 N64 8 warps 2 stages:            255 regs + 216 B of spills, 221 KB, wgmma    -> 1 per SM
+# H64's [64, 512] fp32 accumulator alone is 128 registers a thread; N64 spills a little yet beats N32
+# (no spills, 462 vs 345 us at batch 64, context 4k): a wider key tile amortises the shared-memory
+# reads of the query operand that both warpgroups repeat for every tile.
 _TILES = {
-    16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3, PREFETCH=True, FUSED_MERGE=True, ctas=2),
-    64: dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=2, PREFETCH=False, FUSED_MERGE=False, ctas=1),
+    16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3, PREFETCH=True, ctas=2),
+    64: dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2, PREFETCH=False, ctas=1),
 }
 
 
@@ -206,21 +175,6 @@ def mla_num_splits(batch: int, n_hblocks: int, max_len: int, num_sms: int, block
     return best
 
 
-_COUNTERS: dict = {}  # device -> int32 split counters, all zero between launches (the kernel re-zeroes them)
-
-
-def _split_counters(dev: torch.device, n: int) -> torch.Tensor:
-    """At least n zeroed int32 counters for the fused merge, kept for the process's life: a captured CUDA
-    graph holds their address, so a buffer is never freed or reused (a larger need allocates another)."""
-    key = (dev.type, dev.index)
-    have = _COUNTERS.get(key)
-    if have is None or have.numel() < n:
-        have = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=dev)
-        _COUNTERS.setdefault(("all",) + key, []).append(have)
-        _COUNTERS[key] = have
-    return have
-
-
 def plan(B: int, HQ: int, R: int, L: int, max_len: int, dev: torch.device, dtype: torch.dtype,
          config: Optional[dict] = None, num_splits: Optional[int] = None):
     """(launch config, split count) mla_decode uses for these shapes: the tiles of _config updated by
@@ -247,9 +201,8 @@ def mla_decode(q, cache, block_tables, seq_lens, scale: float, kv_lora_rank: int
 
     max_seq_len: optional host-side bound on seq_lens (default max_blocks * page, no sync); it only
     sizes the split count. num_splits / config: override the heuristics (benchmarks; config keys
-    BLOCK_H, BLOCK_N, num_warps, num_stages, PREFETCH, FUSED_MERGE, ctas). With FUSED_MERGE the last
-    split of each (sequence, head block) merges the partials in the same launch (int32 counters kept
-    by this module, zero between launches); otherwise the paged-decode merge kernel runs after.
+    BLOCK_H, BLOCK_N, num_warps, num_stages, PREFETCH, ctas); splits are merged by the paged-decode
+    merge kernel.
     """
     fn = "mla_decode"
     check_tensor(fn, "q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
@@ -278,24 +231,22 @@ def mla_decode(q, cache, block_tables, seq_lens, scale: float, kv_lora_rank: int
                   config, num_splits)
     BLOCK_H, BLOCK_N = cfg.pop("BLOCK_H"), cfg.pop("BLOCK_N")
     prefetch = bool(cfg.pop("PREFETCH", False))
-    fused = bool(cfg.pop("FUSED_MERGE", True))
     n_hblocks = cdiv(HQ, BLOCK_H)
     if S > 1:
         po = torch.empty((B, HQ, S, R), dtype=torch.float32, device=dev)
         plse = torch.empty((B, HQ, S), dtype=torch.float32, device=dev)
     else:
         po = plse = out  # unused
-    cnt = _split_counters(dev, B * n_hblocks) if S > 1 and fused else out
     BLOCK_R = next_pow2(R, 16)
     _mla_decode_kernel[(n_hblocks, B, S)](
-        q, cache, block_tables, seq_lens, out, po, plse, cnt,
+        q, cache, block_tables, seq_lens, out, po, plse,
         float(scale) * _LOG2E, HQ, S,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         R=R, DR=L - R, BLOCK_R=BLOCK_R, BLOCK_DR=next_pow2(L - R, 16), BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
-        PAGE=PAGE, SINGLE=S == 1, PREFETCH=prefetch, FUSED_MERGE=fused, DOT_PREC=dot_precision(q.dtype), **cfg,
+        PAGE=PAGE, SINGLE=S == 1, PREFETCH=prefetch, DOT_PREC=dot_precision(q.dtype), **cfg,
     )
-    if S > 1 and not fused:
+    if S > 1:
         _decode_merge_kernel[(B, HQ)](
             po, plse, out, out.stride(0), out.stride(1), HQ, S,
             D=R, BLOCK_D=BLOCK_R, BLOCK_S=next_pow2(S), num_warps=4,

@@ -12,7 +12,8 @@ recorded and the others still run), about 6-8 minutes in all on one H200:
               batch 1..256, context 1k..16k: GB/s, fraction of the read ceiling and of the roofline
               max(bytes / read, flops / matmul), and the ratio to a plain-torch absorbed baseline (bmm + softmax
               over contiguous latents). Goal: >= 0.85 of read bandwidth at batch 64, context 4k.
-* sweep    -- decode tiles (BLOCK_H, BLOCK_N, warps, stages) at batch 64, context 4k, Hq 16 and 128
+* sweep    -- decode tiles (BLOCK_H, BLOCK_N, warps, stages, block-table prefetch) at batch 64, context 4k, Hq 16 and
+              128, each checked against the float64 reference first; then split counts for the fastest Hq-16 tile
 * prefill  -- MLA prefill (expanded; nope 128 + rope 64, v 128): TFLOP/s vs the matmul ceiling and SDPA
 * topk     -- grouped top-k (V2 160/8/3, V3 256/8/4) per call inside a CUDA graph
 * parity   -- tiny DeepSeek-V2/V3 checkpoints: bf16 single-GPU engine (eager and CUDA graphs) against the fp32 CPU
@@ -152,14 +153,14 @@ def _decode_err(HQ, cfg, splits):
     return err
 
 
-# (BLOCK_H, BLOCK_N, warps, stages, PREFETCH, FUSED_MERGE, programs per SM from the sm_90 AOT compile[, splits]);
-# the first of each Hq is the kernel before issue 19's rework (tiles of 2026-12-03, its 2-wave split rule: 5 / 3
-# splits, merge kernel; only the grid order differs: head blocks now vary fastest)
+# (BLOCK_H, BLOCK_N, warps, stages, PREFETCH, programs per SM from the sm_90 AOT compile[, splits]); the first of
+# each Hq is the kernel before issue 19's rework (tiles of 2026-12-03, its 2-wave split rule: 5 / 3 splits; only
+# the grid order differs: head blocks now vary fastest)
 SWEEP_TILES = {
-    16: [(16, 32, 4, 2, False, False, 2, 5), (16, 32, 4, 3, True, True, 2), (16, 32, 4, 3, True, False, 2),
-         (16, 16, 4, 3, True, True, 3)],
-    128: [(64, 16, 8, 2, False, False, 1, 3), (64, 32, 8, 2, False, False, 1), (64, 64, 8, 2, False, False, 1),
-          (64, 32, 8, 3, False, False, 1)],
+    16: [(16, 32, 4, 2, False, 2, 5), (16, 32, 4, 3, True, 2), (16, 16, 4, 3, True, 3), (16, 32, 8, 3, True, 2),
+         (16, 64, 8, 3, True, 1)],
+    128: [(64, 16, 8, 2, False, 1, 3), (64, 64, 8, 2, False, 1), (64, 32, 8, 2, False, 1), (64, 32, 8, 3, False, 1),
+          (64, 32, 8, 3, True, 1), (64, 16, 8, 3, True, 1)],
 }
 SWEEP_SPLITS = (2, 3, 6, 8)
 
@@ -183,10 +184,10 @@ def sweep_decode(ceil, quick):
     for HQ, tiles in SWEEP_TILES.items():
         done = []
         for t in tiles[:3] if quick else tiles:
-            bh, bn, w, st, pf, fm, ctas = t[:7]
-            cfg = dict(BLOCK_H=bh, BLOCK_N=bn, num_warps=w, num_stages=st, PREFETCH=pf, FUSED_MERGE=fm, ctas=ctas)
-            r = one(HQ, cfg, t[7] if len(t) > 7 else None)
-            if "us" in r and len(t) == 7:
+            bh, bn, w, st, pf, ctas = t[:6]
+            cfg = dict(BLOCK_H=bh, BLOCK_N=bn, num_warps=w, num_stages=st, PREFETCH=pf, ctas=ctas)
+            r = one(HQ, cfg, t[6] if len(t) > 6 else None)
+            if "us" in r and len(t) == 6:
                 done.append(r)
         for r in sorted(done, key=lambda r: r["us"])[:1 if HQ < 64 else 0]:  # Hq 128 at batch 64: 1 split fills
             for sp in SWEEP_SPLITS:
@@ -404,15 +405,14 @@ def markdown(res: dict) -> str:
                        f"{r.get('vs_torch', float('nan')):.2f} |")
         out.append("")
     if res.get("sweep"):
-        out += ["## Decode tiles at batch 64, ctx 4096", "", "| Hq | BLOCK_H | BLOCK_N | warps | stages | prefetch | fused merge | progs/SM | splits | us | of read | of roofline |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += ["## Decode tiles at batch 64, ctx 4096", "", "| Hq | BLOCK_H | BLOCK_N | warps | stages | prefetch | progs/SM | splits | us | of read | of roofline |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["sweep"]:
             cfg = r["config"]
             val = (f"{r['us']:.1f} | {r['of_read']:.2f} | {r['of_roofline']:.2f}" if "us" in r
                    else f"failed: {r['error'][:60]} | |")
             out.append(f"| {r['Hq']} | {cfg['BLOCK_H']} | {cfg['BLOCK_N']} | {cfg['num_warps']} | {cfg['num_stages']} "
-                       f"| {cfg.get('PREFETCH', False)} | {cfg.get('FUSED_MERGE', '')} | {cfg.get('ctas', '')} | {r.get('splits')} "
-                       f"| {val} |")
+                       f"| {cfg.get('PREFETCH', False)} | {cfg.get('ctas', '')} | {r.get('splits')} | {val} |")
         out.append("")
     if res.get("prefill"):
         out += ["## MLA prefill (bf16, nope 128 + rope 64, v 128, causal)", "",

@@ -33,11 +33,11 @@ def test_mla_decode_gpu(dtype, HQ, lens, gen):
 # the sweep's other tiles: several head blocks sharing a slice through L2, prefetch off / on, mma.sync and
 # wgmma, split counts that do not divide the contexts
 @pytest.mark.parametrize("HQ,cfg,splits", [
-    (128, dict(BLOCK_H=16, BLOCK_N=32, num_warps=8, num_stages=3, PREFETCH=True, FUSED_MERGE=True), 3),
-    (128, dict(BLOCK_H=32, BLOCK_N=16, num_warps=8, num_stages=3, PREFETCH=True, FUSED_MERGE=True), 7),
+    (128, dict(BLOCK_H=16, BLOCK_N=32, num_warps=8, num_stages=3, PREFETCH=True), 3),
+    (128, dict(BLOCK_H=32, BLOCK_N=16, num_warps=8, num_stages=3, PREFETCH=True), 7),
     (128, dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=2, PREFETCH=False), 2),
     (16, dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=4, PREFETCH=True), 5),
-    (16, dict(FUSED_MERGE=False), 4),
+    (16, dict(num_stages=2, PREFETCH=False), 4),
     (16, dict(BLOCK_H=16, BLOCK_N=64, num_warps=8, num_stages=3, PREFETCH=True), 1),
 ])
 def test_mla_decode_gpu_tiles(HQ, cfg, splits, gen):
@@ -56,8 +56,7 @@ def test_mla_decode_gpu_tiles(HQ, cfg, splits, gen):
 
 
 def test_mla_decode_captures_in_a_cuda_graph(gen):
-    """The split count comes from shapes (no host sync): capture, then replay on new cache contents (twice:
-    the fused merge's counters must be back at zero after each launch)."""
+    """The split count comes from shapes (no host sync): capture, then replay twice on new cache contents."""
     from kernels.mla_decode import mla_decode, mla_decode_ref
 
     lens = [2049, 5, 700]
