@@ -13,7 +13,8 @@ Split-KV (FlashDecoding): grid (head blocks, B, splits). Each program takes BLOC
 (one `tl.dot` of [BLOCK_H, R] x [R, BLOCK_N] plus the narrower rope dot), walks its slice of the
 context through the block table with an online softmax in fp32 and writes the output (one split) or
 a partial (acc, log2-sum-exp) merged by the paged-decode merge kernel. Head blocks of one slice are
-neighbouring programs, so they read the latent tiles from HBM once and share them through L2. The
+neighbouring programs that read the same latent tiles at about the same time, so the later ones can
+find them in L2 (Hq 128: two blocks of 64 heads; the accumulator does not fit a larger block). The
 split count comes from shapes alone (`mla_num_splits`: a wave model of the grid), and a sequence's
 slices are cut from its own length on the device, so a bucket-padded block table (CUDA graphs)
 wastes no split. With PREFETCH the next tile's block-table entries are loaded a tile ahead, so the
@@ -29,9 +30,9 @@ from typing import Optional
 import torch
 
 from ._triton import HAS_TRITON, tl, triton
-from .paged_decode_attention import MAX_SPLITS
 from ._util import (FLOAT_DTYPES, INT_DTYPES, cdiv, check, check_tensor, dot_precision, interpret_mode, next_pow2,
                     pick_backend, sm_count)
+from .paged_decode_attention import MAX_SPLITS
 
 __all__ = ["mla_decode", "mla_decode_ref", "mla_num_splits", "plan"]
 
