@@ -9,11 +9,16 @@ decode is multi-query attention with Hq query heads over that one latent "head":
 
 so per token only the latent (R + DR values) is read, once for all heads.
 
-Split-KV (FlashDecoding): grid (B, head blocks, splits). Each program takes BLOCK_H query heads
-(one `tl.dot` of [BLOCK_H, R] x [R, BLOCK_N] plus the rope part), walks its slice of the context
-through the block table with an online softmax in fp32 and writes the output (one split) or a
-partial (acc, log2-sum-exp) merged by the paged-decode merge kernel. A sequence's slices are cut
-from its own length on the device, so a bucket-padded block table (CUDA graphs) wastes no split.
+Split-KV (FlashDecoding): grid (head blocks, B, splits). Each program takes BLOCK_H query heads
+(one `tl.dot` of [BLOCK_H, R] x [R, BLOCK_N] plus the narrower rope dot), walks its slice of the
+context through the block table with an online softmax in fp32 and writes the output (one split) or
+a partial (acc, log2-sum-exp) merged by the paged-decode merge kernel. Head blocks of one slice are
+neighbouring programs that read the same latent tiles at about the same time, so the later ones can
+find them in L2 (Hq 128: two blocks of 64 heads; the accumulator does not fit a larger block). The
+split count comes from shapes alone (`mla_num_splits`: a wave model of the grid), and a sequence's
+slices are cut from its own length on the device, so a bucket-padded block table (CUDA graphs)
+wastes no split. With PREFETCH the next tile's block-table entries are loaded a tile ahead, so the
+software pipeline spends all its stages on latent tiles.
 
 seq_lens include the current token (already stored in the cache).
 """
@@ -25,28 +30,31 @@ from typing import Optional
 import torch
 
 from ._triton import HAS_TRITON, tl, triton
-from ._util import (FLOAT_DTYPES, INT_DTYPES, check, check_tensor, dot_precision, interpret_mode, next_pow2,
+from ._util import (FLOAT_DTYPES, INT_DTYPES, cdiv, check, check_tensor, dot_precision, interpret_mode, next_pow2,
                     pick_backend, sm_count)
+from .paged_decode_attention import MAX_SPLITS
 
-__all__ = ["mla_decode", "mla_decode_ref"]
+__all__ = ["mla_decode", "mla_decode_ref", "mla_num_splits", "plan"]
 
 _LOG2E = 1.4426950408889634
 
 if HAS_TRITON:
     from .flash_attention import _update  # the online-softmax step
 
-    @triton.jit
+    # NUM_SPLITS is a plain runtime int (not specialised): one compile serves every split count
+    @triton.jit(do_not_specialize=["NUM_SPLITS"])
     def _mla_decode_kernel(
         q_ptr, c_ptr, bt_ptr, sl_ptr, o_ptr, po_ptr, plse_ptr,
-        qk_scale, HQ,
+        qk_scale, HQ, NUM_SPLITS,
         s_qb, s_qh, s_cblk, s_ctok, s_btb, s_ob, s_oh,
-        NUM_SPLITS,
         R: tl.constexpr, DR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SINGLE: tl.constexpr,
-        DOT_PREC: tl.constexpr,
+        PREFETCH: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
-        b = tl.program_id(0)
-        hb = tl.program_id(1)
+        # head blocks of one (sequence, split) are neighbouring programs: they run together and the
+        # second one finds the latent tiles in L2, so HBM sees each latent once however Hq is cut
+        hb = tl.program_id(0)
+        b = tl.program_id(1)
         sp = tl.program_id(2)
         seq_len = tl.load(sl_ptr + b)
         # each sequence's own context is cut into NUM_SPLITS slices (whole key blocks): no host-side length
@@ -69,17 +77,29 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
         bt_row = bt_ptr + b.to(tl.int64) * s_btb
         offs_base = tl.arange(0, BLOCK_N)
+        if PREFETCH:
+            # the next tile's block-table entries are loaded one iteration ahead into registers, so the
+            # latent copies do not wait on them and the pipeliner spends every stage on latents
+            nxt = lo + offs_base
+            page_n = tl.load(bt_row + nxt // PAGE, mask=nxt < hi, other=0)
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + offs_base
             nmask = offs_n < hi
-            page = tl.load(bt_row + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
+            if PREFETCH:
+                page = page_n.to(tl.int64)
+                nxt = offs_n + BLOCK_N
+                page_n = tl.load(bt_row + nxt // PAGE, mask=nxt < hi, other=0)
+            else:
+                page = tl.load(bt_row + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
             row = c_ptr + page[:, None] * s_cblk + (offs_n % PAGE)[:, None] * s_ctok
             c = tl.load(row + offs_r[None, :], mask=nmask[:, None] & rmask[None, :], other=0.0)
             k_pe = tl.load(row + R + offs_p[None, :], mask=nmask[:, None] & pmask[None, :], other=0.0)
+            # scores: the latent part and the (narrower) rope part as two dots into one accumulator
             s = tl.dot(q_lat, tl.trans(c), input_precision=DOT_PREC)
-            s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=DOT_PREC) * qk_scale
+            s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=DOT_PREC)
             s = tl.where(nmask[None, :], s, float("-inf"))
-            acc, l_i, m_i = _update(acc, l_i, m_i, s, c, 1.0, False, DOT_PREC)  # s is scaled; each tile has a key
+            # the scale enters in _update's one FMA per score; each tile has a key, so no -inf rows
+            acc, l_i, m_i = _update(acc, l_i, m_i, s, c, qk_scale, False, DOT_PREC)
 
         omask = hmask[:, None] & rmask[None, :]
         if SINGLE:
@@ -87,7 +107,7 @@ if HAS_TRITON:
             tl.store(o_ptr + b.to(tl.int64) * s_ob + heads[:, None] * s_oh + offs_r[None, :],
                      out.to(o_ptr.dtype.element_ty), mask=omask)
         else:
-            empty = l_i == 0.0
+            empty = l_i == 0.0  # no key in this split
             out = acc / tl.where(empty, 1.0, l_i)[:, None]
             lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
             # partials in the paged-decode merge layout: po [B, Hq, S, R] fp32, plse [B, Hq, S] (log2 domain)
@@ -111,19 +131,65 @@ def mla_decode_ref(q, cache, block_tables, seq_lens, scale, kv_lora_rank: int):
     return out
 
 
+# Tiles per shape class, the fastest of the batch-64 context-4k sweep of launch/mla_gpu_check.py on
+# 1 H200 (docs/benchmarks/mla-h200.md). `ctas` is how many programs of the config one SM holds (registers
+# and shared memory from an sm_90 AOT compile, Triton 3.9; kernels/NOTES.md): the split rule sizes waves by it.
+#   H16 N32 4 warps 3 stages + prefetch: 244 regs, 93 KB (2 latent buffers), mma.sync -> 2 per SM
+#   H64 N64 8 warps 2 stages:            255 regs + 216 B of spills, 221 KB, wgmma    -> 1 per SM
+# H64's [64, 512] fp32 accumulator alone is 128 registers a thread; N64 spills a little yet beats N32
+# (no spills, 462 vs 345 us at batch 64, context 4k): a wider key tile amortises the shared-memory
+# reads of the query operand that both warpgroups repeat for every tile.
+_TILES = {
+    16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3, PREFETCH=True, ctas=2),
+    64: dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2, PREFETCH=False, ctas=1),
+}
+
+
 def _config(HQ: int, R: int, dev: torch.device, dtype: torch.dtype) -> dict:
     if interpret_mode() and dev.type != "cuda":
-        return dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    # bf16/fp16, R = 512 (sm_90 AOT compile): the [BLOCK_H, R] fp32 accumulator sits in registers;
-    # H16/N32/4 warps: 202 regs, 55 KB smem, mma.sync; H64/N16/8 warps: 254 regs, 128 KB, wgmma;
-    # N64 with 4 warps spills. launch/mla_gpu_check.py sweeps these on the GPU.
-    if HQ >= 64:
-        return dict(BLOCK_H=64, BLOCK_N=16, num_warps=8, num_stages=2)
-    if HQ > 16:
-        return dict(BLOCK_H=32, BLOCK_N=32, num_warps=8, num_stages=2)
-    return dict(BLOCK_H=16, BLOCK_N=32 if R >= 256 else 64, num_warps=4, num_stages=2)
+        return dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1, PREFETCH=False, ctas=1)
+    if dtype == torch.float32 or R > 512:
+        return dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1, PREFETCH=False, ctas=1)
+    return dict(_TILES[16 if HQ < 64 else 64])
+
+
+MIN_CHUNK = 256  # keys a split keeps at least (as the paged decode rule)
+
+
+def mla_num_splits(batch: int, n_hblocks: int, max_len: int, num_sms: int, block_n: int, ctas_per_sm: int,
+                   heads: int, kv_lora_rank: int, latent: int) -> int:
+    """Splits per sequence from shapes alone (no host sync, so CUDA graphs capture it): the count that
+    minimises a wave model of the split kernel, in key-reads: ceil(programs / slots) waves of programs
+    that each walk ceil(max_len / S) keys (an SM with a free slot waits for the wave), plus the partials'
+    fp32 round trip (S * heads * (R + 1) * 4 bytes written and read per sequence) in latent-read units."""
+    slots = max(1, num_sms * max(1, ctas_per_sm))
+    max_by_len = max(1, cdiv(max_len, max(MIN_CHUNK, block_n)))
+    merge_keys = heads * (kv_lora_rank + 1) * 8 / (latent * 2)
+    best, best_cost = 1, None
+    for s in range(1, min(max_by_len, MAX_SPLITS) + 1):
+        progs = batch * n_hblocks * s
+        keys = cdiv(cdiv(max_len, s), block_n) * block_n
+        # head blocks of one split share its latent reads in L2, so one program-key costs 1 / n_hblocks
+        cost = cdiv(progs, slots) * slots * keys / n_hblocks + (batch * s * merge_keys if s > 1 else 0)
+        if best_cost is None or cost < best_cost * 0.98:  # ties -> fewer splits
+            best, best_cost = s, cost
+    return best
+
+
+def plan(B: int, HQ: int, R: int, L: int, max_len: int, dev: torch.device, dtype: torch.dtype,
+         config: Optional[dict] = None, num_splits: Optional[int] = None):
+    """(launch config, split count) mla_decode uses for these shapes: the tiles of _config updated by
+    `config`, BLOCK_H cut to the padded head count, and the split count of mla_num_splits (or
+    `num_splits`) capped by the number of key blocks. The config keeps BLOCK_H, BLOCK_N, PREFETCH,
+    num_warps and num_stages (`ctas` is consumed here)."""
+    cfg = _config(HQ, R, dev, dtype)
+    cfg.update(config or {})
+    ctas = cfg.pop("ctas", 1)
+    cfg["BLOCK_H"] = min(cfg["BLOCK_H"], next_pow2(HQ, 16))
+    max_len = max(int(max_len), 1)
+    S = num_splits or mla_num_splits(B, cdiv(HQ, cfg["BLOCK_H"]), max_len, sm_count(dev), cfg["BLOCK_N"], ctas,
+                                     HQ, R, L)
+    return cfg, max(1, min(S, cdiv(max_len, cfg["BLOCK_N"])))  # never more splits than key blocks
 
 
 def mla_decode(q, cache, block_tables, seq_lens, scale: float, kv_lora_rank: int, *,
@@ -134,9 +200,10 @@ def mla_decode(q, cache, block_tables, seq_lens, scale: float, kv_lora_rank: int
     seq_lens int32 `[B]` (>= 1, current token included) -> out `[B, Hq, R]` in q.dtype (the
     attention-weighted latent; W_UV is applied by the caller).
 
-    max_seq_len: optional host-side bound on seq_lens (default max_blocks * page, no sync);
-    num_splits / config: override the heuristics (benchmarks; config keys BLOCK_H, BLOCK_N,
-    num_warps, num_stages).
+    max_seq_len: optional host-side bound on seq_lens (default max_blocks * page, no sync); it only
+    sizes the split count. num_splits / config: override the heuristics (benchmarks; config keys
+    BLOCK_H, BLOCK_N, num_warps, num_stages, PREFETCH, ctas); splits are merged by the paged-decode
+    merge kernel.
     """
     fn = "mla_decode"
     check_tensor(fn, "q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
@@ -150,35 +217,35 @@ def mla_decode(q, cache, block_tables, seq_lens, scale: float, kv_lora_rank: int
     check_tensor(fn, "block_tables", block_tables, ndim=2, shape=(B, None), dtypes=INT_DTYPES, device=dev,
                  last_dim_contiguous=True)
     check_tensor(fn, "seq_lens", seq_lens, ndim=1, shape=(B,), dtypes=INT_DTYPES, device=dev, contiguous=True)
+    check(float(scale) > 0, f"{fn}: scale must be > 0, got {scale!r}")
+    check(num_splits is None or (isinstance(num_splits, int) and 1 <= num_splits <= 4096),
+          f"{fn}: num_splits must be None or an int in [1, 4096], got {num_splits!r}")
     be = pick_backend(backend, dev, HAS_TRITON, fn)
     if be == "ref":
         return mla_decode_ref(q, cache, block_tables, seq_lens, scale, R)
-    from .paged_decode_attention import _decode_merge_kernel, decode_num_splits
+    from .paged_decode_attention import _decode_merge_kernel
 
     out = torch.empty((B, HQ, R), dtype=q.dtype, device=dev)
     if B == 0:
         return out
-    cfg = dict(_config(HQ, R, dev, q.dtype))
-    if config:
-        cfg.update(config)
+    cfg, S = plan(B, HQ, R, L, PAGE * block_tables.shape[1] if max_seq_len is None else max_seq_len, dev, q.dtype,
+                  config, num_splits)
     BLOCK_H, BLOCK_N = cfg.pop("BLOCK_H"), cfg.pop("BLOCK_N")
-    n_hblocks = triton.cdiv(HQ, BLOCK_H)
-    max_len = max(max_seq_len if max_seq_len is not None else block_tables.shape[1] * PAGE, 1)
-    S = num_splits or decode_num_splits(B, n_hblocks, max_len, sm_count(dev), BLOCK_N)
+    prefetch = bool(cfg.pop("PREFETCH", False))
+    n_hblocks = cdiv(HQ, BLOCK_H)
     if S > 1:
         po = torch.empty((B, HQ, S, R), dtype=torch.float32, device=dev)
         plse = torch.empty((B, HQ, S), dtype=torch.float32, device=dev)
     else:
         po = plse = out  # unused
     BLOCK_R = next_pow2(R, 16)
-    _mla_decode_kernel[(B, n_hblocks, S)](
+    _mla_decode_kernel[(n_hblocks, B, S)](
         q, cache, block_tables, seq_lens, out, po, plse,
-        float(scale) * _LOG2E, HQ,
+        float(scale) * _LOG2E, HQ, S,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        S,
         R=R, DR=L - R, BLOCK_R=BLOCK_R, BLOCK_DR=next_pow2(L - R, 16), BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
-        PAGE=PAGE, SINGLE=S == 1, DOT_PREC=dot_precision(q.dtype), **cfg,
+        PAGE=PAGE, SINGLE=S == 1, PREFETCH=prefetch, DOT_PREC=dot_precision(q.dtype), **cfg,
     )
     if S > 1:
         _decode_merge_kernel[(B, HQ)](

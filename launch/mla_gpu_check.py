@@ -12,7 +12,8 @@ recorded and the others still run), about 6-8 minutes in all on one H200:
               batch 1..256, context 1k..16k: GB/s, fraction of the read ceiling and of the roofline
               max(bytes / read, flops / matmul), and the ratio to a plain-torch absorbed baseline (bmm + softmax
               over contiguous latents). Goal: >= 0.85 of read bandwidth at batch 64, context 4k.
-* sweep    -- decode tiles (BLOCK_H, BLOCK_N, warps, stages) at batch 64, context 4k, Hq 16 and 128
+* sweep    -- decode tiles (BLOCK_H, BLOCK_N, warps, stages, block-table prefetch) at batch 64, context 4k, Hq 16 and
+              128, each checked against the float64 reference first; then split counts for the fastest Hq-16 tile
 * prefill  -- MLA prefill (expanded; nope 128 + rope 64, v 128): TFLOP/s vs the matmul ceiling and SDPA
 * topk     -- grouped top-k (V2 160/8/3, V3 256/8/4) per call inside a CUDA graph
 * parity   -- tiny DeepSeek-V2/V3 checkpoints: bf16 single-GPU engine (eager and CUDA graphs) against the fp32 CPU
@@ -46,6 +47,7 @@ from kernels.bench import n_sets_for, time_graph  # noqa: E402
 
 R, DR, PAGE = 512, 64, 16
 L = R + DR
+ENGINE_QUICK = False  # --engine-quick: only deepseek-v2-lite with CUDA graphs
 SECTIONS = ("tests", "ceilings", "decode", "sweep", "prefill", "topk", "parity", "engine")
 
 
@@ -84,7 +86,7 @@ def _decode_inputs(B, HQ, ctx, n_sets, gen):
     return sets, torch.full((B,), ctx, dtype=torch.int32, device="cuda")
 
 
-def _decode_row(B, HQ, ctx, ceil, config=None, baseline=True):
+def _decode_row(B, HQ, ctx, ceil, config=None, baseline=True, splits=None):
     from kernels.mla_decode import mla_decode
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -93,12 +95,13 @@ def _decode_row(B, HQ, ctx, ceil, config=None, baseline=True):
     n_sets = n_sets_for(nbytes)
     sets, sl = _decode_inputs(B, HQ, ctx, n_sets, gen)
     scale = 0.1352
-    t = time_graph(lambda i: mla_decode(sets[i][0], sets[i][1], sets[i][2], sl, scale, R, config=config), n_sets)
+    t = time_graph(lambda i: mla_decode(sets[i][0], sets[i][1], sets[i][2], sl, scale, R, config=config,
+                                         num_splits=splits), n_sets)
     flops = 2 * B * HQ * ctx * (L + R)
     roof = max(nbytes / (ceil["read_GBps"] * 1e9), flops / (ceil["matmul_bf16_TFLOPs"] * 1e12))
     row = {"B": B, "Hq": HQ, "ctx": ctx, "us": t * 1e6, "GBps": nbytes / t / 1e9,
            "of_read": nbytes / t / 1e9 / ceil["read_GBps"], "of_roofline": roof / t, "TFLOPs": flops / t / 1e12,
-           "config": config}
+           "config": config, "splits": splits or _default_splits(B, HQ, ctx, config)}
     if baseline and B * ctx * HQ * 4 <= 4e9:  # fp32 scores of the baseline must fit
         lats = [s[1][:-1].view(B, -1, L)[:, :ctx] for s in sets]  # contiguous latents (pages in order)
 
@@ -125,22 +128,71 @@ def bench_decode(ceil, quick):
     return rows
 
 
+def _default_splits(B, HQ, ctx, config):
+    """The split count mla_decode picks for this shape (what a row without `splits` ran)."""
+    from kernels.mla_decode import plan
+
+    return plan(B, HQ, R, L, ctx, torch.device("cuda"), torch.bfloat16, config)[1]
+
+
+def _decode_err(HQ, cfg, splits):
+    """bf16 relative error of one tile config against the float64 reference (a sweep only times configs that
+    compute the right thing); raises if it is over 1e-2."""
+    from kernels._testing import make_paged_cache, rel_err
+    from kernels.mla_decode import mla_decode, mla_decode_ref
+
+    g = torch.Generator().manual_seed(1)
+    lens = [1, 300, 4096, 17]
+    cache, _, bt = make_paged_cache(lens, PAGE, 1, L, torch.bfloat16, "cuda", g)
+    q = torch.randn(len(lens), HQ, L, generator=g).to("cuda", torch.bfloat16)
+    sl = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    out = mla_decode(q, cache, bt, sl, 0.1352, R, config=cfg, num_splits=splits)
+    err = rel_err(out, mla_decode_ref(q.double(), cache.double(), bt, sl, 0.1352, R))
+    if not err < 1e-2:
+        raise RuntimeError(f"wrong result: rel err {err:.3g}")
+    return err
+
+
+# (BLOCK_H, BLOCK_N, warps, stages, PREFETCH, programs per SM from the sm_90 AOT compile[, splits]); the first of
+# each Hq is the kernel before issue 19's rework (tiles of 2026-12-03, its 2-wave split rule: 5 / 3 splits; only
+# the grid order differs: head blocks now vary fastest)
+SWEEP_TILES = {
+    16: [(16, 32, 4, 2, False, 2, 5), (16, 32, 4, 3, True, 2), (16, 16, 4, 3, True, 3), (16, 32, 8, 3, True, 2),
+         (16, 64, 8, 3, True, 1)],
+    128: [(64, 16, 8, 2, False, 1, 3), (64, 64, 8, 2, False, 1), (64, 32, 8, 2, False, 1), (64, 32, 8, 3, False, 1),
+          (64, 32, 8, 3, True, 1), (64, 16, 8, 3, True, 1)],
+}
+SWEEP_SPLITS = (2, 3, 6, 8)
+
+
 def sweep_decode(ceil, quick):
+    """Tiles at batch 64, context 4k (each with the default split rule, the pre-rework tiles with their old
+    split count), then split counts for the fastest tile of each Hq."""
     rows = []
-    for HQ in (16, 128):
-        for bh in (16, 32, 64):
-            if bh > max(16, HQ):
-                continue
-            for bn in (16, 32, 64):
-                for w in (4, 8):
-                    for st in ((2,) if quick else (1, 2, 3)):
-                        cfg = dict(BLOCK_H=bh, BLOCK_N=bn, num_warps=w, num_stages=st)
-                        try:
-                            rows.append(_decode_row(64, HQ, 4096, ceil, cfg, baseline=False))
-                        except Exception as e:  # noqa: BLE001 -- out of registers / shared memory
-                            rows.append({"B": 64, "Hq": HQ, "ctx": 4096, "config": cfg,
-                                         "error": str(e).splitlines()[0][:200]})
-                        log("sweep", json.dumps(rows[-1]))
+
+    def one(HQ, cfg, splits=None):
+        try:
+            err = _decode_err(HQ, cfg, splits)
+            rows.append(_decode_row(64, HQ, 4096, ceil, cfg, baseline=False, splits=splits))
+            rows[-1]["rel_err"] = err
+        except Exception as e:  # noqa: BLE001 -- out of registers / shared memory
+            rows.append({"B": 64, "Hq": HQ, "ctx": 4096, "config": cfg, "splits": splits,
+                         "error": str(e).splitlines()[0][:200]})
+        log("sweep", json.dumps(rows[-1]))
+        return rows[-1]
+
+    for HQ, tiles in SWEEP_TILES.items():
+        done = []
+        for t in tiles[:3] if quick else tiles:
+            bh, bn, w, st, pf, ctas = t[:6]
+            cfg = dict(BLOCK_H=bh, BLOCK_N=bn, num_warps=w, num_stages=st, PREFETCH=pf, ctas=ctas)
+            r = one(HQ, cfg, t[6] if len(t) > 6 else None)
+            if "us" in r and len(t) == 6:
+                done.append(r)
+        for r in sorted(done, key=lambda r: r["us"])[:1 if HQ < 64 else 0]:  # Hq 128 at batch 64: 1 split fills
+            for sp in SWEEP_SPLITS:
+                if sp != r["splits"]:
+                    one(HQ, r["config"], sp)
     return rows
 
 
@@ -311,7 +363,7 @@ def engine_run(preset, ceil, batch=64, prompt_len=1024, new_tokens=64, cuda_grap
 def bench_engine(ceil, quick):
     rows = [engine_run("deepseek-v2-lite", ceil)]
     log("engine", json.dumps(rows[-1]))
-    if not quick:
+    if not (quick or ENGINE_QUICK):
         rows.append(engine_run("deepseek-v2-lite", ceil, new_tokens=16, cuda_graphs=False))
         log("engine", json.dumps(rows[-1]))
         rows.append(engine_run("deepseek-v3-4l", ceil))
@@ -345,21 +397,22 @@ def markdown(res: dict) -> str:
                 f"{res['tests'].get('summary', '')}", ""]
     if res.get("decode"):
         out += ["## Paged MLA decode (bf16, latent 512 + rope 64, page 16)", "",
-                "| Hq | batch | ctx | us | GB/s | of read | of roofline | TFLOP/s | torch us | vs torch |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "| Hq | batch | ctx | splits | us | GB/s | of read | of roofline | TFLOP/s | torch us | vs torch |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["decode"]:
-            out.append(f"| {r['Hq']} | {r['B']} | {r['ctx']} | {r['us']:.1f} | {r['GBps']:.0f} | {r['of_read']:.2f} | "
+            out.append(f"| {r['Hq']} | {r['B']} | {r['ctx']} | {r.get('splits')} | {r['us']:.1f} | {r['GBps']:.0f} | {r['of_read']:.2f} | "
                        f"{r['of_roofline']:.2f} | {r['TFLOPs']:.1f} | {r.get('torch_us', float('nan')):.1f} | "
                        f"{r.get('vs_torch', float('nan')):.2f} |")
         out.append("")
     if res.get("sweep"):
-        out += ["## Decode tiles at batch 64, ctx 4096", "", "| Hq | BLOCK_H | BLOCK_N | warps | stages | us | of read |",
-                "|---|---|---|---|---|---|---|"]
+        out += ["## Decode tiles at batch 64, ctx 4096", "", "| Hq | BLOCK_H | BLOCK_N | warps | stages | prefetch | progs/SM | splits | us | of read | of roofline |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["sweep"]:
             cfg = r["config"]
-            val = f"{r['us']:.1f} | {r['of_read']:.2f}" if "us" in r else f"failed: {r['error'][:60]} |"
+            val = (f"{r['us']:.1f} | {r['of_read']:.2f} | {r['of_roofline']:.2f}" if "us" in r
+                   else f"failed: {r['error'][:60]} | |")
             out.append(f"| {r['Hq']} | {cfg['BLOCK_H']} | {cfg['BLOCK_N']} | {cfg['num_warps']} | {cfg['num_stages']} "
-                       f"| {val} |")
+                       f"| {cfg.get('PREFETCH', False)} | {cfg.get('ctas', '')} | {r.get('splits')} | {val} |")
         out.append("")
     if res.get("prefill"):
         out += ["## MLA prefill (bf16, nope 128 + rope 64, v 128, causal)", "",
@@ -398,7 +451,10 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/mla-out"))
     ap.add_argument("--only", default=",".join(SECTIONS))
     ap.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    ap.add_argument("--engine-quick", action="store_true", help="engine: only deepseek-v2-lite with CUDA graphs")
     args = ap.parse_args()
+    global ENGINE_QUICK
+    ENGINE_QUICK = args.engine_quick
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import triton

@@ -139,11 +139,17 @@ def test_grouped_topk_empty_and_validation(gen):
 # ---------------------------------------------------------------- paged MLA decode
 
 DECODE_CASES = {
-    # name: (seq lens, Hq, R, DR, page, splits)
-    "v3-shape-R512-DR64": ([1, 17, 40], 16, 512, 64, 16, None),
-    "tiny-R32-DR8-page4": ([1, 4, 5, 33], 4, 32, 8, 4, None),
-    "heads-not-multiple-of-16": ([9, 2], 20, 64, 16, 8, 1),
-    "split-at-block-boundary": ([48, 16, 3], 16, 32, 32, 16, 3),
+    # name: (seq lens, Hq, R, DR, page, splits, config)
+    "v3-shape-R512-DR64": ([1, 17, 40], 16, 512, 64, 16, None, None),
+    "tiny-R32-DR8-page4": ([1, 4, 5, 33], 4, 32, 8, 4, None, None),
+    "heads-not-multiple-of-16": ([9, 2], 20, 64, 16, 8, 1, None),
+    "split-at-block-boundary": ([48, 16, 3], 16, 32, 32, 16, 3, None),
+    # the GPU tiles' paths: block-table prefetch, 3 head blocks sharing a slice, splits that do not
+    # divide the context (last split short or empty), context 1, batch 1
+    "prefetch-3-head-blocks-uneven-splits": ([1, 37, 64, 100], 40, 32, 16, 16, 5,
+                                             dict(PREFETCH=True, BLOCK_N=32, num_stages=2)),
+    "prefetch-batch-1-context-1": ([1], 16, 64, 16, 16, 2, dict(PREFETCH=True)),
+    "prefetch-batch-1-many-splits": ([250], 16, 64, 16, 16, 7, dict(PREFETCH=True, BLOCK_N=16)),
 }
 
 
@@ -152,18 +158,34 @@ DECODE_CASES = {
 def test_mla_decode(case, dtype, gen):
     mod = importlib.import_module("kernels.mla_decode")
     _interpreted(mod, "_mla_decode_kernel")
-    lens, HQ, R, DR, page, splits = DECODE_CASES[case]
+    lens, HQ, R, DR, page, splits, config = DECODE_CASES[case]
     cache, _, bt = make_paged_cache(lens, page, 1, R + DR, dtype, gen=gen)  # one latent "head"
     q = randn(len(lens), HQ, R + DR, dtype=dtype, gen=gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     scale = 1 / math.sqrt(R + DR) * 4  # peaky softmax
     with poisoned_alloc():
-        out = mod.mla_decode(q, cache, bt, seq_lens, scale, R, num_splits=splits, backend="triton")
+        out = mod.mla_decode(q, cache, bt, seq_lens, scale, R, num_splits=splits, backend="triton", config=config)
     ref = mod.mla_decode_ref(q, cache, bt, seq_lens, scale, R)
     ref64 = mla_decode_f64(q, cache, bt, seq_lens, scale, R)
     assert out.shape == (len(lens), HQ, R) and out.dtype == dtype
     assert rel_err(out, ref64) < TOL[dtype], rel_err(out, ref64)
     assert rel_err(ref, ref64) < TOL[dtype]
+
+
+def test_mla_num_splits_fills_waves():
+    """The split rule from shapes: one split when the batch already fills the SMs, a whole wave of
+    programs otherwise, never more splits than MIN_CHUNK-key pieces of the context, nor than MAX_SPLITS."""
+    from kernels.mla_decode import MIN_CHUNK, mla_num_splits
+    from kernels.paged_decode_attention import MAX_SPLITS
+
+    args = dict(num_sms=132, block_n=32, ctas_per_sm=2, heads=16, kv_lora_rank=512, latent=576)
+    assert mla_num_splits(256, 1, 4096, **args) == 1
+    assert mla_num_splits(64, 1, 4096, **args) == 4  # 256 programs on 264 slots
+    assert mla_num_splits(1, 1, 1, **args) == 1
+    for B in (1, 3, 16, 64):
+        for n in (1, 300, 4096, 1 << 20):
+            s = mla_num_splits(B, 1, n, **args)
+            assert 1 <= s <= min(MAX_SPLITS, -(-n // MIN_CHUNK))
 
 
 def test_mla_decode_validation():

@@ -30,6 +30,53 @@ def test_mla_decode_gpu(dtype, HQ, lens, gen):
     _check(out, ref, ref64, dtype)
 
 
+# the sweep's other tiles: several head blocks sharing a slice through L2, prefetch off / on, mma.sync and
+# wgmma, split counts that do not divide the contexts
+@pytest.mark.parametrize("HQ,cfg,splits", [
+    (128, dict(BLOCK_H=16, BLOCK_N=32, num_warps=8, num_stages=3, PREFETCH=True), 3),
+    (128, dict(BLOCK_H=32, BLOCK_N=16, num_warps=8, num_stages=3, PREFETCH=True), 7),
+    (128, dict(BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=2, PREFETCH=False), 2),
+    (16, dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=4, PREFETCH=True), 5),
+    (16, dict(num_stages=2, PREFETCH=False), 4),
+    (16, dict(BLOCK_H=16, BLOCK_N=64, num_warps=8, num_stages=3, PREFETCH=True), 1),
+])
+def test_mla_decode_gpu_tiles(HQ, cfg, splits, gen):
+    from kernels.mla_decode import mla_decode, mla_decode_ref
+
+    lens = [1, 300, 4096, 17, 64]
+    R, DR, dtype = 512, 64, torch.bfloat16
+    cache, _, bt = make_paged_cache(lens, 16, 1, R + DR, dtype, DEV, gen)
+    q = randn(len(lens), HQ, R + DR, dtype=dtype, device=DEV, gen=gen)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    with poisoned_alloc():
+        out = mla_decode(q, cache, bt, sl, 0.1352, R, num_splits=splits, config=cfg)
+    ref = mla_decode_ref(q, cache, bt, sl, 0.1352, R)
+    ref64 = mla_decode_ref(q.double(), cache.double(), bt, sl, 0.1352, R)
+    _check(out, ref, ref64, dtype)
+
+
+def test_mla_decode_captures_in_a_cuda_graph(gen):
+    """The split count comes from shapes (no host sync): capture, then replay twice on new cache contents."""
+    from kernels.mla_decode import mla_decode, mla_decode_ref
+
+    lens = [2049, 5, 700]
+    cache, _, bt = make_paged_cache(lens, 16, 1, 576, torch.bfloat16, DEV, gen)
+    q = randn(len(lens), 16, 576, dtype=torch.bfloat16, device=DEV, gen=gen)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    mla_decode(q, cache, bt, sl, 0.1352, 512)  # compile first
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = mla_decode(q, cache, bt, sl, 0.1352, 512)
+    for _ in range(2):
+        cache.copy_(randn(*cache.shape, dtype=torch.bfloat16, device=DEV, gen=gen))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = mla_decode_ref(q, cache, bt, sl, 0.1352, 512)
+        ref64 = mla_decode_ref(q.double(), cache.double(), bt, sl, 0.1352, 512)
+        _check(out, ref, ref64, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seqs", [[(1000, 1000)], [(77, 600), (1, 33), (512, 512), (3, 3)]])
 def test_mla_prefill_gpu(dtype, seqs, gen):
