@@ -360,6 +360,7 @@ def main():
     ap.add_argument("--only", default="decode,prefill,moe")
     ap.add_argument("--budget-s", type=float, default=240.0, help="wall-clock budget for all parts together")
     ap.add_argument("--quick", action="store_true", help="two shapes per kernel")
+    ap.add_argument("--quick-parts", default="", help="comma list of parts that use the --quick shapes")
     ap.add_argument("--md", help="also write a markdown summary of the table here")
     ap.add_argument("--compile-only", action="store_true",
                     help="run + check every candidate once (compiles them into Triton's cache), no timing, no table")
@@ -397,6 +398,9 @@ def main():
             json.dump(table, f, indent=1)
 
     parts = [p for p in ("decode", "prefill", "moe") if p in args.only.split(",")]
+
+    def quick(part):
+        return args.quick or part in args.quick_parts.split(",")
     total = sum(SHARES[p] for p in parts)
     t0, acc = time.time(), 0.0
     for p in parts:
@@ -406,7 +410,7 @@ def main():
         log(f"== {'compiling' if Mode.compile_only else 'tuning'} {p} (until +{deadline.t_end - t0:.0f} s)")
         if Mode.compile_only:
             try:
-                for _ in fn(deadline, args.quick, log):
+                for _ in fn(deadline, quick(p), log):
                     pass
             except Exception:  # noqa: BLE001
                 import traceback
@@ -415,7 +419,7 @@ def main():
             continue
         entries = table["tables"][kernel] = []
         try:
-            for e in fn(deadline, args.quick, log):
+            for e in fn(deadline, quick(p), log):
                 entries.append(e)
                 save()
         except Exception as ex:  # noqa: BLE001

@@ -14,7 +14,7 @@
 #   BENCH_ONLY=moe,prefill  kernels/bench.py parts, in this order (default decode,prefill,moe)
 #   BENCH_LIMIT=100         the bench phase's limit (s)
 #   ENGINE=0                skip the engine benchmark
-#   OVERLAP=1               run the GPU tests and the candidate compiles side by side (one phase)
+#   OVERLAP=1               run the GPU tests and the candidate compiles side by side (one phase, limit TC_LIMIT=130)
 #
 # Writes under $OUT:
 #   tests.log, tests.[0-7].log    pytest -v of tests/test_kernels_gpu.py in 8 concurrent shards (limit 120 s)
@@ -59,6 +59,7 @@ BENCH_ONLY=${BENCH_ONLY:-decode,prefill,moe}
 BENCH_LIMIT=${BENCH_LIMIT:-100}
 ENGINE=${ENGINE:-1}
 OVERLAP=${OVERLAP:-0}
+TC_LIMIT=${TC_LIMIT:-130}
 
 gpu_tests() {  # the GPU tests in 8 concurrent pytest processes (their Triton compiles are the slow part)
   python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels_gpu.py ${TEST_K:+-k "$TEST_K"} \
@@ -98,7 +99,7 @@ tests_and_compile() {  # both at once: the compiles use the CPUs the tests leave
 export OUT TEST_K TUNE_ARGS
 export -f gpu_tests compile_candidates tests_and_compile
 if [ "$OVERLAP" = 1 ]; then
-  phase tests_compile 130 bash -c tests_and_compile
+  phase tests_compile "$TC_LIMIT" bash -c tests_and_compile
   test_counts | tee -a "$OUT/tests.log"
 else
   phase tests 120 bash -c gpu_tests
