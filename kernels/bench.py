@@ -4,8 +4,9 @@
         [--only decode,prefill,moe]
 
 Ceilings, measured first in the same run (so no kernel can be compared with a stale number):
-  * read: a float32-accumulating sum over a 4 GiB bf16 tensor (bytes read / time);
-  * copy: a 2 GiB device-to-device copy counted as read + write (2 x bytes / time);
+  * read: the best of torch sum (fp32 accumulation) / amax and a Triton streaming sum (several tile
+    configs, one float out per program) over a 4 GiB bf16 tensor (bytes read / time);
+  * copy: the best of torch copy_ and a Triton copy kernel over 2 GiB, counted as read + write;
   * matmul: an 8192^3 bf16 matmul on random data.
 Memory-bound rows (decode, MoE at <= 512 tokens) are reported as a fraction of the read ceiling,
 compute-bound rows (prefill, MoE) as a fraction of the matmul ceiling, each beside its torch
@@ -146,29 +147,110 @@ def time_eager_loop(fn, n_sets: int = 1, target_ms: float = 20.0, reps: int = 5)
     return statistics.median(ts)
 
 
-READ_PROBE = "sum (fp32 acc) over 4 GiB bf16"
+READ_PROBE = "max of: torch sum (fp32 acc) / amax, Triton streaming sum (tiny output), over 4 GiB bf16"
+COPY_PROBE = "max of: torch copy_, Triton copy kernel, 2 GiB bf16, read + write"
+
+_PROBE_KERNELS = None
+
+
+def _probe_kernels():
+    """Triton streaming kernels for the ceilings: a read-only sum (one fp32 per program) and a copy.
+    Each program walks blocks pid, pid + grid, ... so any grid size covers the tensor."""
+    global _PROBE_KERNELS
+    if _PROBE_KERNELS is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _read_kernel(x_ptr, out_ptr, n_blocks, BLOCK: tl.constexpr):
+            pid = tl.program_id(0)
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for b in range(pid, n_blocks, tl.num_programs(0)):
+                acc += tl.load(x_ptr + b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)).to(tl.float32)
+            tl.store(out_ptr + pid, tl.sum(acc, axis=0))
+
+        @triton.jit
+        def _copy_kernel(x_ptr, y_ptr, n_blocks, BLOCK: tl.constexpr):
+            for b in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+                offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                tl.store(y_ptr + offs, tl.load(x_ptr + offs))
+
+        _PROBE_KERNELS = (_read_kernel, _copy_kernel)
+    return _PROBE_KERNELS
+
+
+# (BLOCK elements, programs per SM, warps): best of these is the Triton probe's number
+PROBE_CONFIGS = [(4096, 8, 4), (8192, 8, 8), (8192, 4, 8), (16384, 2, 8)]
+
+
+def _best_probe(name, fns, nbytes, log) -> tuple[float, dict]:
+    """(best GB/s, {probe: GB/s or error}) over fns {probe name: callable}; nbytes moved per call."""
+    got = {}
+    for probe, fn in fns.items():
+        try:
+            got[probe] = nbytes / time_graph(lambda i: fn()) / 1e9
+        except Exception as e:  # noqa: BLE001
+            got[probe] = _err(e)
+    timed = {k: v for k, v in got.items() if isinstance(v, float)}
+    if not timed:
+        raise RuntimeError(f"no {name} probe ran: {got}")
+    log(f"{name} probes (GB/s): " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in got.items()))
+    return max(timed.values()), got
+
+
+def read_probes(log=print) -> tuple[float, dict]:
+    """Read bandwidth of this GPU: the best of torch's sum / amax and a Triton streaming sum (several
+    tile configs, an output of one float per program) over a 4 GiB bf16 tensor (bytes read / time);
+    returns (best GB/s, every probe's GB/s)."""
+    from kernels._util import sm_count
+
+    read_k, _ = _probe_kernels()
+    a = torch.randn(1 << 31, device="cuda", dtype=torch.bfloat16)
+    sms = sm_count(a.device)
+    out = torch.empty(sms * 16, device="cuda", dtype=torch.float32)
+    fns = {"torch sum": lambda: a.sum(dtype=torch.float32), "torch amax": lambda: a.amax()}
+    for blk, per_sm, warps in PROBE_CONFIGS:
+        fns[f"triton {blk}x{per_sm}/SM w{warps}"] = (
+            lambda blk=blk, per_sm=per_sm, warps=warps:
+            read_k[(sms * per_sm,)](a, out, a.numel() // blk, BLOCK=blk, num_warps=warps))
+    best = _best_probe("read", fns, a.numel() * 2, log)
+    del a
+    torch.cuda.empty_cache()
+    return best
 
 
 def read_ceiling_GBps() -> float:
-    """Read bandwidth of this GPU: a float32-accumulating sum over a 4 GiB bf16 tensor (bytes / time)."""
-    a = torch.randn(1 << 31, device="cuda", dtype=torch.bfloat16)
-    t = time_graph(lambda i: a.sum(dtype=torch.float32))
-    bw = a.numel() * 2 / t
-    del a
-    torch.cuda.empty_cache()
-    return bw / 1e9
+    """The read ceiling in GB/s (best probe of `read_probes`), for callers that need the number only."""
+    return read_probes(lambda s: None)[0]
 
 
-def ceilings():
-    """Read, copy (read + write) and bf16 matmul ceilings of this GPU, measured now."""
-    read_bw = read_ceiling_GBps() * 1e9
-    n = 1 << 30  # 2 GiB of bf16, copied
-    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+def copy_probes(log=print) -> tuple[float, dict]:
+    """Copy bandwidth counted as read + write: the best of torch's copy_ and a Triton copy kernel over 2 GiB."""
+    from kernels._util import sm_count
+
+    _, copy_k = _probe_kernels()
+    a = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)
     b = torch.empty_like(a)
-    t = time_graph(lambda i: b.copy_(a))
-    copy_bw = 2 * a.numel() * 2 / t
+    sms = sm_count(a.device)
+    fns = {"torch copy_": lambda: b.copy_(a)}
+    for blk, per_sm, warps in PROBE_CONFIGS:
+        fns[f"triton {blk}x{per_sm}/SM w{warps}"] = (
+            lambda blk=blk, per_sm=per_sm, warps=warps:
+            copy_k[(sms * per_sm,)](a, b, a.numel() // blk, BLOCK=blk, num_warps=warps))
+    best = _best_probe("copy", fns, 2 * a.numel() * 2, log)
+    if not torch.equal(a[-1000:], b[-1000:]):
+        log("WARNING copy probe: the last copy did not reproduce its input")
     del a, b
     torch.cuda.empty_cache()
+    return best
+
+
+def ceilings(log=print):
+    """Read, copy (read + write) and bf16 matmul ceilings of this GPU, measured now; each bandwidth is
+    the best over several probes, so that no kernel of the run can honestly exceed it."""
+    read_bw, read_all = read_probes(log)
+    copy_bw, copy_all = copy_probes(log)
     m = 8192
     x = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
@@ -176,9 +258,9 @@ def ceilings():
     mm = 2 * m ** 3 / t
     del x, y
     torch.cuda.empty_cache()
-    return {"read_GBps": read_bw / 1e9, "copy_GBps": copy_bw / 1e9, "matmul_bf16_TFLOPs": mm / 1e12,
-            "read_probe": READ_PROBE, "copy_probe": "2 GiB copy_, read + write",
-            "matmul_probe": "8192^3 bf16"}
+    return {"read_GBps": read_bw, "copy_GBps": copy_bw, "matmul_bf16_TFLOPs": mm / 1e12,
+            "read_probe": READ_PROBE, "copy_probe": COPY_PROBE, "matmul_probe": "8192^3 bf16",
+            "read_probes_GBps": read_all, "copy_probes_GBps": copy_all}
 
 
 def check_ceiling(row: dict, field: str, log) -> None:
@@ -227,6 +309,7 @@ def bench_decode(ceil, quick, log):
             cfg, splits = _decode_pick(B, HK, HQ // HK, D, PAGE, ctx, kc.device, kc.dtype, False, sm_count(kc.device))
             row.update(time_us=t * 1e6, GBps=kv_bytes / t / 1e9, config=dict(cfg, num_splits=splits))
             row["frac_read"] = row["GBps"] / ceil["read_GBps"]
+            row["frac_copy"] = row["GBps"] / ceil["copy_GBps"]  # copy counted as read + write
             check_ceiling(row, "frac_read", log)
             # baseline: SDPA over K/V gathered contiguous [B, HK, ctx, D] (the gather is not timed)
             kb, vb = [], []
@@ -469,14 +552,21 @@ def markdown(res: dict) -> str:
            f"Ceilings (same run): read {_f(c.get('read_GBps'), '{:.0f}')} GB/s ({c.get('read_probe')}), "
            f"copy {_f(c.get('copy_GBps'), '{:.0f}')} GB/s ({c.get('copy_probe')}), "
            f"bf16 matmul {_f(c.get('matmul_bf16_TFLOPs'), '{:.0f}')} TFLOP/s ({c.get('matmul_probe')}).", ""]
+    for kind in ("read", "copy"):
+        probes = c.get(f"{kind}_probes_GBps")
+        if probes:
+            out += [f"{kind.capitalize()} probes (GB/s): " + ", ".join(
+                f"{k} {_f(v, '{:.0f}')}" if isinstance(v, (int, float)) else f"{k} failed" for k, v in probes.items()),
+                ""]
     rows = res.get("rows", [])
     dec = [r for r in rows if r["kernel"] == "decode"]
     if dec:
-        out += ["| decode (bf16, d128, page 16) | time (us) | GB/s | of read | SDPA (us) | vs SDPA | goal (>= 0.90, >= 1.0x) |",
-                "|---|---|---|---|---|---|---|"]
+        out += ["| decode (bf16, d128, page 16) | time (us) | GB/s | of read | of copy | SDPA (us) | vs SDPA | goal (>= 0.90, >= 1.0x) |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in dec:
             out.append(f"| B={r['B']} ctx={r['ctx']} {r['HQ']}/{r['HK']} | {_f(r.get('time_us'), '{:.1f}')} | "
                        f"{_f(r.get('GBps'), '{:.0f}')} | {_f(r.get('frac_read'), '{:.3f}')} | "
+                       f"{_f(r.get('frac_copy'), '{:.3f}')} | "
                        f"{_f(r.get('sdpa_us'), '{:.1f}')} | {_f(r.get('vs_sdpa'))}x | "
                        f"{'met' if r.get('goal_met') else '**missed**'}{' (ERROR)' if 'error' in r else ''} |")
         out.append("")
@@ -539,7 +629,7 @@ def main():
     ap.add_argument("--out", required=True, help="JSON results (rewritten after every part)")
     ap.add_argument("--md", help="also write the markdown tables here")
     ap.add_argument("--quick", action="store_true", help="two shapes per kernel")
-    ap.add_argument("--only", default="decode,prefill,moe")
+    ap.add_argument("--only", default="decode,prefill,moe", help="parts, run in this order")
     args = ap.parse_args()
 
     def log(s):
@@ -547,7 +637,7 @@ def main():
 
     res = run_info()
     res["tuning_table"] = os.environ.get("AFSPLIT_KERNEL_TUNING") or None
-    res["ceilings"] = ceil = ceilings()
+    res["ceilings"] = ceil = ceilings(log)
     log(f"device {res['device']}  read {ceil['read_GBps']:.0f} GB/s  copy {ceil['copy_GBps']:.0f} GB/s (read+write)  "
         f"bf16 matmul {ceil['matmul_bf16_TFLOPs']:.0f} TF/s")
     res["rows"] = []
@@ -556,9 +646,9 @@ def main():
         save_results(res, args.out, args.md, markdown)
 
     save()
-    for part, fn in (("decode", bench_decode), ("prefill", bench_prefill), ("moe", bench_moe)):
-        if part not in args.only.split(","):
-            continue
+    parts = {"decode": bench_decode, "prefill": bench_prefill, "moe": bench_moe}
+    for part in [p for p in args.only.split(",") if p in parts]:  # in the order given (a cut run keeps the first)
+        fn = parts[part]
         try:
             res["rows"] += fn(ceil, args.quick, log)
         except Exception:  # noqa: BLE001

@@ -35,9 +35,34 @@ _LOG2E = 1.4426950408889634
 if HAS_TRITON:
 
     @triton.jit
+    def _exp2_poly(x):
+        """2^x for finite x <= ~0 on the FMA pipe instead of the MUFU unit: x = n + f by
+        round-to-nearest (|f| <= 1/2, the 1.5 * 2^23 trick), 2^f by a degree-4 polynomial (relative
+        error 2.7e-6, far below the bf16/fp16 rounding of P), n added to the exponent bits.
+        Results below 2^-126 come out as 2^-126 (x is clamped): nothing next to a row sum >= 1."""
+        x = tl.maximum(x, -126.0)
+        t = x + 12582912.0
+        f = x - (t - 12582912.0)
+        p = f * 0.009560510516166687 + 0.05591703951358795
+        p = p * f + 0.24024981260299683
+        p = p * f + 0.6931219696998596
+        p = p * f + 0.9999991655349731
+        bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _update(acc, l_i, m_i, s, v, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
         """Online-softmax step on raw scores s (masked entries -inf): the scale (> 0) is applied in
-        one FMA per score, s * scale - m, since max(s) * scale == max(s * scale)."""
+        one FMA per score, s * scale - m, since max(s) * scale == max(s * scale). (Shared with the MLA
+        kernels; `_update_x` is the same step with the speed knobs.)"""
+        return _update_x(acc, l_i, m_i, s, v, qk_scale, MASKED, DOT_PREC, False)
+
+    @triton.jit
+    def _update_x(acc, l_i, m_i, s, v, qk_scale, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+                  POLY_EXP: tl.constexpr):
+        """`_update` with POLY_EXP (unmasked blocks only): every second column's exp2 runs as a
+        polynomial on the FMA pipe, halving the MUFU work that the tensor cores otherwise wait for
+        (FA4's trick; a speed knob: the values agree with exp2 to 2.7e-6 relative)."""
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         if MASKED:
             # a row may have seen no key yet (window / padding): keep exp2 away from -inf - -inf
@@ -45,7 +70,12 @@ if HAS_TRITON:
         else:
             m_use = m_new
         alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s * qk_scale - m_use[:, None])
+        if POLY_EXP:
+            x = tl.reshape(s * qk_scale - m_use[:, None], (s.shape[0], s.shape[1] // 2, 2))
+            x_even, x_odd = tl.split(x)
+            p = tl.reshape(tl.join(tl.exp2(x_even), _exp2_poly(x_odd)), (s.shape[0], s.shape[1]))
+        else:
+            p = tl.exp2(s * qk_scale - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         return acc, l_i, m_new
@@ -75,10 +105,17 @@ if HAS_TRITON:
         D: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
         HAS_PREFIX: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
-        WARP_SPEC: tl.constexpr,
+        WARP_SPEC: tl.constexpr, POLY_EXP: tl.constexpr, HEADS_FIRST: tl.constexpr, Q_REG: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        h = tl.program_id(1)
+        if HEADS_FIRST:
+            # grid (Hq, q-blocks, B): blocks start in launch order, so every head's heaviest q-block
+            # goes first (longest rows first over the whole grid, light ones fill the tail) and the G
+            # q heads of one kv head read the same K/V tiles side by side (L2 reuse)
+            h = tl.program_id(0)
+            pid = tl.program_id(1)
+        else:
+            pid = tl.program_id(0)
+            h = tl.program_id(1)
         b = tl.program_id(2)
         q_start = tl.load(cu_ptr + b)
         q_end = tl.load(cu_ptr + b + 1)
@@ -100,6 +137,10 @@ if HAS_TRITON:
         q_rows = (q_start + offs_m).to(tl.int64)
         q = _load_rows(q_ptr, q_desc, q_start + m0, q_rows, h * s_qh, s_qt, offs_d,
                        mmask[:, None] & dmask[None, :], USE_TMA)
+        if Q_REG:
+            # an opaque register copy: the QK^T wgmma then reads q from registers, not shared memory,
+            # leaving the shared-memory bandwidth to the K/V tiles (64-row tiles are bound by it)
+            q = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [q], dtype=q.dtype, is_pure=True, pack=2)
         qpos = P + offs_m  # absolute positions
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -133,7 +174,7 @@ if HAS_TRITON:
                     k = _load_paged(kc_ptr, page, tok, kvh, s_kcblk, s_kctok, s_kch, offs_d, dmask[None, :])
                     v = _load_paged(vc_ptr, page, tok, kvh, s_vcblk, s_vctok, s_vch, offs_d, dmask[None, :])
                     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-                    acc, l_i, m_i = _update(acc, l_i, m_i, s, v, qk_scale, False, DOT_PREC)
+                    acc, l_i, m_i = _update_x(acc, l_i, m_i, s, v, qk_scale, False, DOT_PREC, POLY_EXP)
                 for n0 in range(P_full, P, BLOCK_N):
                     offs_n = n0 + offs_nb
                     nmask = offs_n < P
@@ -172,7 +213,7 @@ if HAS_TRITON:
                 k = _load_rows(k_ptr, k_desc, q_start + n0, rows, kcol, s_kt, offs_d, dmask[None, :], USE_TMA)
                 v = _load_rows(v_ptr, v_desc, q_start + n0, rows, vcol, s_vt, offs_d, dmask[None, :], USE_TMA)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-                acc, l_i, m_i = _update(acc, l_i, m_i, s, v, qk_scale, False, DOT_PREC)
+                acc, l_i, m_i = _update_x(acc, l_i, m_i, s, v, qk_scale, False, DOT_PREC, POLY_EXP)
             # diagonal block(s): causal mask (rows past hi, TMA-loaded from the next sequence or
             # zero-filled, are masked out)
             for n0 in range(m0, hi, BLOCK_N):
@@ -281,7 +322,8 @@ def flash_attention(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, prefi
     prefix_len is 0 (checked for CPU tensors; on CUDA prefix_lens are then ignored, to avoid a sync).
     max_seqlen_q: host-side bound on chunk lengths (default: computed from cu_seqlens_q, one host
     sync; required under CUDA-graph capture). config: override the tuning table and heuristics
-    (benchmarks, tuning; keys BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA, WARP_SPEC).
+    (benchmarks, tuning; keys BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA, WARP_SPEC, POLY_EXP,
+    HEADS_FIRST, Q_REG; none of them changes results beyond fp32 rounding).
     """
     fn = "flash_attention"
     check_tensor(fn, "q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
@@ -339,6 +381,9 @@ def flash_attention(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, prefi
         cfg.pop("USE_TMA", None)
         cfg["WARP_SPEC"] = False  # tuned with TMA loads only
     warp_spec = bool(cfg.pop("WARP_SPEC", False))
+    poly_exp = bool(cfg.pop("POLY_EXP", False))
+    heads_first = bool(cfg.pop("HEADS_FIRST", False))
+    q_reg = bool(cfg.pop("Q_REG", False)) and dev.type == "cuda" and q.dtype != torch.float32  # inline PTX
     BLOCK_M, BLOCK_N = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     check(BLOCK_M % BLOCK_N == 0, f"{fn}: config BLOCK_M {BLOCK_M} must be a multiple of BLOCK_N {BLOCK_N}")
     n_mblocks = cdiv(max(max_seqlen_q, 1), BLOCK_M)
@@ -359,7 +404,8 @@ def flash_attention(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, prefi
         v_desc = TensorDescriptor(v, [T, HK * D], [v.stride(0), 1], [BLOCK_N, D])
     else:
         q_desc, k_desc, v_desc = q, k, v  # unused
-    _flash_fwd_kernel[(n_mblocks, HQ, B)](
+    grid = (HQ, n_mblocks, B) if heads_first else (n_mblocks, HQ, B)
+    _flash_fwd_kernel[grid](
         q, k, v, out, cu_seqlens_q,
         kc, vc, bt, prefix_lens,
         q_desc, k_desc, v_desc,
@@ -368,6 +414,7 @@ def flash_attention(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, prefi
         *cstr, HQ // HK,
         D=D, BLOCK_D=next_pow2(D, 16), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PAGE=PAGE,
         HAS_PREFIX=has_cache, HAS_WINDOW=sliding_window is not None, DOT_PREC=dot_precision(q.dtype),
-        USE_TMA=use_tma, WARP_SPEC=warp_spec, **cfg,
+        USE_TMA=use_tma, WARP_SPEC=warp_spec, POLY_EXP=poly_exp, HEADS_FIRST=heads_first, Q_REG=q_reg,
+        **cfg,
     )
     return out

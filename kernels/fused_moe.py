@@ -131,12 +131,20 @@ if HAS_TRITON:
         pid_n = (pid % (GROUP_M * num_n)) // gsize
         return pid_m, pid_n
 
+    @triton.jit
+    def _load_a(a_ptrs, a_desc, row0, k0, mask, A_TMA: tl.constexpr):
+        """[BLOCK_M, BLOCK_K] activation tile: TMA from the pre-gathered (sorted) rows, or a row gather."""
+        if A_TMA:
+            return a_desc.load([row0, k0])
+        else:
+            return tl.load(a_ptrs, mask=mask, other=0.0)
+
     @triton.jit(do_not_specialize=["num_pairs"])
     def _moe_gate_up_kernel(
-        x_ptr, w_ptr, w_desc, out_ptr, sorted_ptr, bexp_ptr,
+        x_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, bexp_ptr,
         num_pairs, H, I, s_xt, s_we, s_wn,
         TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr, W_TMA: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr, W_TMA: tl.constexpr, A_TMA: tl.constexpr,
     ):
         num_n = tl.cdiv(I, BLOCK_N)
         pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
@@ -158,7 +166,7 @@ if HAS_TRITON:
             # next rows (or zeros past the end); they are never stored.
             g_row = e * 2 * I + pid_n * BLOCK_N
             for k0 in range(0, H, BLOCK_K):
-                a = tl.load(a_ptrs, mask=valid[:, None] & ((k0 + offs_k) < H)[None, :], other=0.0)
+                a = _load_a(a_ptrs, a_desc, pid_m * BLOCK_M, k0, valid[:, None] & ((k0 + offs_k) < H)[None, :], A_TMA)
                 g = w_desc.load([g_row, k0])
                 u = w_desc.load([g_row + I, k0])
                 acc_g = tl.dot(a, g.T, acc_g, input_precision=DOT_PREC)
@@ -169,7 +177,7 @@ if HAS_TRITON:
             u_ptrs = g_ptrs + I * s_wn
             for k0 in range(0, H, BLOCK_K):
                 kmask = (k0 + offs_k) < H
-                a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+                a = _load_a(a_ptrs, a_desc, pid_m * BLOCK_M, k0, valid[:, None] & kmask[None, :], A_TMA)
                 g = tl.load(g_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
                 u = tl.load(u_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
                 acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PREC)
@@ -384,7 +392,8 @@ def grouped_mm_moe(x, w13, w2, topk_ids, topk_weights):
 
 def _config(T: int, K: int, E: int, H: int, I: int, dev: torch.device, dtype: torch.dtype):
     """Tile config; the optional "down" entry overrides BLOCK_N/BLOCK_K/GROUP_M/num_warps/num_stages/W_TMA
-    for the down GEMM (BLOCK_M is shared: it is the alignment of the sorted pairs)."""
+    for the down GEMM (BLOCK_M is shared: it is the alignment of the sorted pairs). A_TMA (gate+up only,
+    with W_TMA): the x rows are gathered into sorted order first and loaded through TMA."""
     if interpret_mode() and dev.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     avg = T * K / max(E, 1)  # rows per expert
@@ -432,7 +441,7 @@ def _split_config(cfg: dict):
     """(gate_up kwargs, down kwargs) with the launch options; BLOCK_M is in both."""
     cfg = dict(cfg)
     down = dict(cfg.pop("down", None) or {})
-    gate_up = {"W_TMA": False, **cfg}
+    gate_up = {"W_TMA": False, "A_TMA": False, **cfg}
     down = {**gate_up, **down}
     down["BLOCK_M"] = gate_up["BLOCK_M"]
     return gate_up, down
@@ -483,8 +492,10 @@ def fused_moe(x, w13, w2, topk_ids, topk_weights, *, backend: Optional[str] = No
         gu, dn = _split_config(cfg)
     else:
         gu, dn = (dict(c) for c in _launch_plan(T, K, E, H, I, dev, x.dtype))
-    if (gu["W_TMA"] or dn["W_TMA"]) and not _w_tma_ok(x, w13, w2):
-        gu["W_TMA"] = dn["W_TMA"] = False
+    if (gu["W_TMA"] or dn["W_TMA"] or gu["A_TMA"]) and not _w_tma_ok(x, w13, w2):
+        gu["W_TMA"] = dn["W_TMA"] = gu["A_TMA"] = False
+    gu["A_TMA"] = gu["A_TMA"] and gu["W_TMA"]  # the pre-gathered activations only with TMA weights
+    dn.pop("A_TMA")  # the down GEMM's activations are in sorted order already (TMA with W_TMA)
     BM = gu.pop("BLOCK_M")
     dn.pop("BLOCK_M")
     sorted_ids, block_expert, _ = moe_align(topk_ids, E, BM, backend=be, expert_counts=expert_counts)
@@ -498,13 +509,20 @@ def fused_moe(x, w13, w2, topk_ids, topk_weights, *, backend: Optional[str] = No
     s_tw = topk_weights.stride(0) if T > 1 else K
 
     BN, BK = gu["BLOCK_N"], gu["BLOCK_K"]
-    w13_desc = w13
+    w13_desc = xs_desc = w13
     if gu["W_TMA"]:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         w13_desc = TensorDescriptor(w13, [E * I2, H], [H, 1], [BN, BK])
+    if gu["A_TMA"]:
+        # x rows gathered into sorted order once (padding slots copy row T-1; their outputs are never
+        # stored), so the activation tiles stream through TMA like the weights: one extra pass over
+        # T*K rows, worth it only when the GEMMs are long (large T)
+        src = torch.clamp_max(sorted_ids // K, T - 1)
+        xs = x.index_select(0, src)
+        xs_desc = TensorDescriptor(xs, [xs.shape[0], H], [H, 1], [BM, BK])
     _moe_gate_up_kernel[(num_m * cdiv(I, BN),)](
-        x, w13, w13_desc, inter, sorted_ids, block_expert,
+        x, xs_desc, w13, w13_desc, inter, sorted_ids, block_expert,
         N, H, I, s_xt, w13.stride(0), w13.stride(1),
         TOPK=K, BLOCK_M=BM, DOT_PREC=prec, **gu,
     )

@@ -14,9 +14,13 @@ still leaves a usable table; kernels the run did not tune keep the entries alrea
 Search per kernel (coordinate descent, to keep compiles few):
   decode:  tile configs (BLOCK_N, warps, stages, block-table prefetch) at the heuristic split
            count, then split counts for the two best tiles;
-  prefill: tile configs (BLOCK_M/N, warps, stages, TMA, warp specialisation);
-  moe:     per candidate BLOCK_M, the gate+up GEMM tiles with the down GEMM at its default,
-           then the down GEMM tiles with the best gate+up.
+  prefill: tile configs (BLOCK_M/N, warps, stages, TMA, warp specialisation), and TMA tiles with
+           the knobs head-major order (HEADS_FIRST), q in registers (Q_REG), polynomial exp2 (POLY_EXP);
+  moe:     per candidate BLOCK_M, the gate+up GEMM tiles (weights and pre-gathered activations
+           through TMA among them) with the down GEMM at its default, then the down GEMM tiles
+           with the best gate+up.
+--prefill-prefix and --moe-models restrict the shapes by exact-key group (a kernel that is tuned
+gets a fresh table, so shapes outside the groups fall back to the heuristics, not to a neighbour).
 The budget is shared 25 / 35 / 40 % between the three; shapes left when a part's time is up are
 skipped (logged), candidates left when it runs out mid-shape are skipped (the best so far counts).
 """
@@ -49,12 +53,22 @@ DECODE_TILES = [  # BLOCK_N, num_warps, num_stages, PREFETCH (stages count diffe
 ]
 DECODE_EXTRA = [(1, 8192, 32, 8), (64, 1024, 32, 4), (8, 8192, 32, 4)]
 
-PREFILL_TILES = [  # BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA, WARP_SPEC
+PREFILL_TILES = [  # BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA, WARP_SPEC (+ POLY_EXP, HEADS_FIRST below)
     (64, 64, 4, 3, True, False), (128, 128, 8, 3, True, False), (128, 64, 4, 3, True, False),
     (128, 128, 8, 2, True, False), (128, 128, 8, 4, True, False), (64, 64, 4, 4, True, False),
     (128, 64, 8, 3, True, False), (128, 128, 8, 3, True, True), (128, 64, 4, 3, True, True),
     (128, 128, 8, 3, False, False),
 ]
+# issue 15 knobs on TMA tiles (kernels/NOTES.md, history 7): (tile, HEADS_FIRST, Q_REG, POLY_EXP)
+PREFILL_KNOBS = [((64, 64, 4, 3, True, False), True, False, False), ((128, 128, 8, 3, True, False), True, False, False),
+                 ((128, 64, 8, 3, True, False), True, False, False)]
+PREFILL_KNOBS += [((bm, bn, w, st, True, False), hf, True, False) for (bm, bn, w, st) in
+                  ((64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (128, 128, 8, 3)) for hf in (False, True)]
+PREFILL_KNOBS += [((64, 64, 4, 3, True, False), True, True, True), ((128, 128, 8, 3, True, False), True, False, True)]
+# 64x64 tiles, 2 stages, q in registers: 66 KB of shared memory, so a register cap of 168 (ptxas: 20 bytes
+# of spills) lets 3 programs share an SM instead of 2
+PREFILL_MORE = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, USE_TMA=True, WARP_SPEC=False,
+                     HEADS_FIRST=True, Q_REG=True, maxnreg=168)]
 PREFILL_EXTRA = [(4, 1024, 0, 32, 4), (1, 2048, 0, 32, 4), (1, 1024, 3072, 32, 4)]
 
 MOE_GATE_UP = {  # BLOCK_M -> [(BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, W_TMA)]
@@ -62,9 +76,12 @@ MOE_GATE_UP = {  # BLOCK_M -> [(BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
          (64, 256, 1, 4, 3, False), (128, 64, 1, 4, 5, False), (64, 128, 1, 4, 4, True), (128, 128, 1, 4, 3, True),
          (64, 256, 1, 4, 3, True)],
     64: [(64, 128, 1, 4, 3, False), (128, 64, 8, 4, 4, False), (64, 128, 1, 4, 4, True), (128, 64, 8, 4, 4, True),
-         (128, 128, 8, 8, 3, False)],
+         (128, 128, 8, 8, 3, False), (128, 64, 8, 4, 4, True, True)],
+    # a 7th field: A_TMA (x rows pre-gathered into sorted order, loaded through TMA; needs W_TMA)
     128: [(128, 64, 8, 8, 4, False), (128, 64, 8, 8, 3, False), (128, 64, 16, 8, 4, False), (128, 64, 8, 8, 4, True),
-          (128, 64, 8, 8, 3, True), (64, 64, 8, 4, 4, True)],
+          (128, 64, 8, 8, 3, True), (64, 64, 8, 4, 4, True), (128, 64, 8, 8, 4, True, True),
+          (128, 64, 8, 8, 3, True, True), (128, 64, 16, 8, 4, True, True), (128, 64, 4, 8, 4, True, True),
+          (128, 128, 8, 8, 2, True, True), (64, 64, 8, 4, 4, True, True)],
 }
 MOE_GATE_UP[32] = MOE_GATE_UP[16]
 MOE_DOWN = {
@@ -72,7 +89,8 @@ MOE_DOWN = {
          (32, 256, 1, 4, 3, False), (64, 128, 1, 4, 4, True), (128, 128, 1, 4, 3, True)],
     64: [(128, 64, 8, 4, 4, False), (64, 128, 1, 4, 3, False), (128, 64, 8, 4, 4, True), (256, 64, 8, 8, 3, False)],
     128: [(256, 64, 8, 8, 4, False), (256, 64, 8, 8, 3, False), (128, 64, 8, 8, 4, False), (256, 64, 8, 8, 3, True),
-          (256, 64, 8, 8, 4, True), (128, 128, 8, 8, 3, True)],
+          (256, 64, 8, 8, 4, True), (128, 128, 8, 8, 3, True), (256, 64, 16, 8, 4, True), (256, 64, 4, 8, 4, True),
+          (256, 128, 8, 8, 2, True), (128, 64, 8, 8, 4, True)],
 }
 MOE_DOWN[32] = MOE_DOWN[16]
 MOE_EXTRA = [("qwen3-30b-a3b", T) for T in (32, 256, 1024, 2048)] + [("mixtral-8x7b", T) for T in (16, 1024)]
@@ -119,6 +137,15 @@ class Mode:
     compile_only = False
     shard = 0
     shards = 1
+
+
+class Select:
+    """Which shapes to tune (a partial table would hand its nearest entry to every shape with the same
+    exact key, so a subset is chosen by exact-key groups only): prefill 'all' / 'none' (no prefix) /
+    'only' (with prefix); MoE models by name (empty: all)."""
+
+    prefill_prefix = "all"
+    moe_models: tuple = ()
 
 
 def mine(cfg: dict) -> bool:
@@ -230,6 +257,11 @@ def tune_prefill(deadline, quick, log):
         shapes = [(1, 8192, 0, 32, 4), (1, 4096, 4096, 32, 4)]
     names = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "WARP_SPEC")
     D = 128
+    cands = [_tile(names, t) for t in PREFILL_TILES]
+    cands += [dict(_tile(names, t), HEADS_FIRST=hf, Q_REG=qr, POLY_EXP=pe) for t, hf, qr, pe in PREFILL_KNOBS]
+    cands += [dict(c) for c in PREFILL_MORE]
+    if Select.prefill_prefix != "all":
+        shapes = [s_ for s_ in shapes if (s_[2] > 0) == (Select.prefill_prefix == "only")]
     for (n, L, P, HQ, HK) in shapes:
         if deadline.over():
             log(f"prefill: budget spent, skipping {n}x{L} prefix {P} {HQ}/{HK} and later shapes")
@@ -243,7 +275,7 @@ def tune_prefill(deadline, quick, log):
         ref = reference(lambda: flash_attention(q, k, v, cu, kc, vc, bt, pl, scale, max_seqlen_q=L))
         t_def = time_default(lambda: flash_attention(q, k, v, cu, kc, vc, bt, pl, scale, max_seqlen_q=L))
         label = f"prefill {n}x{L} prefix {P} {HQ}/{HK}"
-        res, best = try_candidates(run, [_tile(names, t) for t in PREFILL_TILES], ref, deadline, log, label)
+        res, best = try_candidates(run, cands, ref, deadline, log, label)
         if best is None:
             log(f"{label}: no candidate ran")
             continue
@@ -265,8 +297,10 @@ def tune_moe(deadline, quick, log):
     shapes = bench.MOE_SHAPES + ([] if quick else MOE_EXTRA)
     if quick:
         shapes = [("qwen3-30b-a3b", 128), ("mixtral-8x7b", 8192)]
+    if Select.moe_models:
+        shapes = [s_ for s_ in shapes if s_[0] in Select.moe_models]
     shapes = sorted(shapes, key=lambda s: s[0])  # weights made once per model
-    gnames = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "W_TMA")
+    gnames = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "W_TMA", "A_TMA")
     weights = {}
     for name, T in shapes:
         if deadline.over():
@@ -326,11 +360,17 @@ def main():
     ap.add_argument("--only", default="decode,prefill,moe")
     ap.add_argument("--budget-s", type=float, default=240.0, help="wall-clock budget for all parts together")
     ap.add_argument("--quick", action="store_true", help="two shapes per kernel")
+    ap.add_argument("--quick-parts", default="", help="comma list of parts that use the --quick shapes")
     ap.add_argument("--md", help="also write a markdown summary of the table here")
     ap.add_argument("--compile-only", action="store_true",
                     help="run + check every candidate once (compiles them into Triton's cache), no timing, no table")
     ap.add_argument("--shard", default="0/1", help="with --compile-only: this process's share K/N of the candidates")
+    ap.add_argument("--prefill-prefix", default="all", choices=("all", "none", "only"),
+                    help="prefill shapes to tune: all, without a prefix only, with a prefix only")
+    ap.add_argument("--moe-models", default="", help="comma list of kernels/bench.py MOE_MODELS names (default all)")
     args = ap.parse_args()
+    Select.prefill_prefix = args.prefill_prefix
+    Select.moe_models = tuple(m for m in args.moe_models.split(",") if m)
     Mode.compile_only = args.compile_only
     Mode.shard, Mode.shards = (int(v) for v in args.shard.split("/"))
     os.environ[_tuning.ENV] = "off"  # candidates and the heuristic baseline must not come from an old table
@@ -358,6 +398,9 @@ def main():
             json.dump(table, f, indent=1)
 
     parts = [p for p in ("decode", "prefill", "moe") if p in args.only.split(",")]
+
+    def quick(part):
+        return args.quick or part in args.quick_parts.split(",")
     total = sum(SHARES[p] for p in parts)
     t0, acc = time.time(), 0.0
     for p in parts:
@@ -367,7 +410,7 @@ def main():
         log(f"== {'compiling' if Mode.compile_only else 'tuning'} {p} (until +{deadline.t_end - t0:.0f} s)")
         if Mode.compile_only:
             try:
-                for _ in fn(deadline, args.quick, log):
+                for _ in fn(deadline, quick(p), log):
                     pass
             except Exception:  # noqa: BLE001
                 import traceback
@@ -376,7 +419,7 @@ def main():
             continue
         entries = table["tables"][kernel] = []
         try:
-            for e in fn(deadline, args.quick, log):
+            for e in fn(deadline, quick(p), log):
                 entries.append(e)
                 save()
         except Exception as ex:  # noqa: BLE001

@@ -7,6 +7,15 @@
 #   bash launch/kernels_h200.sh            # from the repo root; results under $OUT (default /tmp/afsplit-out)
 #   COMMIT=abc1234 bash launch/kernels_h200.sh   # where the working copy has no .git
 #
+# Knobs (environment; defaults = the full run above):
+#   TEST_K='flash or moe'   pytest -k expression for the GPU tests (default: all of tests/test_kernels_gpu.py)
+#   TUNE_ARGS='--only prefill,moe --prefill-prefix none'   extra kernels/tune.py arguments (compile and tune)
+#   TUNE_BUDGET=115         tuner wall-clock budget (s); the tune phase's limit is TUNE_BUDGET + 15
+#   BENCH_ONLY=moe,prefill  kernels/bench.py parts, in this order (default decode,prefill,moe)
+#   BENCH_LIMIT=100         the bench phase's limit (s)
+#   ENGINE=0                skip the engine benchmark
+#   OVERLAP=1               run the GPU tests and the candidate compiles side by side (one phase, limit TC_LIMIT=130)
+#
 # Writes under $OUT:
 #   tests.log, tests.[0-7].log    pytest -v of tests/test_kernels_gpu.py in 8 concurrent shards (limit 120 s)
 #   compile.[0-7].log             every tuning candidate compiled once by 8 processes (limit 80 s)
@@ -43,8 +52,18 @@ export COMMIT
 SLUG=$(python3 -c "import torch; from kernels._tuning import device_slug; print(device_slug(torch.cuda.get_device_name(0)))" 2>/dev/null || echo gpu)
 TABLE="$OUT/tuning/$SLUG.json"
 
+TEST_K=${TEST_K:-}
+TUNE_ARGS=${TUNE_ARGS:-}
+TUNE_BUDGET=${TUNE_BUDGET:-115}
+BENCH_ONLY=${BENCH_ONLY:-decode,prefill,moe}
+BENCH_LIMIT=${BENCH_LIMIT:-100}
+ENGINE=${ENGINE:-1}
+OVERLAP=${OVERLAP:-0}
+TC_LIMIT=${TC_LIMIT:-130}
+
 gpu_tests() {  # the GPU tests in 8 concurrent pytest processes (their Triton compiles are the slow part)
-  python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels_gpu.py | grep '::' > "$OUT/test_ids.txt"
+  python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels_gpu.py ${TEST_K:+-k "$TEST_K"} \
+    | grep '::' > "$OUT/test_ids.txt"
   local i
   for i in 0 1 2 3 4 5 6 7; do
     awk -v i=$i 'NR % 8 == i' "$OUT/test_ids.txt" > "$OUT/test_ids.$i"
@@ -64,22 +83,38 @@ test_counts() {  # from the shard logs, so a phase cut by its limit still report
 compile_candidates() {  # every tuning candidate compiled once, 8 processes at a time, into Triton's cache
   local i
   for i in 0 1 2 3 4 5 6 7; do
-    python3 kernels/tune.py --compile-only --shard $i/8 --out /dev/null --budget-s 70 > "$OUT/compile.$i.log" 2>&1 &
+    python3 kernels/tune.py --compile-only --shard $i/8 --out /dev/null --budget-s 70 $TUNE_ARGS \
+      > "$OUT/compile.$i.log" 2>&1 &
   done
   wait
   grep -h "compile pass" "$OUT"/compile.[0-7].log
 }
 
-export OUT
-export -f gpu_tests compile_candidates
-phase tests 120 bash -c gpu_tests
-test_counts | tee -a "$OUT/tests.log"
-phase compile 80 bash -c compile_candidates
-phase tune 130 python3 kernels/tune.py --out "$TABLE" --md "$OUT/tuning.md" --budget-s 115
+tests_and_compile() {  # both at once: the compiles use the CPUs the tests leave idle
+  bash -c gpu_tests > "$OUT/tests.log" 2>&1 &
+  compile_candidates
+  wait
+}
+
+export OUT TEST_K TUNE_ARGS
+export -f gpu_tests compile_candidates tests_and_compile
+if [ "$OVERLAP" = 1 ]; then
+  phase tests_compile "$TC_LIMIT" bash -c tests_and_compile
+  test_counts | tee -a "$OUT/tests.log"
+else
+  phase tests 120 bash -c gpu_tests
+  test_counts | tee -a "$OUT/tests.log"
+  phase compile 80 bash -c compile_candidates
+fi
+# shellcheck disable=SC2086
+phase tune $(( TUNE_BUDGET + 15 )) python3 kernels/tune.py --out "$TABLE" --md "$OUT/tuning.md" --budget-s "$TUNE_BUDGET" \
+  $TUNE_ARGS
 cp "$OUT/tune.log" "$OUT/tuning/" 2>/dev/null
 if [ -s "$TABLE" ]; then export AFSPLIT_KERNEL_TUNING="$TABLE"; fi
-phase bench 100 python3 kernels/bench.py --out "$OUT/kernels.json" --md "$OUT/kernels.md"
-phase engine 120 python3 launch/engine_bench.py --out "$OUT/engine.json" --md "$OUT/engine.md" --requests 64,256
+phase bench "$BENCH_LIMIT" python3 kernels/bench.py --out "$OUT/kernels.json" --md "$OUT/kernels.md" --only "$BENCH_ONLY"
+if [ "$ENGINE" != 0 ]; then
+  phase engine 120 python3 launch/engine_bench.py --out "$OUT/engine.json" --md "$OUT/engine.md" --requests 64,256
+fi
 
 {
   echo "# Kernels and single-GPU engine: $(head -1 "$OUT/gpu.txt")"

@@ -289,20 +289,48 @@ def test_flash_attention_strided_qkv(gen):
     assert rel_err(out, f64) < 1e-5
 
 
-def test_flash_attention_warp_spec_config(gen):
-    """The warp-specialised loop option (a Hopper knob for the tuner) keeps results on the interpreter."""
+@pytest.mark.parametrize("case_i", [0, 2])
+@pytest.mark.parametrize("knobs", [dict(WARP_SPEC=True), dict(POLY_EXP=True, HEADS_FIRST=True)])
+def test_flash_attention_speed_knobs(case_i, knobs, gen):
+    """The Hopper speed knobs of the tuner (warp-specialised loops; the polynomial exp2 on every second
+    column of the unmasked blocks; head-major program order) keep results on the interpreter: case 0
+    has unmasked chunk blocks (40 rows, 32-row tiles), case 2 full prefix blocks."""
     mod = _module("flash_attention")
     _need_interpreted(mod, "_flash_fwd_kernel")
-    HQ, HK, D, page, lens, pls, window = PREFILL_CASES[2]
+    HQ, HK, D, page, lens, pls, window = PREFILL_CASES[case_i]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     T = int(cu[-1])
     q, k, v = (randn(T, h, D, gen=gen) for h in (HQ, HK, HK))
     pl = torch.tensor(pls, dtype=torch.int32)
-    kc, vc, bt = kt.make_paged_cache(pls, page, HK, D, torch.float32, gen=gen)
+    kc = vc = bt = None
+    if any(pls):
+        kc, vc, bt = kt.make_paged_cache(pls, page, HK, D, torch.float32, gen=gen)
     with poisoned_alloc():
         out = mod.flash_attention(q, k, v, cu, kc, vc, bt, pl, D ** -0.5, window, backend="triton",
-                                  config=dict(WARP_SPEC=True))
+                                  config=dict(knobs))
     assert rel_err(out, kt.prefill_f64(q, k, v, cu, kc, vc, bt, pl, D ** -0.5, window)) < 1e-5
+
+
+def test_exp2_poly_matches_exp2():
+    """The polynomial exp2 of the POLY_EXP knob against torch over its whole range (x <= 0)."""
+    mod = _module("flash_attention")
+    _need_interpreted(mod, "_flash_fwd_kernel")
+    tl, triton = mod.tl, mod.triton
+    global _exp2_poly  # the jitted test kernel resolves it among this module's globals
+    _exp2_poly = mod._exp2_poly
+
+    @triton.jit
+    def _k(x_ptr, y_ptr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(y_ptr + offs, _exp2_poly(tl.load(x_ptr + offs)))
+
+    x = torch.cat([-torch.rand(4000, dtype=torch.float64) * 130, torch.tensor([0.0, -0.5, -1.0, -125.9, -140.0],
+                                                                              dtype=torch.float64)])
+    x = torch.cat([x, torch.zeros(8192 - x.numel(), dtype=torch.float64)]).float()
+    y = torch.empty_like(x)
+    _k[(1,)](x, y, N=x.numel())
+    want = torch.exp2(x.double()).clamp_min(2.0 ** -126)
+    assert float(((y.double() - want) / want).abs().max()) < 4e-6
 
 
 # ----------------------------------------------------------------------------- fused MoE
@@ -503,8 +531,10 @@ def test_shipped_tuning_tables_are_valid():
     from kernels import _tuning
 
     known = {"paged_decode_attention": {"BLOCK_N", "num_warps", "num_stages", "PREFETCH", "num_splits"},
-             "flash_attention": {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "WARP_SPEC"},
-             "fused_moe": {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "W_TMA", "down"}}
+             "flash_attention": {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "WARP_SPEC", "POLY_EXP",
+                                 "HEADS_FIRST", "Q_REG", "maxnreg"},
+             "fused_moe": {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "W_TMA", "A_TMA",
+                           "down"}}
     for path in glob.glob(f"{_tuning.TABLE_DIR}/*.json"):
         data = json.load(open(path))
         assert isinstance(data["device"], str) and path.endswith(_tuning.device_slug(data["device"]) + ".json")

@@ -191,7 +191,10 @@ def test_flash_attention_gpu_paths(dtype, case, use_tma, gen):
     scale = D ** -0.5
     ref64 = flash_attention_ref(q.double(), k.double(), v.double(), cu, _d(kc), _d(vc), bt, pl, scale, window)
     for cfg in (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4,
-                                                                                  num_stages=3)):
+                                                                                  num_stages=3),
+                # the issue-15 speed knobs (tuner candidates): head-major order, q in registers, polynomial exp2
+                dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEADS_FIRST=True, Q_REG=True, POLY_EXP=True),
+                dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, Q_REG=True)):
         with poisoned_alloc():
             out = flash_attention(q, k, v, cu, kc, vc, bt, pl, scale, window, config=dict(cfg, USE_TMA=use_tma))
         assert rel_err(out, ref64) < TOL[dtype]
@@ -324,6 +327,11 @@ def test_moe_align_gpu(T, K, E, bm, gen):
                                down=dict(BLOCK_N=256, BLOCK_K=64, W_TMA=True))),
     (300, 8, 2, 256, 200, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3, W_TMA=True,
                                down=dict(BLOCK_N=128, W_TMA=False))),  # I not a multiple of the tiles
+    # x rows pre-gathered into sorted order and loaded through TMA (A_TMA), H not a multiple of BLOCK_K
+    (700, 8, 2, 520, 384, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, W_TMA=True,
+                               A_TMA=True, down=dict(BLOCK_N=256, BLOCK_K=64, W_TMA=True))),
+    (37, 16, 4, 512, 256, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, W_TMA=True,
+                               A_TMA=True)),
 ])
 def test_fused_moe_gpu_tma_weights(T, E, K, H, I, cfg, gen):
     from kernels.fused_moe import fused_moe, fused_moe_ref
