@@ -219,3 +219,17 @@ def test_the_server_keeps_serving_through_a_failover(tmp_path):
     finally:
         srv.kill()
     assert "failover 1: ranks [2] (expert) lost" in srv.output()
+
+
+@pytest.mark.slow
+def test_the_coordinators_death_ends_the_job_in_one_line(prompts, tmp_path):
+    """Failover cannot survive the coordinator (it decides, and its node hosts the store): one line, no hang."""
+    import time
+
+    cfg = write_config(tmp_path, experts=2, replicas="auto", spare=4)
+    start = time.monotonic()
+    proc, tokens, _ = generate(cfg, prompts, tmp_path, faults="0@6:KILL")
+    assert proc.returncode == 1 and time.monotonic() - start < 120
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("afsplit: error:")]
+    assert len(lines) == 1 and "rank 0 (attention, node 0) died (SIGKILL)" in lines[0], proc.stderr[-3000:]
+    assert len(tokens) < N_PROMPTS  # what finished before is kept in --output (resume finishes the rest)

@@ -29,6 +29,8 @@ import logging
 import threading
 import time
 
+import torch.distributed as dist
+
 from comm.errors import CommError
 from comm.failover import FinalError, SurvivorAgreement, bury, rejoin_world
 from comm.groups import DistContext
@@ -118,7 +120,11 @@ class Failover:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             first = first.split(": [/")[0]  # without the transport's own text (source path, advice)
             log.warning("rank %d: %s -- recovering", self.orig, first)
-            decision = self.agreement.agree(self.world, {"error": first[:300]})
+            try:
+                decision = self.agreement.agree(self.world, {"error": first[:300]})
+            except (dist.DistNetworkError, dist.DistStoreError) as e:  # node 0's agent (the store's host) is gone
+                raise FinalError(f"recovery impossible: the job's rendezvous store (node 0's torchrun agent) is "
+                                 f"unreachable ({str(e).strip().splitlines()[0][:120]}); the job ends") from None
             bury(*rt.comm_groups())
             old = rt.ctx
             rank, size, data, control = rejoin_world(self.store, decision.epoch, decision.survivors, self.orig,
