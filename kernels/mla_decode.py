@@ -34,6 +34,9 @@ from ._util import (FLOAT_DTYPES, INT_DTYPES, cdiv, check, check_tensor, dot_pre
                     pick_backend, sm_count)
 from .paged_decode_attention import MAX_SPLITS
 
+if HAS_TRITON:
+    from .paged_decode_attention import _first_pages, _tile_pages
+
 __all__ = ["mla_decode", "mla_decode_ref", "mla_num_splits", "plan"]
 
 _LOG2E = 1.4426950408889634
@@ -77,20 +80,11 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
         bt_row = bt_ptr + b.to(tl.int64) * s_btb
         offs_base = tl.arange(0, BLOCK_N)
-        if PREFETCH:
-            # the next tile's block-table entries are loaded one iteration ahead into registers, so the
-            # latent copies do not wait on them and the pipeliner spends every stage on latents
-            nxt = lo + offs_base
-            page_n = tl.load(bt_row + nxt // PAGE, mask=nxt < hi, other=0)
+        page_n = _first_pages(bt_row, lo, hi, offs_base, PAGE, PREFETCH)  # block-table prefetch, as GQA decode
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + offs_base
             nmask = offs_n < hi
-            if PREFETCH:
-                page = page_n.to(tl.int64)
-                nxt = offs_n + BLOCK_N
-                page_n = tl.load(bt_row + nxt // PAGE, mask=nxt < hi, other=0)
-            else:
-                page = tl.load(bt_row + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
+            page, page_n = _tile_pages(bt_row, offs_n, hi, page_n, BLOCK_N, PAGE, PREFETCH)
             row = c_ptr + page[:, None] * s_cblk + (offs_n % PAGE)[:, None] * s_ctok
             c = tl.load(row + offs_r[None, :], mask=nmask[:, None] & rmask[None, :], other=0.0)
             k_pe = tl.load(row + R + offs_p[None, :], mask=nmask[:, None] & pmask[None, :], other=0.0)

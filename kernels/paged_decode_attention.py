@@ -70,20 +70,11 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
         bt_row = bt_ptr + b.to(tl.int64) * s_btb
         offs_base = tl.arange(0, BLOCK_N)
-        if PREFETCH:
-            # block-table entries of the next tile are loaded one iteration ahead into registers, so
-            # the K/V copies do not wait on them and the pipeliner spends every stage on K/V
-            nxt = lo + offs_base
-            page_n = tl.load(bt_row + nxt // PAGE, mask=nxt < hi, other=0)
+        page_n = _first_pages(bt_row, lo, hi, offs_base, PAGE, PREFETCH)
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + offs_base
             nmask = offs_n < hi
-            if PREFETCH:
-                page = page_n.to(tl.int64)
-                nxt = offs_n + BLOCK_N
-                page_n = tl.load(bt_row + nxt // PAGE, mask=nxt < hi, other=0)
-            else:
-                page = tl.load(bt_row + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
+            page, page_n = _tile_pages(bt_row, offs_n, hi, page_n, BLOCK_N, PAGE, PREFETCH)
             tok = offs_n % PAGE
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(kc_ptr + page[:, None] * s_kblk + tok[:, None] * s_ktok + kvh * s_kh + offs_d[None, :],
@@ -112,6 +103,29 @@ if HAS_TRITON:
             row = (b.to(tl.int64) * (G * tl.num_programs(1)) + heads) * NUM_SPLITS + sp
             tl.store(po_ptr + row[:, None] * D + offs_d[None, :], out, mask=omask)
             tl.store(plse_ptr + row, lse, mask=gmask)
+
+    @triton.jit
+    def _first_pages(bt_row, lo, hi, offs_base, PAGE: tl.constexpr, PREFETCH: tl.constexpr):
+        """Before a paged key loop: with PREFETCH the first tile's page numbers (what `_tile_pages` carries from
+        one iteration to the next), else a placeholder nobody reads."""
+        if PREFETCH:
+            nxt = lo + offs_base
+            return tl.load(bt_row + nxt // PAGE, mask=nxt < hi, other=0)
+        else:
+            return offs_base
+
+    @triton.jit
+    def _tile_pages(bt_row, offs_n, hi, page_n, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PREFETCH: tl.constexpr):
+        """(cache pages of the keys `offs_n` as int64, the carried value for the next tile). With PREFETCH the
+        block-table entries are loaded one iteration ahead into registers (`page_n` holds this tile's), so the
+        cache copies never wait on them and the pipeliner spends every stage on the cache; without it, on demand."""
+        if PREFETCH:
+            page = page_n.to(tl.int64)
+            nxt = offs_n + BLOCK_N
+            page_n = tl.load(bt_row + nxt // PAGE, mask=nxt < hi, other=0)
+        else:
+            page = tl.load(bt_row + offs_n // PAGE, mask=offs_n < hi, other=0).to(tl.int64)
+        return page, page_n
 
     @triton.jit
     def _decode_merge_kernel(
