@@ -384,11 +384,13 @@ def _launch_ranks(config, argv: list[str], debug: bool) -> int:
                               f"(one GPU each) but {len(gpus)} GPU(s) are visible; use topology.device: cpu or a "
                               "machine with more GPUs")
     resolve_model(config)  # write a tiny checkpoint once, before the ranks race to do it
+    # one node's torchrun takes all its ranks down with it: failover has something to survive only across nodes
+    failover = config.comm.failover and topology.num_nodes > 1
     return launch_local_cluster(topology, [sys.executable, "-m", "afsplit.cli", *argv],
                                 device=config.topology.device, out=sys.stderr,
                                 env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
-                                peer_timeout_s=config.comm.peer_timeout_s if config.comm.failover else config.comm.timeout_s,
-                                debug=debug, failover=config.comm.failover and topology.num_nodes > 1)
+                                peer_timeout_s=config.comm.peer_timeout_s if failover else config.comm.timeout_s,
+                                debug=debug, failover=failover)
 
 
 if __name__ == "__main__":

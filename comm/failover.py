@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -50,7 +50,6 @@ class Decision:
     survivors: list[int]  # launch-time ranks, in rank order: position = new rank
     dead: list[int]
     detected_s: float = 0.0  # coordinator: from the dead rank's last heartbeat seen to this recovery's start
-    notes: dict = field(default_factory=dict)  # launch-time rank -> what it said when it checked in
 
 
 class SurvivorAgreement:
@@ -95,8 +94,7 @@ class SurvivorAgreement:
         dead = sorted(gone + waiting)
         seen = [self.liveness.last_alive(r) for r in dead]
         detected = max(0.0, start - min(s for s in seen if s is not None)) if any(s is not None for s in seen) else 0.0
-        notes = {r: json.loads(self.store.get(f"{PREFIX}{k}/in/{r}").decode()) for r in checked}
-        decision = Decision(k, checked, dead, detected, notes)
+        decision = Decision(k, checked, dead, detected)
         self.store.set(f"{PREFIX}{k}/decision", json.dumps({"survivors": checked, "dead": dead}))
         return decision
 

@@ -73,6 +73,8 @@ class Coordinator:
         self.steps_run = 0  # over the coordinator's life (the statistics cadence), not reset with the stats
         self.last_reports: list = []  # every rank's StepReport of the last step (the server's load figures)
         self.failovers: list[dict] = []  # one record per recovery (never reset: /metrics reads it)
+        self._old: dict[int, int] = {}  # during a recovery: current rank -> its number when the failed plan was made
+        self._orphans: list[int] = []  # requests of attention ranks lost in a recovery, to be failed
         m = fixed_micro_batches(runtime.config.runtime.micro_batches, distributed=True)
         self.tuner = None if m is not None else MicroBatchTuner()
         self.m = m
@@ -199,9 +201,10 @@ class Coordinator:
             redo += ans.redo
         if plan is not None:
             self.aborts = list(plan.abort) + self.aborts  # aborting twice is harmless; never aborting is not
-        updates = self._fail_orphans() + self._apply(done)
+        failed = self._fail_orphans()
+        updates = failed + self._apply(done)
         record.update(requests_replayed=redo + requeued, reports_recovered=len(done),
-                      requests_failed=self._orphans_failed, failed_at_s=round(failed_at, 3),
+                      requests_failed=len(failed), failed_at_s=round(failed_at, 3),
                       resumed_at_s=round(time.perf_counter() - (self._run_start or time.perf_counter()), 3),
                       tokens_at_failure=tokens_at_failure, tokens_at_resume=self.stats.sampled_tokens)
         self.failovers.append(record)
@@ -214,7 +217,7 @@ class Coordinator:
 
     def renumber(self, new_index: dict[int, int]) -> None:
         """The ranks were renumbered after a loss (old rank -> new rank; the dead are missing)."""
-        self._old = {new: getattr(self, "_old", {}).get(old, old) for old, new in new_index.items()}
+        self._old = {new: self._old.get(old, old) for old, new in new_index.items()}
         self.att = list(self.runtime.topo.attention_ranks)
         self.capacity = {new_index[a]: c for a, c in self.capacity.items() if a in new_index}
         self.busy = {new_index[a]: b for a, b in self.busy.items() if a in new_index}
@@ -226,15 +229,13 @@ class Coordinator:
     def _fail_orphans(self) -> list[SeqUpdate]:
         """Requests that lived on a dead attention rank fail (their KV cache is gone)."""
         updates = []
-        self._orphans_failed = 0
-        for rid in getattr(self, "_orphans", []):
+        for rid in self._orphans:
             seq = self.live.get(rid)
             if seq is None:
                 continue
             seq.error = "its attention rank died (failover cannot move a request's KV cache); resubmit it"
             self._finish(seq, "error")
             updates.append(SeqUpdate(rid, [], "error", time.time()))
-            self._orphans_failed += 1
         self._orphans = []
         return updates
 

@@ -132,7 +132,7 @@ class RankRuntime:
     def comm_groups(self) -> list:
         """Every process group this rank uses in the current world (failover closes or buries them)."""
         groups = [self.ctx.data_group, self.ctx.control_group, self.attention_group]
-        for ch in getattr(getattr(self, "exchange", None), "channels", []):
+        for ch in self.exchange.channels:
             groups += [ch.data_group, ch.attention_group, ch.header_group, ch.node_group]
         return [g for g in dict.fromkeys(groups) if g is not None]
 
@@ -172,16 +172,14 @@ class RankRuntime:
         if self.server is not None:
             self.server.exchange = self.exchange
             if self.server.graphs is not None:
-                self.server.graphs.reset()
-            self.server.graphs = self.server.graphs if self.exchange.graph_safe else None
+                self.server.graphs.reset()  # captured over the old world's groups
         if self.coord is not None:
             self.coord.renumber(new_index)
         return sum(len(v) for per_rank in reloads.values() for v in per_rank.values())
 
-    def _load_into_slots(self, mine: dict[int, list[tuple[int, int]]]) -> int:
+    def _load_into_slots(self, mine: dict[int, list[tuple[int, int]]]) -> None:
         """Load logical experts from the checkpoint into this rank's slots ({moe layer: [(slot, expert)]})."""
         w = self.experts.w
-        n = 0
         for i, items in sorted(mine.items()):
             layer = self.spec.moe_layer_ids[i]
             ids = list(w.experts[layer])
@@ -196,9 +194,7 @@ class RankRuntime:
                     ids[slot] = e
                     w.w13[layer][slot].copy_(got.w13[layer][k])
                     w.w2[layer][slot].copy_(got.w2[layer][k])
-                n += 1
             w.experts[layer] = tuple(ids)
-        return n
 
     def fail_over(self, exc: BaseException) -> dict:
         """Recover from a lost peer (afsplit/runtime/failover.py); re-raises `exc` when failover is off or it is
