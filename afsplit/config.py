@@ -71,6 +71,9 @@ class RuntimeConfig:
     seed: int = 0
     profile: bool = False  # synchronise the device at phase boundaries for an exact time split
     cuda_graphs: bool = True  # decode steps as CUDA graphs (padded to batch buckets); off while profiling
+    # with cuda_graphs, prefill and mixed steps of the single-process engine as piecewise CUDA graphs (everything but
+    # attention, padded to token buckets up to max_num_batched_tokens; afsplit/piecewise_prefill.py)
+    prefill_graphs: bool = True
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from afsplit.config import DTYPES as DTYPE_NAMES
 from afsplit.config import Config
 from afsplit.cuda_graphs import graph_buckets, graphs_wanted
 from afsplit.errors import ConfigError, RequestError
+from afsplit.piecewise_prefill import PiecewisePrefill
 from afsplit.static_decode import StaticDecode
 from afsplit.model_runner import KVCache, ModelRunner
 from afsplit.models.checkpoint import CheckpointReader, RandomWeights
@@ -152,10 +153,17 @@ class LLMEngine:
         elif use_graphs:
             log.info("cuda_graphs: off for this run: comm.metadata: counts reads row counts on the host every "
                      "layer (the default, padded, is captured with every transport, replicas and statistics)")
+        piecewise = None
+        m = micro_batches or fixed_micro_batches(rt.micro_batches, distributed=False)
+        if use_graphs and rt.prefill_graphs and build_moe is None and m == 1:
+            if PiecewisePrefill.supports(spec):
+                piecewise = PiecewisePrefill(self.model, self.kv_cache, moe, self.device, capture,
+                                             rt.max_num_batched_tokens)
+            else:
+                log.info("prefill_graphs: MLA prefill runs eagerly (piecewise graphs cover the GQA families)")
         self.runner = ModelRunner(self.model, self.kv_cache, rt.block_size, moe, self.device,
-                                  micro_batches=micro_batches or fixed_micro_batches(rt.micro_batches, distributed=False),
-                                  max_batch=rt.max_num_seqs, max_tokens_per_rank=rt.max_num_batched_tokens,
-                                  static=static)
+                                  micro_batches=m, max_batch=rt.max_num_seqs,
+                                  max_tokens_per_rank=rt.max_num_batched_tokens, static=static, piecewise=piecewise)
         self.tokenizer = load_tokenizer(config.model.path)
         self._next_id = 0
         self.last_step = (0, 0)

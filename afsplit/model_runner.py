@@ -6,6 +6,7 @@ import torch
 
 from afsplit import ops
 from afsplit.cuda_graphs import step_tokens_hint
+from afsplit.piecewise_prefill import PiecewisePrefill
 from afsplit.static_decode import StaticDecode
 from afsplit.models.moe_model import AttentionModel, MoEBackend
 from afsplit.scheduler import ScheduledBatch
@@ -86,12 +87,13 @@ class ModelRunner:
     """Runs the attention model over one scheduled batch; routed experts go through `moe`.
 
     Decode steps whose micro-batches fit a bucket go through `static` (padded inputs, CUDA graphs)
-    when given; everything else (prefill, mixed steps, larger batches) runs eagerly.
+    when given; prefill and mixed steps of one micro-batch within the token buckets go through
+    `piecewise` (graphs around everything but attention) when given; everything else runs eagerly.
     """
 
     def __init__(self, model: AttentionModel, kv_cache: KVCache, block_size: int, moe: MoEBackend, device,
                  micro_batches: int = 1, max_batch: int = 1, max_tokens_per_rank: int = 1,
-                 static: StaticDecode | None = None):
+                 static: StaticDecode | None = None, piecewise: PiecewisePrefill | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -100,6 +102,7 @@ class ModelRunner:
         self.micro_batches = micro_batches
         self.max_batch, self.max_tokens_per_rank = max_batch, max_tokens_per_rank  # the bucket rule's bounds
         self.static = static
+        self.piecewise = piecewise  # prefill/mixed steps of one micro-batch, cut at attention (piecewise graphs)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
@@ -121,6 +124,11 @@ class ModelRunner:
                         sampling.append(position[id(seq)])
             logits = self.static.run(parts, hint)
             logits = logits[torch.tensor(rows, dtype=torch.int64, device=logits.device)]
+        elif self.piecewise is not None and len(parts) == 1 and self.piecewise.handles(batch.total_tokens):
+            token_ids, meta, sample_rows = build_metadata(batch, self.block_size, self.device)
+            rows = torch.tensor([r for r in sample_rows if r >= 0], dtype=torch.int64, device=self.device)
+            sampling = [i for i, r in enumerate(sample_rows) if r >= 0]
+            logits = self.piecewise.run(token_ids, meta, rows)
         else:
             inputs, rows, sampling = [], [], []
             for part in parts:

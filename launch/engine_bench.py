@@ -175,6 +175,9 @@ def run_requests(engine, n: int, input_len: int, output_len: int, counter, read_
                median_ttft_ms=statistics.median(ttft) if ttft else None,
                mean_tpot_ms=statistics.mean(tpot) if tpot else None,
                missed_counter_calls=counter.missed)
+    other = [s["ms"] for s in steps if "floor_ms" not in s]
+    res["prefill_or_mixed_step_ms_mean"] = statistics.mean(other) if other else None
+    res["tokens"] = [list(s.output_token_ids) for s in seqs]
     res["output_tok_per_s"] = res["output_tokens"] / wall
     if full:
         res.update(
@@ -191,6 +194,34 @@ def run_requests(engine, n: int, input_len: int, output_len: int, counter, read_
     return res
 
 
+def measure(engine, n, input_len, output_len, counter, read_GBps, log, prefill_ab: bool) -> dict:
+    """run_requests with the engine as configured; with piecewise prefill graphs and `prefill_ab`, a
+    baseline run with prefill and mixed steps eager first (same engine, same prompts), its TTFT and
+    step times under "eager_prefill", the TTFT gain and whether the tokens are identical."""
+    piecewise = engine.runner.piecewise
+    base = None
+    if piecewise is not None and prefill_ab:
+        engine.runner.piecewise = None
+        log("prefill eager (baseline):")
+        try:
+            base = run_requests(engine, n, input_len, output_len, counter, read_GBps, log)
+        finally:
+            engine.runner.piecewise = piecewise
+        log("prefill as piecewise CUDA graphs:")
+    r = run_requests(engine, n, input_len, output_len, counter, read_GBps, log)
+    if base is not None:
+        e = r["eager_prefill"] = {k: base.get(k) for k in (
+            "mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms", "wall_s", "output_tok_per_s",
+            "prefill_or_mixed_step_ms_mean", "decode_step_ms_median")}
+        e["per_step_ms"] = [st["ms"] for st in base["per_step"]]
+        r["mean_ttft_gain"] = base["mean_ttft_ms"] / r["mean_ttft_ms"]
+        r["tokens_identical_to_eager_prefill"] = base["tokens"] == r["tokens"]
+        log(f"mean TTFT {base['mean_ttft_ms']:.1f} ms eager prefill -> {r['mean_ttft_ms']:.1f} ms piecewise graphs "
+            f"({r['mean_ttft_gain']:.2f}x); tokens identical: {r['tokens_identical_to_eager_prefill']}")
+    r.pop("tokens")
+    return r
+
+
 def fmt(r: dict) -> str:
     if "decode_step_ms_median" not in r:
         return f"{r['requests']} requests: no full decode step measured"
@@ -202,12 +233,21 @@ def fmt(r: dict) -> str:
             f"TPOT {r['mean_tpot_ms']:.2f} ms, {r['output_tok_per_s']:.0f} tok/s")
 
 
+def _ab_cells(r: dict) -> str:
+    e = r.get("eager_prefill")
+    if not e:
+        return " | | |"
+    return (f"{e['mean_ttft_ms']:.0f} | {r['mean_ttft_gain']:.2f}x | {r['prefill_or_mixed_step_ms_mean']:.1f} / "
+            f"{e['prefill_or_mixed_step_ms_mean']:.1f} | {r['tokens_identical_to_eager_prefill']}")
+
+
 def markdown(res: dict) -> str:
     out = [f"Device {res.get('device')}, {res.get('date')}, commit {res.get('commit')}; read ceiling "
            f"{res.get('read_GBps', 0):.0f} GB/s ({res.get('read_probe')}); config: {res.get('config_summary')}.", "",
            "| requests x (in, out) | decode step (ms, median) | floor (ms) | floor / step | experts hit / step | "
-           "experts GB | attn weights GB | KV GB | mean TTFT (ms) | TPOT (ms) | output tok/s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "experts GB | attn weights GB | KV GB | mean TTFT (ms) | TPOT (ms) | output tok/s | "
+           "mean TTFT, prefill eager (ms) | TTFT gain | prefill/mixed step ms (graphs / eager) | tokens identical |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res.get("runs", []):
         if "decode_step_ms_median" not in r:
             out.append(f"| {r.get('requests')} | {r.get('error', 'no decode step')} | | | | | | | | | |")
@@ -216,7 +256,8 @@ def markdown(res: dict) -> str:
         out.append(f"| {r['requests']} x ({r['input_len']}, {r['output_len']}) | {r['decode_step_ms_median']:.2f} | "
                    f"{r['floor_ms_mean']:.2f} | {r['floor_over_step']:.3f} | {r['experts_hit_per_step_mean']:.0f} | "
                    f"{b['experts'] / 1e9:.2f} | {b['attention'] / 1e9:.2f} | {b['kv'] / 1e9:.2f} | "
-                   f"{r['mean_ttft_ms']:.0f} | {r['mean_tpot_ms']:.2f} | {r['output_tok_per_s']:.0f} |")
+                   f"{r['mean_ttft_ms']:.0f} | {r['mean_tpot_ms']:.2f} | {r['output_tok_per_s']:.0f} | "
+                   + _ab_cells(r) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -230,6 +271,8 @@ def main():
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--kv-gb", type=float, default=20.0)
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
+    ap.add_argument("--no-prefill-ab", dest="prefill_ab", action="store_false",
+                    help="skip the baseline run with prefill and mixed steps eager (default: run it first, same engine)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override (repeatable), e.g. --set runtime.cuda_graphs=false")
     args = ap.parse_args()
@@ -262,12 +305,15 @@ def main():
     res["config"] = config.to_dict()
     res["config_summary"] = (f"qwen3-30b-a3b random weights (routing_skew 1.0), bf16, 1 GPU, "
                              f"cuda_graphs={config.runtime.cuda_graphs}, micro_batches={config.runtime.micro_batches}, "
+                             f"prefill_graphs={config.runtime.prefill_graphs}, "
                              f"max_model_len={config.model.max_model_len}, warm-up={'on' if args.warmup else 'off'}")
     t0 = time.time()
     engine = LLMEngine(config)
     res["engine_build_s"] = time.time() - t0
     spec = engine.spec
     counter = ExpertHitCounter(spec.num_moe_layers, spec.num_experts, engine.device)
+    piecewise = engine.runner.piecewise
+    res["prefill_graphs"] = piecewise is not None
     save()
     try:
         for n in counts:
@@ -281,7 +327,10 @@ def main():
                             make_prompts(n, args.input_len, 3, spec.vocab_size, seed=n)]
                     engine.generate(*warm_up_requests(warm), use_tqdm=False)
                     run["warmup_s"] = time.time() - t1
-                run.update(run_requests(engine, n, args.input_len, args.output_len, counter, res["read_GBps"], log))
+                    if piecewise is not None:  # a second pass: every prefill bucket of the run is captured
+                        engine.generate(*warm_up_requests(warm), use_tqdm=False)
+                run.update(measure(engine, n, args.input_len, args.output_len, counter, res["read_GBps"], log,
+                                   args.prefill_ab))
             except Exception as e:  # noqa: BLE001
                 import traceback
 

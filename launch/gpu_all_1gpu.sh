@@ -7,6 +7,8 @@
 # serve   launch/serve_gpu_bench.sh: afsplit serve + the load generator at 3 rates (limit 320 s; wheels in .whl/)
 # planner launch/planner_runs.sh 320 (limit 380 s)
 # mla     launch/mla_gpu_check.py --only ceilings,decode,engine (limit 150 s)
+# engine  launch/engine_bench.py 64,256 x (512 in, 128 out): decode floor, TTFT with piecewise prefill graphs
+#         against eager prefill in the same engine, tokens compared (limit 300 s)
 # kbench  the kernels benchmark against measured ceilings (kernels/bench.py via launch/kernels_h200.sh parts)
 # Everything lands in $OUT/<part>.tgz (at most 8 files come back from a device call).
 set -u
@@ -40,7 +42,9 @@ for p in $PARTS; do
   case $p in
     ktests) part ktests 120 bash -c ktests ;;
     parity) part parity 120 python3 launch/gpu_parity.py --out "$ROOT_OUT/parity/parity.json" \
-              --families qwen3_moe deepseek_v2 deepseek_v3 --layouts "single-gpu eager" "single-gpu graphs" "colocated 1 graphs" ;;
+              --families qwen3_moe deepseek_v2 deepseek_v3 --layouts "single-gpu eager" "single-gpu decode graphs" "single-gpu graphs" "colocated 1 graphs" ;;
+    engine) part engine 300 python3 launch/engine_bench.py --out "$ROOT_OUT/engine/engine.json" \
+              --md "$ROOT_OUT/engine/engine.md" --requests 64,256 ;;
     serve) part serve 320 bash launch/serve_gpu_bench.sh ;;
     planner) part planner 380 bash launch/planner_runs.sh 320 ;;
     mla) part mla 150 python3 launch/mla_gpu_check.py --only ceilings,decode,engine ;;

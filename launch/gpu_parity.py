@@ -36,8 +36,9 @@ PROMPT_LENS = [5, 17, 33, 64, 1]
 NEW = 12
 
 
-def run_single(model_dir, prompts, dtype, device, cuda_graphs=True):
-    llm = LLM(model=model_dir, dtype=dtype, device=device, num_kv_blocks=256, block_size=16, cuda_graphs=cuda_graphs)
+def run_single(model_dir, prompts, dtype, device, cuda_graphs=True, prefill_graphs=True):
+    llm = LLM(model=model_dir, dtype=dtype, device=device, num_kv_blocks=256, block_size=16, cuda_graphs=cuda_graphs,
+              prefill_graphs=prefill_graphs)
     logits = {}
     record_logits(llm.engine, logits)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -118,7 +119,9 @@ def main():
     # "graphs"/"padded": decode steps are CUDA graphs on every rank (the single-process engine uses them by
     # default; "eager" turns them off); "counts" is the eager exact-size exchange
     two_phase_replicas = ({"transport": "two_phase"}, {"replicas": "auto", "spare_slots_per_rank": 2})
-    layouts = {"single-gpu eager": (None, "eager"), "single-gpu graphs": (None, "graphs"),
+    # "single-gpu graphs" = the default: decode graphs + piecewise prefill graphs; "decode graphs" leaves prefill eager
+    layouts = {"single-gpu eager": (None, "eager"), "single-gpu decode graphs": (None, "decode-graphs"),
+               "single-gpu graphs": (None, "graphs"),
                "colocated 1 graphs": ([{"colocated": 1}], "padded"),
                "colocated 1 two_phase+replicas graphs": ([{"colocated": 1}], "padded", *two_phase_replicas),
                "colocated 1 counts": ([{"colocated": 1}], "counts")}
@@ -165,7 +168,8 @@ def main():
                 work = Path(tmp) / f"{family}-{len(rows)}"
                 work.mkdir()
                 try:
-                    got = run_single(model_dir, prompts, "bfloat16", "cuda", mode != "eager") if nodes is None else \
+                    got = run_single(model_dir, prompts, "bfloat16", "cuda", mode != "eager", mode == "graphs") \
+                        if nodes is None else \
                         run_runtime(model_dir, prompts, nodes, work, mode, *extra)
                     row = {"family": family, "layout": name, **compare(ref, got, yardstick)}
                     runs[name] = got
@@ -184,6 +188,8 @@ def main():
                         row["all_steps_vs_single_gpu_err"] = steps_err(single_gpu, got)
                     if nodes is None and mode == "graphs":
                         single_graphs = got
+                        if "single-gpu decode graphs" in runs:  # piecewise prefill graphs vs eager prefill
+                            row["all_steps_vs_decode_graphs_err"] = steps_err(runs["single-gpu decode graphs"], got)
                     elif single_graphs is not None and mode == "padded":  # same kernels, same padded shapes
                         row["all_steps_vs_single_gpu_graphs_err"] = steps_err(single_graphs, got)
                 except Exception as e:  # report and go on: one layout failing must not hide the others
@@ -193,12 +199,13 @@ def main():
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
     nan = float("nan")
     print(f"{'family':<10} {'layout':<48} {'mover':<9} {'pass':<5} {'logit err':>9} {'HF bf16':>8} {'vs 1GPU':>8} {'steps vs':>8} "
-          f"{'vs graphs':>9} {'vs nccl':>8} {'1st tok':>8} {'tokens':>7}")
+          f"{'vs graphs':>9} {'vs nccl':>8} {'vs decg':>8} {'1st tok':>8} {'tokens':>7}")
     for r in rows:
         print(f"{r['family']:<10} {r['layout']:<48} {r.get('mover', '-'):<9} {str(r['pass']):<5} {r.get('prefill_logits_rel_err_max', nan):>9.2e} "
               f"{r.get('hf_bf16_err', nan):>8.2e} {r.get('vs_single_gpu_err', nan):>8.2e} "
               f"{r.get('all_steps_vs_single_gpu_err', nan):>8.2e} {r.get('all_steps_vs_single_gpu_graphs_err', nan):>9.2e} "
-              f"{r.get('all_steps_vs_nccl_err', nan):>8.2e} {r.get('first_token_match', nan):>8.2f} {r.get('greedy_token_match', nan):>7.2f}")
+              f"{r.get('all_steps_vs_nccl_err', nan):>8.2e} {r.get('all_steps_vs_decode_graphs_err', nan):>8.2e} "
+              f"{r.get('first_token_match', nan):>8.2f} {r.get('greedy_token_match', nan):>7.2f}")
     return 0 if all(r["pass"] for r in rows) else 1
 
 

@@ -653,6 +653,31 @@ def test_engine_bench_counts_expert_reads_on_cpu(tmp_path):
     assert "| 4 x (20, 4) |" in md and "| 8 | x |" in md
 
 
+def test_engine_bench_prefill_graphs_ab_on_cpu(tmp_path, monkeypatch):
+    """engine_bench's A/B of piecewise prefill graphs against eager prefill (same engine, same prompts):
+    the baseline's TTFT is reported next to the graphs', and the tokens agree."""
+    from afsplit.config import load_config
+    from afsplit.cuda_graphs import STATIC_ON_CPU_ENV
+    from afsplit.engine import LLMEngine
+
+    from launch import engine_bench as eb
+
+    monkeypatch.setenv(STATIC_ON_CPU_ENV, "1")  # the graph code paths, uncaptured
+    eng = LLMEngine(load_config("configs/tiny-1proc.yaml", ["runtime.max_num_seqs=4",
+                                                            "runtime.max_num_batched_tokens=48"]))
+    pw = eng.runner.piecewise
+    assert pw is not None
+    counter = eb.ExpertHitCounter(eng.spec.num_moe_layers, eng.spec.num_experts, eng.device)
+    try:
+        r = eb.measure(eng, 4, 20, 4, counter, 1.0, lambda s: None, prefill_ab=True)
+    finally:
+        counter.remove()
+    assert eng.runner.piecewise is pw and pw.calls > 0
+    assert r["tokens_identical_to_eager_prefill"] is True and "tokens" not in r
+    assert r["eager_prefill"]["mean_ttft_ms"] > 0 and r["mean_ttft_gain"] > 0
+    assert "x | " in eb.markdown(dict(runs=[r], read_GBps=1.0))
+
+
 def test_tune_and_bench_flow_on_cpu(tmp_path, monkeypatch):
     """kernels/tune.py and kernels/bench.py run once, on a GPU; here their control flow runs on CPU
     (tiny shapes, the wrappers' torch references, stub timers): the table they write loads back,

@@ -55,13 +55,26 @@ class AttentionModel:
                         meta: ops.AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
         """Pre-norm attention plus the post-attention norm: returns (mlp input [T, H], residual [T, H])."""
         s, lw = self.spec, self.w.layers[layer]
-        if residual is None:
-            residual, x = h, ops.rmsnorm(h, lw.input_norm, s.rms_norm_eps)
-        else:
-            x, residual = ops.rmsnorm(h, lw.input_norm, s.rms_norm_eps, residual)
         if s.mla is not None:  # DeepSeek: latent attention over the latent cache (kv = (latent, None))
+            x, residual = self._input_norm(layer, h, residual)
             return ops.rmsnorm(mla_attention(s, lw, x, meta, kv[0], self.cos_sin), lw.post_norm, s.rms_norm_eps,
                                residual)
+        q, k, v, residual = self.attention_in(layer, h, residual, meta, kv)
+        return self.attention_out(layer, self.attention_core(layer, q, k, v, meta, kv), residual)
+
+    def _input_norm(self, layer: int, h: torch.Tensor, residual: torch.Tensor | None):
+        lw, eps = self.w.layers[layer], self.spec.rms_norm_eps
+        if residual is None:
+            return ops.rmsnorm(h, lw.input_norm, eps), h
+        return ops.rmsnorm(h, lw.input_norm, eps, residual)
+
+    def attention_in(self, layer: int, h: torch.Tensor, residual: torch.Tensor | None,
+                     meta: ops.AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
+        """Everything of attention before the attention kernel (GQA families): input norm, QKV, q/k
+        norms, RoPE and the KV-cache store; reads only `meta.positions` and `meta.slot_mapping`.
+        Returns (q [T, Hq, D], k, v [T, Hkv, D], residual [T, H])."""
+        s, lw = self.spec, self.w.layers[layer]
+        x, residual = self._input_norm(layer, h, residual)
         T = x.shape[0]
         qkv = F.linear(x, lw.qkv_w, lw.qkv_b)
         q, k, v = (t.contiguous() for t in
@@ -76,10 +89,18 @@ class AttentionModel:
         if s.clip_qkv is not None:
             q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
         q, k = ops.apply_rotary(q, k, meta.positions, self.cos_sin)
-        k_cache, v_cache = kv
-        ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        attn = ops.attention(q, k, v, k_cache, v_cache, meta, self.scale, s.sliding_windows[layer])
-        out = F.linear(attn.reshape(T, s.num_heads * s.head_dim), lw.o_w, lw.o_b)
+        ops.store_kv(k, v, kv[0], kv[1], meta.slot_mapping)
+        return q, k, v, residual
+
+    def attention_core(self, layer: int, q, k, v, meta: ops.AttentionMetadata, kv) -> torch.Tensor:
+        """The attention kernel over the paged cache: [T, Hq, D]. The one piece of a layer whose shape
+        depends on every sequence's length (so piecewise CUDA graphs leave it out)."""
+        return ops.attention(q, k, v, kv[0], kv[1], meta, self.scale, self.spec.sliding_windows[layer])
+
+    def attention_out(self, layer: int, attn: torch.Tensor, residual: torch.Tensor):
+        """O projection and the post-attention norm: (mlp input [T, H], residual [T, H])."""
+        s, lw = self.spec, self.w.layers[layer]
+        out = F.linear(attn.reshape(attn.shape[0], s.num_heads * s.head_dim), lw.o_w, lw.o_b)
         return ops.rmsnorm(out, lw.post_norm, s.rms_norm_eps, residual)
 
     def route(self, layer: int, x: torch.Tensor):
@@ -92,6 +113,22 @@ class AttentionModel:
         if s.routing is not None:
             return ops.grouped_topk(logits, s.top_k, s.routing, lw.score_bias, s.norm_topk_prob)
         return ops.topk_gating(logits, s.top_k, s.norm_topk_prob)
+
+    def send_routed(self, layer: int, u: int, x: torch.Tensor, valid_rows: torch.Tensor | None, moe: "MoEBackend"):
+        """Route micro-batch u's MoE input and send it to the routed experts; returns the shared
+        expert's output (computed while the exchange is in flight), or None."""
+        weights, ids = self.route(layer, x)
+        if valid_rows is not None:  # padding rows go to no expert (id -1 is skipped everywhere)
+            ids = torch.where(valid_rows[:, None], ids, -1)
+        moe.send(layer, u, x, ids, weights)
+        return self.shared_expert(layer, x)
+
+    def ffn(self, layer: int, x: torch.Tensor, valid_rows: torch.Tensor | None, moe: "MoEBackend") -> torch.Tensor:
+        """One micro-batch's whole feed-forward part of `layer` (routed + shared experts, or the dense MLP)."""
+        if not self.spec.moe_layers[layer]:
+            return self.dense_mlp(layer, x)
+        shared = self.send_routed(layer, 0, x, valid_rows, moe)
+        return self.add_shared(moe.recv(layer, 0), shared)
 
     def shared_expert(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """The shared expert's gated output (Qwen2-MoE), or None; computed while the exchange is in flight."""
@@ -134,11 +171,7 @@ class AttentionModel:
                     waiting[u] = None
                 x, residuals[u] = self.attention_block(layer, hs[u], residuals[u], meta, kv_caches[layer])
                 if self.spec.moe_layers[layer]:
-                    weights, ids = self.route(layer, x)
-                    if meta.valid_rows is not None:  # padding rows go to no expert (id -1 is skipped everywhere)
-                        ids = torch.where(meta.valid_rows[:, None], ids, -1)
-                    moe.send(layer, u, x, ids, weights)
-                    waiting[u] = (layer, self.shared_expert(layer, x))
+                    waiting[u] = (layer, self.send_routed(layer, u, x, meta.valid_rows, moe))
                 else:
                     hs[u] = self.dense_mlp(layer, x)
         for u, w in enumerate(waiting):
