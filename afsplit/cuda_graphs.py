@@ -34,14 +34,19 @@ log = logging.getLogger(__name__)
 STATIC_ON_CPU_ENV = "AFSPLIT_STATIC_DECODE"  # "1": use the graph code path (uncaptured) on CPU too (tests)
 
 
+def padded_sizes(limit: int, first: int, step: int) -> list[int]:
+    """Sizes to pad to: `first`, doubling while below `step`, then every `step`, the last >= limit."""
+    out, n = [], first
+    while True:
+        out.append(n)
+        if n >= limit:
+            return out
+        n = n * 2 if n < step else n + step
+
+
 def graph_buckets(max_batch: int) -> list[int]:
     """Batch sizes graphs are made for: 1, 2, 4, 8, 16, 24, ... up to the first >= max_batch."""
-    out, b = [], 1
-    while True:
-        out.append(b)
-        if b >= max_batch:
-            return out
-        b = b * 2 if b < 8 else b + 8
+    return padded_sizes(max_batch, 1, 8)
 
 
 def bucket_for(n: int, max_batch: int) -> int | None:

@@ -35,18 +35,14 @@ import logging
 import torch
 
 from afsplit import ops
+from afsplit.cuda_graphs import padded_sizes
 
 log = logging.getLogger(__name__)
 
 
 def token_buckets(max_tokens: int) -> list[int]:
     """Token counts graphs are made for: 16, 32, 64, 128, 256, then every 256, the last >= max_tokens."""
-    out, t = [], 16
-    while True:
-        out.append(t)
-        if t >= max_tokens:
-            return out
-        t = t * 2 if t < 256 else t + 256
+    return padded_sizes(max_tokens, 16, 256)
 
 
 def token_bucket(n: int, max_tokens: int) -> int | None:
@@ -88,13 +84,6 @@ class PiecewisePrefill:
     @staticmethod
     def supports(spec) -> bool:
         return spec.mla is None
-
-    def reset(self) -> None:
-        """Free every graph (see GraphCache.reset)."""
-        if self.graphs:
-            torch.cuda.synchronize(self.device)
-        self.graphs.clear()
-        self.warmed.clear()
 
     def handles(self, num_tokens: int) -> bool:
         return token_bucket(num_tokens, self.max_tokens) is not None
@@ -178,9 +167,9 @@ class PiecewisePrefill:
         T = token_ids.shape[0]
         tb = token_bucket(T, self.max_tokens)
         self.calls += 1
-        if tb in self.graphs and tb not in self.failed and len(self.graphs[tb]) == self.model.spec.num_layers + 1:
+        if tb in self.graphs:  # complete: a capture that fails drops the bucket's graphs
             mode = "replay"
-        elif self.capture and tb in self.warmed and tb not in self.failed and tb not in self.graphs:
+        elif self.capture and tb in self.warmed and tb not in self.failed:
             mode = "capture"
         else:
             mode = "eager"
