@@ -222,6 +222,48 @@ def measure(engine, n, input_len, output_len, counter, read_GBps, log, prefill_a
     return r
 
 
+def profile_steps(engine, n: int, input_len: int, path: str, log) -> None:
+    """torch.profiler tables (CUDA time per kernel, top 30) of the prefill/mixed steps and of 8 full decode
+    steps of n fresh requests, written to `path` (what limits a step: the answer the goals' misses need)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from afsplit.sampling_params import SamplingParams
+    from afsplit.sequence import SeqStatus
+
+    from launch.make_prompts import make_prompts
+
+    prompts = [{"prompt_token_ids": p["prompt_token_ids"]} for p in
+               make_prompts(n, input_len, 16, engine.spec.vocab_size, seed=n + 1)]
+    _, seqs, _ = engine.admit(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    for s in seqs:
+        engine.scheduler.add(s)
+    cuda = engine.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out = []
+
+    def all_decoding():
+        return all(s.status == SeqStatus.RUNNING and s.num_uncomputed == 1 for s in seqs)
+
+    for name, cond, limit in (("prefill/mixed steps", lambda: not all_decoding(), 64),
+                              ("decode steps", all_decoding, 8)):
+        with profile(activities=acts) as prof:
+            k = 0
+            t0 = time.perf_counter()
+            while engine.scheduler.has_work() and cond() and k < limit:
+                engine.step()
+                k += 1
+            if cuda:
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) * 1e3
+        table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30)
+        out.append(f"== {name}: {k} steps of {n} requests x {input_len} in, {ms:.1f} ms wall\n{table}\n")
+        log(out[-1][:4000])
+    while engine.scheduler.has_work():
+        engine.step()
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+
+
 def fmt(r: dict) -> str:
     if "decode_step_ms_median" not in r:
         return f"{r['requests']} requests: no full decode step measured"
@@ -273,6 +315,9 @@ def main():
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
     ap.add_argument("--no-prefill-ab", dest="prefill_ab", action="store_false",
                     help="skip the baseline run with prefill and mixed steps eager (default: run it first, same engine)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the runs, torch.profiler tables of N requests' prefill and decode steps "
+                         "(written beside --out as profile-N.txt)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override (repeatable), e.g. --set runtime.cuda_graphs=false")
     args = ap.parse_args()
@@ -339,6 +384,9 @@ def main():
                 log(f"{n} requests FAILED: {run['traceback']}")
             res["runs"].append(run)
             save()
+        if args.profile:
+            profile_steps(engine, args.profile, args.input_len,
+                          os.path.join(os.path.dirname(os.path.abspath(args.out)), f"profile-{args.profile}.txt"), log)
     finally:
         counter.remove()
     print(markdown(res))

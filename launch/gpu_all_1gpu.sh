@@ -44,7 +44,7 @@ for p in $PARTS; do
     parity) part parity 120 python3 launch/gpu_parity.py --out "$ROOT_OUT/parity/parity.json" \
               --families qwen3_moe deepseek_v2 deepseek_v3 --layouts "single-gpu eager" "single-gpu decode graphs" "single-gpu graphs" "colocated 1 graphs" ;;
     engine) part engine 300 python3 launch/engine_bench.py --out "$ROOT_OUT/engine/engine.json" \
-              --md "$ROOT_OUT/engine/engine.md" --requests 64,256 ;;
+              --md "$ROOT_OUT/engine/engine.md" --requests 64,256 --profile 64 ;;
     serve) part serve 320 bash launch/serve_gpu_bench.sh ;;
     planner) part planner 380 bash launch/planner_runs.sh 320 ;;
     mla) part mla 150 python3 launch/mla_gpu_check.py --only ceilings,decode,engine ;;

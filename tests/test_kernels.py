@@ -676,6 +676,9 @@ def test_engine_bench_prefill_graphs_ab_on_cpu(tmp_path, monkeypatch):
     assert r["tokens_identical_to_eager_prefill"] is True and "tokens" not in r
     assert r["eager_prefill"]["mean_ttft_ms"] > 0 and r["mean_ttft_gain"] > 0
     assert "x | " in eb.markdown(dict(runs=[r], read_GBps=1.0))
+    eb.profile_steps(eng, 4, 20, str(tmp_path / "profile.txt"), lambda s: None)  # --profile's tables
+    text = (tmp_path / "profile.txt").read_text()
+    assert "== prefill/mixed steps" in text and "== decode steps: 8 steps" in text
 
 
 def test_tune_and_bench_flow_on_cpu(tmp_path, monkeypatch):
