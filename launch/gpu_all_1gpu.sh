@@ -9,6 +9,7 @@
 # mla     launch/mla_gpu_check.py --only ceilings,decode,engine (limit 150 s)
 # engine  launch/engine_bench.py 64,256 x (512 in, 128 out): decode floor, TTFT with piecewise prefill graphs
 #         against eager prefill in the same engine, tokens compared (limit 300 s)
+# pattn   launch/prefill_attn_ab.py: whole-prompt prefill attention, paged-prefix path vs no-prefix path (limit 60 s)
 # kbench  the kernels benchmark against measured ceilings (kernels/bench.py via launch/kernels_h200.sh parts)
 # Everything lands in $OUT/<part>.tgz (at most 8 files come back from a device call).
 set -u
@@ -45,6 +46,7 @@ for p in $PARTS; do
               --families qwen3_moe deepseek_v2 deepseek_v3 --layouts "single-gpu eager" "single-gpu decode graphs" "single-gpu graphs" "colocated 1 graphs" ;;
     engine) part engine 300 python3 launch/engine_bench.py --out "$ROOT_OUT/engine/engine.json" \
               --md "$ROOT_OUT/engine/engine.md" --requests 64,256 --profile 64 ;;
+    pattn) part pattn 60 python3 launch/prefill_attn_ab.py --out "$ROOT_OUT/pattn/prefill_attn_ab.json" ;;
     serve) part serve 320 bash launch/serve_gpu_bench.sh ;;
     planner) part planner 380 bash launch/planner_runs.sh 320 ;;
     mla) part mla 150 python3 launch/mla_gpu_check.py --only ceilings,decode,engine ;;
