@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ._triton import HAS_TRITON, tl, triton
-from ._util import FLOAT_DTYPES, check_tensor, next_pow2, pick_backend
+from ._util import FLOAT_DTYPES, cdiv, check_tensor, next_pow2, pick_backend
 
 __all__ = ["rmsnorm", "rmsnorm_ref"]
 
@@ -23,23 +23,29 @@ if HAS_TRITON:
     @triton.jit
     def _rmsnorm_kernel(
         x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr,
-        N, eps,
-        HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+        n_rows, N, eps,
+        HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
+        # ROWS rows per program: per-head norms (q/k norm, N = head_dim) have ~T x heads rows of a few
+        # hundred bytes each, and one program per row made them launch-bound (48 us at 8192 tokens)
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         offs = tl.arange(0, BLOCK_N)
-        mask = offs < N
-        x = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0)
+        mask = (rows < n_rows)[:, None] & (offs < N)[None, :]
+        idx = rows[:, None] * N + offs[None, :]
+        x = tl.load(x_ptr + idx, mask=mask, other=0.0)
         if HAS_RES:
-            r = tl.load(r_ptr + row * N + offs, mask=mask, other=0.0)
+            r = tl.load(r_ptr + idx, mask=mask, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-            tl.store(res_out_ptr + row * N + offs, x, mask=mask)
+            tl.store(res_out_ptr + idx, x, mask=mask)
         xf = x.to(tl.float32)
-        var = tl.sum(xf * xf, axis=0) / N
-        normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        y = w.to(tl.float32) * normed.to(tl.float32)
-        tl.store(out_ptr + row * N + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        var = tl.sum(xf * xf, axis=1) / N
+        normed = (xf * tl.rsqrt(var + eps)[:, None]).to(x.dtype)
+        w = tl.load(w_ptr + offs, mask=offs < N, other=0.0)
+        y = w.to(tl.float32)[None, :] * normed.to(tl.float32)
+        tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+ROWS_ELEMS = 2048  # elements per program for short rows (several rows a program)
 
 
 def rmsnorm_ref(x, weight, eps, residual=None):
@@ -72,10 +78,11 @@ def rmsnorm(x, weight, eps: float, residual=None, *, backend: Optional[str] = No
     rows = x.numel() // N if N else 0
     if rows > 0 and N > 0:
         BLOCK_N = next_pow2(N, 16)
-        _rmsnorm_kernel[(rows,)](
+        ROWS = max(1, ROWS_ELEMS // BLOCK_N)  # ~ROWS_ELEMS elements a program (masks cover the last)
+        _rmsnorm_kernel[(cdiv(rows, ROWS),)](
             x, residual if residual is not None else x, weight, out, res_out,
-            N, float(eps),
-            HAS_RES=residual is not None, BLOCK_N=BLOCK_N,
-            num_warps=min(max(BLOCK_N // 256, 1), 16),
+            rows, N, float(eps),
+            HAS_RES=residual is not None, BLOCK_N=BLOCK_N, ROWS=ROWS,
+            num_warps=min(max(ROWS * BLOCK_N // 256, 1), 16),
         )
     return out if residual is None else (out, res_out)

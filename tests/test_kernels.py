@@ -87,7 +87,7 @@ def test_store_kv_strided_input(gen):
 # ----------------------------------------------------------------------------- rmsnorm
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 16), (3, 5, 40), (7, 64)])
+@pytest.mark.parametrize("shape", [(1, 16), (3, 5, 40), (7, 64), (70, 48), (2, 3000)])  # rows per program, partial last
 @pytest.mark.parametrize("with_res", [False, True])
 def test_rmsnorm(dtype, shape, with_res, gen):
     mod = _module("rmsnorm")
