@@ -82,6 +82,9 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     kernels.store_kv(k, v, k_cache, v_cache, slot_mapping, backend=_backend())
 
 
+NO_PREFIX_PATH_MAX_LEN = 4096
+
+
 def attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None):
     """Causal attention of each chunk's queries over its cached prefix plus the chunk itself.
 
@@ -90,9 +93,10 @@ def attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, 
     if meta.decode_only:
         return kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, window,
                                               backend=_backend())
-    if meta.prefix_lens_list and not any(meta.prefix_lens_list):
-        # whole prompts (known on the host): the kernel's no-prefix path, whose tiles are tuned per length;
-        # the paged-prefix path's 128x128 tiles ran 16 x 512-token prompts at ~110 TFLOP/s (engine profile)
+    if meta.prefix_lens_list and not any(meta.prefix_lens_list) and meta.max_seqlen_q <= NO_PREFIX_PATH_MAX_LEN:
+        # whole prompts (known on the host): the kernel's no-prefix path (64x64 tuned tiles) beats the
+        # paged-prefix path's 128x128 up to 4k-token prompts (1.02-1.29x) and loses at 8k (0.91x)
+        # (launch/prefill_attn_ab.py, 1 H200, 2026-12-04)
         k_cache = v_cache = block_tables = None
     else:
         block_tables = meta.block_tables

@@ -60,12 +60,13 @@ def test_store_kv_gpu(dtype, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_res", [False, True])
-def test_rmsnorm_gpu(dtype, with_res, gen):
+@pytest.mark.parametrize("shape", [(257, 2048), (1000, 32, 128), (3, 4, 128)])  # hidden norm; per-head q/k norms
+def test_rmsnorm_gpu(dtype, with_res, shape, gen):
     from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 
-    x = randn(257, 2048, dtype=dtype, device=DEV, gen=gen)
-    w = randn(2048, dtype=dtype, device=DEV, gen=gen)
-    r = randn(257, 2048, dtype=dtype, device=DEV, gen=gen) if with_res else None
+    x = randn(*shape, dtype=dtype, device=DEV, gen=gen)
+    w = randn(shape[-1], dtype=dtype, device=DEV, gen=gen)
+    r = randn(*shape, dtype=dtype, device=DEV, gen=gen) if with_res else None
     with poisoned_alloc():
         out = rmsnorm(x, w, 1e-6, r)
     ref = rmsnorm_ref(x, w, 1e-6, r)
