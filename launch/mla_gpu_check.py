@@ -390,7 +390,7 @@ def markdown(res: dict) -> str:
     c = res.get("ceilings", {})
     out = [f"# MLA on {res['device']} ({res['date']}, torch {res['torch']}, triton {res['triton']})", ""]
     if c:
-        out += [f"Ceilings measured in this run: read {c['read_GBps']:.0f} GB/s (2 GiB read-only reduction), "
+        out += [f"Ceilings measured in this run: read {c['read_GBps']:.0f} GB/s (kernels/bench.py probe: best of torch sum / amax and a Triton streaming sum over 4 GiB), "
                 f"bf16 matmul {c['matmul_bf16_TFLOPs']:.0f} TFLOP/s.", ""]
     if "tests" in res:
         out += [f"GPU tests (tests/test_mla_kernels_gpu.py): rc {res['tests'].get('rc')}, "
