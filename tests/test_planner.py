@@ -568,13 +568,14 @@ def test_profile_on_cpu_tiny_model_end_to_end(tmp_path, capsys):
 
 SHIPPED = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "planner-h200"
 EARLIER = SHIPPED.parent / "planner-h200-116c55e"  # the first measurement (the runtime of commit 116c55e)
-# what docs/benchmarks/planner-h200.md reports (0.160 over 9 runs; the earlier one 0.162 over 10), with rounding room
-SHIPPED_MAX_ERROR = 0.165
-MEASUREMENTS = [(SHIPPED, 4, 9), (EARLIER, 5, 10)]  # (folder, runtime runs, runs)
+REPEAT = SHIPPED.parent / "planner-h200-fb94180"  # the same day's repeat on the commit before the prefill changes
+# (folder, runtime runs, runs, max error): what docs/benchmarks/planner-h200.md reports with each folder's own
+# profile (0.115 over 10 runs; the repeat 0.108; the first measurement 0.162), with rounding room
+MEASUREMENTS = [(SHIPPED, 5, 10, 0.12), (REPEAT, 5, 10, 0.115), (EARLIER, 5, 10, 0.165)]
 
 
-@pytest.mark.parametrize("where,runtime_runs,_runs", MEASUREMENTS)
-def test_graph_cache_replay_matches_the_runtime_logs(where, runtime_runs, _runs):
+@pytest.mark.parametrize("where,runtime_runs,_runs,_max_err", MEASUREMENTS)
+def test_graph_cache_replay_matches_the_runtime_logs(where, runtime_runs, _runs, _max_err):
     """The lazy CUDA-graph cache replayed through the scheduler (warm-up, then the run) captures exactly the
     (m, bucket) graphs each shipped runtime run logged, in order; engine runs of one process inherit the
     graphs of the runs before them (their order from the engine log)."""
@@ -601,9 +602,9 @@ def test_graph_cache_replay_matches_the_runtime_logs(where, runtime_runs, _runs)
     assert seen == runtime_runs
 
 
-@pytest.mark.parametrize("where,_runtime_runs,runs", MEASUREMENTS)
-def test_shipped_h200_profile_and_runs_validate_within_the_reached_error(capsys, where, _runtime_runs, runs):
+@pytest.mark.parametrize("where,_runtime_runs,runs,max_err", MEASUREMENTS)
+def test_shipped_h200_profile_and_runs_validate_within_the_reached_error(capsys, where, _runtime_runs, runs, max_err):
     assert main(["plan", "validate", "--profile", str(where / "profile.json"), str(where)]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     got = re.fullmatch(r"max relative error ([0-9.]+) over (\d+) runs", last)
-    assert got and int(got.group(2)) == runs and float(got.group(1)) <= SHIPPED_MAX_ERROR, last
+    assert got and int(got.group(2)) == runs and float(got.group(1)) <= max_err, last
