@@ -4,11 +4,13 @@ out[t] = sum_k w[t,k] * w2[e] @ (silu(w13[e,:I] @ x[t]) * (w13[e,I:] @ x[t])),  
 with ids outside [0, E) (e.g. -1: "not on this rank") skipped.
 
 Steps (no host sync, so the whole thing can be captured in a CUDA graph):
-  1. align (two Triton launches, `moe_align`): (token, slot) pairs sorted by expert, stable, into
-     BLOCK_M-aligned segments; each BLOCK_M block of the sorted list belongs to one expert
-     (block_expert, -1 = unused). Launch 1 counts pairs per expert in each chunk of the pairs;
-     launch 2 turns the counts into segment offsets and places every pair, fills the padding and
-     the block -> expert map. `moe_align_ref` is the same in torch ops.
+  1. align (`moe_align`): (token, slot) pairs sorted by expert, stable, into BLOCK_M-aligned
+     segments; each BLOCK_M block of the sorted list belongs to one expert (block_expert, -1 =
+     unused). Up to ALIGN_ONE_MAX_N pairs (decode) one Triton launch: every program histograms all
+     the pairs itself, takes the segment offsets from a cumsum and places its own chunk of pairs.
+     Above, two launches: launch 1 counts pairs per expert in each chunk of the pairs; launch 2
+     turns the counts into segment offsets and places every pair. Both fill the padding and the
+     block -> expert map in the placing launch. `moe_align_ref` is the same in torch ops.
   2. grouped GEMM gate+up (two accumulators) with silu(gate)*up in the epilogue -> [pairs, I].
   3. grouped GEMM down, times the routing weight (fp32) in the epilogue -> per-pair rows [T*K, H].
   4. weighted reduction back to token order: sum over k in fp32, cast to x.dtype.
@@ -46,80 +48,120 @@ if HAS_TRITON:
         ok = m & (e >= 0) & (e < E)
         return tl.where(ok, e, -1).to(tl.int32), ok
 
+    @triton.jit
+    def _segments(total, BLOCK_M: tl.constexpr):
+        """(seg_start, seg_end) of the BLOCK_M-padded expert segments from the per-expert pair counts."""
+        padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        seg_end = tl.cumsum(padded, axis=0)
+        return seg_end - padded, seg_end
+
+    @triton.jit
+    def _place_chunk(ids_ptr, sorted_ptr, running, i0, lim, E, s_it, K: tl.constexpr, BLOCK_E: tl.constexpr,
+                     SUB: tl.constexpr):
+        """Place pairs [i0, min(i0 + SUB, lim)) at running[e] + their rank among the chunk's pairs of
+        expert e (a [SUB, SUB] compare: keep SUB small); returns running advanced past the chunk."""
+        ii = tl.arange(0, SUB)
+        e, ok = _load_ids(ids_ptr, i0 + ii, lim, E, s_it, K)
+        key = tl.where(ok, e, 0)
+        rank = tl.sum(((e[:, None] == e[None, :]) & (ii[None, :] < ii[:, None])).to(tl.int32), axis=1)
+        tl.store(sorted_ptr + tl.gather(running, key, 0) + rank, i0 + ii, mask=ok)
+        return running + tl.histogram(key, BLOCK_E, mask=ok)
+
+    @triton.jit
+    def _fill_blocks(sorted_ptr, bexp_ptr, seg_start, seg_end, total, b_lo, b_hi, N, E,
+                     BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Blocks [b_lo, b_hi): block_expert (owner = experts whose segment ends at or before the block:
+        a histogram of the segment ends in blocks, then a cumsum; -1 past the last segment) and N in
+        the padding slots (past the owner's pairs, or every slot of a block past the last segment)."""
+        offs_e = tl.arange(0, BLOCK_E)
+        ends = tl.where(offs_e < E, seg_end // BLOCK_M, 1 << 30)  # the padding experts (>= E) never end
+        fill_from = seg_start + total
+        jj = tl.arange(0, BLOCK_B)
+        cols = tl.arange(0, BLOCK_M)
+        for b0 in range(b_lo, b_hi, BLOCK_B):
+            rel = ends - b0
+            owner = tl.sum((rel < 0).to(tl.int32), axis=0) + tl.cumsum(
+                tl.histogram(tl.where(rel >= 0, rel, 0), BLOCK_B, mask=(rel >= 0) & (rel < BLOCK_B)), axis=0)
+            bb = b0 + jj
+            inb = bb < b_hi
+            tl.store(bexp_ptr + bb, tl.where(owner < E, owner, -1), mask=inb)
+            ff = tl.gather(fill_from, tl.minimum(owner, E - 1), 0)
+            x = bb[:, None] * BLOCK_M + cols[None, :]
+            pad = inb[:, None] & ((owner >= E)[:, None] | (x >= ff[:, None]))
+            tl.store(sorted_ptr + x, tl.full([BLOCK_B, BLOCK_M], 0, tl.int32) + N, mask=pad)
+
+    @triton.jit
+    def _store_segments(seg_ptr, stats_ptr, seg_end, total, E, BLOCK_E: tl.constexpr, HAS_STATS: tl.constexpr):
+        offs_e = tl.arange(0, BLOCK_E)
+        tl.store(seg_ptr + offs_e, seg_end.to(tl.int64), mask=offs_e < E)
+        if HAS_STATS:
+            tl.atomic_add(stats_ptr + offs_e, total.to(stats_ptr.dtype.element_ty), mask=offs_e < E)
+
+    @triton.jit(do_not_specialize=["N", "max_padded", "blocks_per_prog"])
+    def _moe_align_one_kernel(
+        ids_ptr, sorted_ptr, bexp_ptr, seg_ptr, stats_ptr,
+        N, E, s_it, max_padded, blocks_per_prog,
+        K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, SUB: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, HAS_STATS: tl.constexpr,
+    ):
+        """The whole alignment in one launch (N <= BLOCK_N): every program histograms all N pairs
+        itself (segment offsets without a counts round trip), places the pairs [p*SUB, (p+1)*SUB) and
+        fills its blocks_per_prog blocks."""
+        p = tl.program_id(0)
+        offs_n = tl.arange(0, BLOCK_N)
+        e, ok = _load_ids(ids_ptr, offs_n, N, E, s_it, K)
+        key = tl.where(ok, e, 0)
+        total = tl.histogram(key, BLOCK_E, mask=ok)
+        before = tl.histogram(key, BLOCK_E, mask=ok & (offs_n < p * SUB))  # pairs before the chunk
+        seg_start, seg_end = _segments(total, BLOCK_M)
+        _place_chunk(ids_ptr, sorted_ptr, seg_start + before, p * SUB, N, E, s_it, K, BLOCK_E, SUB)
+        b_lo = p * blocks_per_prog
+        _fill_blocks(sorted_ptr, bexp_ptr, seg_start, seg_end, total, b_lo,
+                     tl.minimum(b_lo + blocks_per_prog, max_padded // BLOCK_M), N, E, BLOCK_E, BLOCK_B, BLOCK_M)
+        if p == 0:
+            _store_segments(seg_ptr, stats_ptr, seg_end, total, E, BLOCK_E, HAS_STATS)
+
     @triton.jit(do_not_specialize=["N", "per_prog"])
     def _moe_count_kernel(
         ids_ptr, counts_ptr, N, E, s_it, per_prog,
-        K: tl.constexpr, BLOCK_E: tl.constexpr, SUB: tl.constexpr,
+        K: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
     ):
         """counts[p, e] = pairs routed to expert e among pairs [p*per_prog, (p+1)*per_prog)."""
         p = tl.program_id(0)
-        offs_e = tl.arange(0, BLOCK_E)
         cnt = tl.zeros([BLOCK_E], dtype=tl.int32)
         lo = p * per_prog
         hi = tl.minimum(lo + per_prog, N)
-        for i0 in range(lo, hi, SUB):
-            e, _ = _load_ids(ids_ptr, i0 + tl.arange(0, SUB), hi, E, s_it, K)
-            cnt += tl.sum((e[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
-        tl.store(counts_ptr + p * BLOCK_E + offs_e, cnt)
+        for i0 in range(lo, hi, CHUNK):
+            e, ok = _load_ids(ids_ptr, i0 + tl.arange(0, CHUNK), hi, E, s_it, K)
+            cnt += tl.histogram(tl.where(ok, e, 0), BLOCK_E, mask=ok)
+        tl.store(counts_ptr + p * BLOCK_E + tl.arange(0, BLOCK_E), cnt)
 
-    @triton.jit(do_not_specialize=["N", "per_prog", "P", "max_padded", "fill_per_prog", "blocks_per_prog"])
+    @triton.jit(do_not_specialize=["N", "per_prog", "P", "max_padded", "blocks_per_prog"])
     def _moe_place_kernel(
         ids_ptr, counts_ptr, sorted_ptr, bexp_ptr, seg_ptr, stats_ptr,
-        N, E, s_it, per_prog, P, max_padded, fill_per_prog, blocks_per_prog,
+        N, E, s_it, per_prog, P, max_padded, blocks_per_prog,
         K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, SUB: tl.constexpr,
-        BLOCK_M: tl.constexpr, HAS_STATS: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, HAS_STATS: tl.constexpr,
     ):
         """Segment offsets from the chunk counts, then (programs < P) place their chunk's pairs in
-        pair order, and (every program) write its share of the padding slots and block experts."""
+        pair order, SUB at a time, and (every program) fill its blocks_per_prog blocks."""
         p = tl.program_id(0)
         offs_p = tl.arange(0, BLOCK_P)
         offs_e = tl.arange(0, BLOCK_E)
-        ii = tl.arange(0, SUB)
         c = tl.load(counts_ptr + offs_p[:, None] * BLOCK_E + offs_e[None, :], mask=(offs_p < P)[:, None], other=0)
         total = tl.sum(c, axis=0)
         before = tl.sum(tl.where((offs_p < p)[:, None], c, 0), axis=0)
-        padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        seg_end = tl.cumsum(padded, axis=0)
-        seg_start = seg_end - padded
-        fill_from = seg_start + total  # each expert's first padding slot
-
-        # (1) place pairs [lo, hi): slot = segment start + pairs of this expert before it
+        seg_start, seg_end = _segments(total, BLOCK_M)
         running = seg_start + before
         lo = p * per_prog
         hi = tl.minimum(lo + per_prog, N)
         for i0 in range(lo, hi, SUB):
-            offs = i0 + ii
-            e, ok = _load_ids(ids_ptr, offs, hi, E, s_it, K)
-            hit = e[:, None] == offs_e[None, :]  # [SUB, BLOCK_E]
-            base = tl.sum(tl.where(hit, running[None, :], 0), axis=1)
-            same = (e[:, None] == e[None, :]) & (ii[None, :] < ii[:, None])  # same expert, earlier in chunk
-            rank = tl.sum(same.to(tl.int32), axis=1)
-            tl.store(sorted_ptr + base + rank, offs.to(tl.int32), mask=ok)
-            running += tl.sum(hit.to(tl.int32), axis=0)
-
-        # (2) padding slots of [f_lo, f_hi) get N (= no pair)
-        f_lo = p * fill_per_prog
-        f_hi = tl.minimum(f_lo + fill_per_prog, max_padded)
-        for x0 in range(f_lo, f_hi, SUB):
-            x = x0 + ii
-            owner = tl.sum((seg_end[None, :] <= x[:, None]).to(tl.int32), axis=1)  # >= E: past the last segment
-            ff = tl.sum(tl.where(offs_e[None, :] == owner[:, None], fill_from[None, :], 0), axis=1)
-            pad = (x < f_hi) & ((owner >= E) | (x >= ff))
-            tl.store(sorted_ptr + x, tl.full([SUB], 0, tl.int32) + N, mask=pad)
-
-        # (3) expert of each BLOCK_M block, -1 past the used ones
-        nb = max_padded // BLOCK_M
+            running = _place_chunk(ids_ptr, sorted_ptr, running, i0, hi, E, s_it, K, BLOCK_E, SUB)
         b_lo = p * blocks_per_prog
-        b_hi = tl.minimum(b_lo + blocks_per_prog, nb)
-        for b0 in range(b_lo, b_hi, SUB):
-            bb = b0 + ii
-            owner = tl.sum((seg_end[None, :] <= (bb * BLOCK_M)[:, None]).to(tl.int32), axis=1)
-            tl.store(bexp_ptr + bb, tl.where(owner < E, owner, -1), mask=bb < b_hi)
-
+        _fill_blocks(sorted_ptr, bexp_ptr, seg_start, seg_end, total, b_lo,
+                     tl.minimum(b_lo + blocks_per_prog, max_padded // BLOCK_M), N, E, BLOCK_E, BLOCK_B, BLOCK_M)
         if p == 0:
-            tl.store(seg_ptr + offs_e, seg_end.to(tl.int64), mask=offs_e < E)
-            if HAS_STATS:
-                tl.atomic_add(stats_ptr + offs_e, total.to(stats_ptr.dtype.element_ty), mask=offs_e < E)
+            _store_segments(seg_ptr, stats_ptr, seg_end, total, E, BLOCK_E, HAS_STATS)
 
     @triton.jit
     def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
@@ -284,23 +326,78 @@ def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert
     return sorted_ids, block_expert, seg_end
 
 
+# Pairs up to which `moe_align` is one launch (`_moe_align_one_kernel`, every program histograms all
+# the pairs); above it two (chunk counts, then placement), where the redundant counting would cost more.
+ALIGN_ONE_MAX_N = 4096
+ALIGN_ONE_LIMIT = 16384  # the most pairs the one-launch kernel takes (_impl="one"; ids held in registers)
+
+
 @functools.lru_cache(maxsize=1024)
-def _align_grid(N: int, E: int, max_padded: int, block_m: int):
-    """Chunking of the two align launches: P placement chunks (the counts tile [P, BLOCK_E] is kept
-    under 8192 entries), and enough programs that the padding fill is spread over up to ~256."""
+def _align_grid(N: int, E: int, max_padded: int, block_m: int, impl: str):
+    """Launch parameters of the alignment. Both paths fill the padding and the block map in
+    [BLOCK_B, BLOCK_M] tiles of at most 2048 slots, blocks_per_prog blocks a program, with enough
+    programs that each fills at most ~4096 slots; pairs are placed SUB at a time ([SUB, SUB] rank
+    compare).
+
+    impl "one": (BLOCK_N, BLOCK_E, SUB, BLOCK_B, blocks_per_prog, grid, warps): a program per SUB pairs.
+    impl "two": (BLOCK_E, CHUNK, per_prog, P, SUB, BLOCK_B, blocks_per_prog, grid, warps): P chunks of
+    per_prog pairs (the counts tile [P, BLOCK_E] is kept under 16384 entries), counted CHUNK at a time.
+    """
     BLOCK_E = next_pow2(E, 16)
-    SUB = max(16, min(128, 16384 // BLOCK_E))
-    p_max = max(1, min(128, 8192 // BLOCK_E))
+    nb = max_padded // block_m
+
+    def fill(programs):
+        grid = max(programs, cdiv(max_padded, 4096))
+        blocks_per_prog = cdiv(nb, grid)
+        return max(1, min(next_pow2(blocks_per_prog), 2048 // block_m)), blocks_per_prog, grid
+
+    if impl == "one":
+        BLOCK_N = next_pow2(N, 16)
+        SUB = 32 if N <= 4096 else 64
+        return (BLOCK_N, BLOCK_E, SUB, *fill(cdiv(max(N, 1), SUB)), 4 if BLOCK_N <= 1024 else 8)
+    SUB = 32
+    p_max = max(1, min(256, 16384 // BLOCK_E))
     per_prog = cdiv(cdiv(max(N, 1), p_max), SUB) * SUB
     P = cdiv(max(N, 1), per_prog)
-    fill_per_prog = max(2 * SUB, cdiv(cdiv(max_padded, 256), SUB) * SUB)
-    grid = max(P, cdiv(max_padded, fill_per_prog))
-    blocks_per_prog = cdiv(max_padded // block_m, grid)
-    return BLOCK_E, SUB, per_prog, P, fill_per_prog, blocks_per_prog, grid
+    CHUNK = min(next_pow2(per_prog), 2048)
+    return (BLOCK_E, CHUNK, per_prog, P, SUB, *fill(P), 4)
+
+
+def _align_launches(topk_ids, E, block_m, sorted_ids, block_expert, seg_end, expert_counts, impl=None):
+    """[(kernel, grid, args, kwargs)] of the launches `moe_align` makes into the given outputs
+    (launch/moe_align_bench.py compiles the same ones ahead of time). impl: "one", "two" or None
+    (by ALIGN_ONE_MAX_N)."""
+    T, K = topk_ids.shape
+    N = T * K
+    impl = impl or ("one" if N <= ALIGN_ONE_MAX_N else "two")
+    max_padded = sorted_ids.shape[0]
+    s_it = topk_ids.stride(0) if T > 1 else K
+    has_stats = expert_counts is not None
+    stats = expert_counts if has_stats else seg_end  # (never touched without HAS_STATS)
+    if impl == "one":
+        check(N <= ALIGN_ONE_LIMIT, f"moe_align: the one-launch path takes at most {ALIGN_ONE_LIMIT} pairs, got {N}")
+        BLOCK_N, BLOCK_E, SUB, BLOCK_B, blocks_per_prog, grid, warps = _align_grid(N, E, max_padded, block_m, impl)
+        return [(_moe_align_one_kernel, (grid,),
+                 (topk_ids, sorted_ids, block_expert, seg_end, stats, N, E, s_it, max_padded, blocks_per_prog),
+                 dict(K=max(K, 1), BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E, SUB=SUB, BLOCK_B=BLOCK_B, BLOCK_M=block_m,
+                      HAS_STATS=has_stats, num_warps=warps))]
+    check(impl == "two", f"moe_align: unknown impl {impl!r}")
+    BLOCK_E, CHUNK, per_prog, P, SUB, BLOCK_B, blocks_per_prog, grid, warps = _align_grid(N, E, max_padded, block_m,
+                                                                                           impl)
+    counts = torch.empty((P, BLOCK_E), dtype=torch.int32, device=topk_ids.device)
+    return [
+        (_moe_count_kernel, (P,), (topk_ids, counts, N, E, s_it, per_prog),
+         dict(K=max(K, 1), BLOCK_E=BLOCK_E, CHUNK=CHUNK, num_warps=warps)),
+        (_moe_place_kernel, (grid,),
+         (topk_ids, counts, sorted_ids, block_expert, seg_end, stats, N, E, s_it, per_prog, P, max_padded,
+          blocks_per_prog),
+         dict(K=max(K, 1), BLOCK_P=next_pow2(P), BLOCK_E=BLOCK_E, SUB=SUB, BLOCK_B=BLOCK_B, BLOCK_M=block_m,
+              HAS_STATS=has_stats, num_warps=warps)),
+    ]
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, backend: Optional[str] = None,
-              expert_counts: Optional[torch.Tensor] = None):
+              expert_counts: Optional[torch.Tensor] = None, _impl: Optional[str] = None):
     """Sort (token, slot) pairs by expert into block_m-aligned segments, without a host sync.
 
     topk_ids int32/int64 `[T, K]` (rows may be strided; ids outside [0, E) are skipped).
@@ -309,7 +406,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, backend
              seg_end int64 [E] = end of each expert's padded segment).
     expert_counts: optional int32/int64 `[E]` tensor on the same device; the pairs routed to each
     expert are added to it (graph-safe activation statistics).
-    Two Triton launches on CUDA (`backend` as in every wrapper); `moe_align_ref` elsewhere.
+    On CUDA (`backend` as in every wrapper) one Triton launch for up to ALIGN_ONE_MAX_N pairs, two
+    above (_impl "one" / "two" forces either: benchmarks, tests); `moe_align_ref` elsewhere.
     """
     fn = "moe_align"
     check_tensor(fn, "topk_ids", topk_ids, ndim=2, dtypes=INT_DTYPES, last_dim_contiguous=True)
@@ -329,19 +427,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, backend
     sorted_ids = torch.empty((max_padded,), dtype=torch.int32, device=dev)
     block_expert = torch.empty((max_padded // block_m,), dtype=torch.int32, device=dev)
     seg_end = torch.empty((E,), dtype=torch.int64, device=dev)
-    BLOCK_E, SUB, per_prog, P, fill_per_prog, blocks_per_prog, grid = _align_grid(N, E, max_padded, block_m)
-    counts = torch.empty((P, BLOCK_E), dtype=torch.int32, device=dev)
-    warps = 8 if BLOCK_E >= 128 else 4
-    s_it = topk_ids.stride(0) if T > 1 else K
-    _moe_count_kernel[(P,)](topk_ids, counts, N, E, s_it, per_prog, K=max(K, 1), BLOCK_E=BLOCK_E, SUB=SUB,
-                            num_warps=warps)
-    _moe_place_kernel[(grid,)](
-        topk_ids, counts, sorted_ids, block_expert, seg_end,
-        expert_counts if expert_counts is not None else counts,
-        N, E, s_it, per_prog, P, max_padded, fill_per_prog, blocks_per_prog,
-        K=max(K, 1), BLOCK_P=next_pow2(P), BLOCK_E=BLOCK_E, SUB=SUB, BLOCK_M=block_m,
-        HAS_STATS=expert_counts is not None, num_warps=warps,
-    )
+    for kernel, grid, args, kwargs in _align_launches(topk_ids, E, block_m, sorted_ids, block_expert, seg_end,
+                                                      expert_counts, _impl):
+        kernel[grid](*args, **kwargs)
     return sorted_ids, block_expert, seg_end
 
 

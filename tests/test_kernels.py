@@ -435,25 +435,95 @@ def test_moe_align(backend, gen):
 
 ALIGN_CASES = [  # T, K, E, block_m
     (0, 2, 4, 16), (1, 8, 32, 16), (5, 2, 4, 4), (37, 4, 16, 16), (130, 8, 16, 64), (600, 2, 8, 128),
-    (50, 1, 3, 32),
+    (50, 1, 3, 32), (1, 1, 1, 1), (64, 8, 128, 16), (3, 8, 256, 128), (300, 3, 7, 2),
+    (100, 8, 1000, 16),  # two launches: several SUB chunks a program (the running offsets carried over)
 ]
 
 
-def test_moe_align_matches_reference(gen):
-    """The two-launch Triton alignment equals the torch one exactly (stable order inside an expert),
-    over chunk boundaries, empty experts, skipped and out-of-range ids, int32 and int64 ids."""
+def _align_check(mod, ids, E, bm, impl, what):
+    """moe_align (forced path) == moe_align_ref exactly, expert_counts included (int64 ones for int32
+    ids and the other way round)."""
+    ca = torch.randint(0, 5, (E,), dtype=torch.int64 if ids.dtype == torch.int32 else torch.int32)
+    cb = ca.clone()
+    with poisoned_alloc():
+        got = mod.moe_align(ids, E, bm, backend="triton", expert_counts=ca, _impl=impl)
+    want = mod.moe_align_ref(ids, E, bm, cb)
+    for name, g_, w_ in zip(("sorted_ids", "block_expert", "seg_end"), got, want):
+        assert g_.dtype == w_.dtype and torch.equal(g_, w_), (what, impl, name)
+    assert torch.equal(ca, cb), (what, impl, "expert_counts")
+
+
+@pytest.mark.parametrize("impl", ["one", "two"])
+def test_moe_align_matches_reference(impl, gen):
+    """Both Triton alignments (one launch / two launches) equal the torch one exactly (stable order
+    inside an expert), over chunk boundaries, empty experts, skipped and out-of-range ids, int32 and
+    int64 ids, E not a power of two, E = 1 and E = 256."""
     mod = _module("fused_moe")
-    _need_interpreted(mod, "_moe_place_kernel")
+    _need_interpreted(mod, "_moe_align_one_kernel")
     for T, K, E, bm in ALIGN_CASES:
         for dt in (torch.int32, torch.int64):
             ids = torch.randint(-1, E + 2, (T, K), generator=gen).to(dt)
-            ca, cb = torch.zeros(E, dtype=torch.int32), torch.zeros(E, dtype=torch.int32)
-            with poisoned_alloc():
-                got = mod.moe_align(ids, E, bm, backend="triton", expert_counts=ca)
-            want = mod.moe_align_ref(ids, E, bm, cb)
-            for g_, w_ in zip(got, want):
-                assert torch.equal(g_.long(), w_.long()), (T, K, E, bm, dt)
-            assert torch.equal(ca, cb)
+            _align_check(mod, ids, E, bm, impl, (T, K, E, bm, dt))
+
+
+@pytest.mark.parametrize("impl", ["one", "two"])
+def test_moe_align_edge_cases(impl, gen):
+    """N = 1, every pair skipped, one expert taking every pair, segments ending exactly on a block
+    boundary, strided int64 views, huge int64 ids."""
+    mod = _module("fused_moe")
+    _need_interpreted(mod, "_moe_align_one_kernel")
+    E, bm = 6, 8
+    cases = {
+        "N=1": torch.tensor([[4]], dtype=torch.int32),
+        "N=1 skipped": torch.tensor([[-1]], dtype=torch.int32),
+        "all skipped": torch.full((9, 3), -1, dtype=torch.int32),
+        "all out of range": torch.full((5, 2), E, dtype=torch.int64),
+        "one expert": torch.full((21, 2), 3, dtype=torch.int32),
+        "last expert only": torch.full((bm, 1), E - 1, dtype=torch.int32),
+        "block boundary": torch.arange(E * bm, dtype=torch.int32).remainder(E).view(-1, 2),  # bm pairs each
+        "boundary, one short": torch.arange(E * bm - 1, dtype=torch.int32).remainder(E).view(-1, 1),
+        "huge int64": torch.tensor([[2 ** 40, 1], [-2 ** 40, 5], [1, 2 ** 31]], dtype=torch.int64),
+        "random": torch.randint(-1, E + 1, (40, 4), generator=gen).to(torch.int32),
+    }
+    for what, ids in cases.items():
+        _align_check(mod, ids, E, bm, impl, what)
+        raw = torch.full((ids.shape[0], ids.shape[1] + 3), 99, dtype=torch.int64)
+        raw[:, 2:2 + ids.shape[1]] = ids
+        _align_check(mod, raw[:, 2:2 + ids.shape[1]], E, bm, impl, what + " (strided int64)")
+    for T, K, E2, bm2 in ((1, 1, 1, 16), (7, 3, 1, 4), (16, 1, 1, 16), (2, 8, 256, 16), (40, 8, 256, 32)):
+        _align_check(mod, torch.randint(-1, E2 + 1, (T, K), generator=gen).to(torch.int32), E2, bm2, impl,
+                     (T, K, E2, bm2))
+
+
+def test_moe_align_threshold(gen, monkeypatch):
+    """The default picks one launch up to ALIGN_ONE_MAX_N pairs and two launches above; both sides of
+    the threshold equal the reference (the real threshold, then a lowered one)."""
+    mod = _module("fused_moe")
+    _need_interpreted(mod, "_moe_align_one_kernel")
+
+    def used(ids, E, bm):
+        mp = mod._max_padded(ids.numel(), E, bm)
+        outs = (torch.empty(mp, dtype=torch.int32), torch.empty(mp // bm, dtype=torch.int32),
+                torch.empty(E, dtype=torch.int64))
+        return [k.__name__ for k, *_ in mod._align_launches(ids, E, bm, *outs, None)]
+
+    E, K, bm = 128, 8, 16
+    T = mod.ALIGN_ONE_MAX_N // K
+    assert T * K == mod.ALIGN_ONE_MAX_N
+    below = torch.randint(-1, E, (T, K), generator=gen).to(torch.int32)
+    above = torch.randint(-1, E, (T * K + 1, 1), generator=gen).to(torch.int32)
+    assert used(below, E, bm) == ["_moe_align_one_kernel"]
+    assert used(above, E, bm) == ["_moe_count_kernel", "_moe_place_kernel"]
+    for ids in (below, above):
+        _align_check(mod, ids, E, bm, None, ("threshold", ids.numel()))
+    monkeypatch.setattr(mod, "ALIGN_ONE_MAX_N", 40)
+    for n in (39, 40, 41):
+        ids = torch.randint(-1, 9, (n, 1), generator=gen).to(torch.int32)
+        assert len(used(ids, 9, 4)) == (1 if n <= 40 else 2)
+        _align_check(mod, ids, 9, 4, None, ("lowered threshold", n))
+    with pytest.raises(ValueError, match="one-launch"):
+        mod.moe_align(torch.zeros(mod.ALIGN_ONE_LIMIT + 1, 1, dtype=torch.int32), 4, 16, backend="triton",
+                      _impl="one")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

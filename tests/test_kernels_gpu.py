@@ -321,6 +321,92 @@ def test_moe_align_gpu(T, K, E, bm, gen):
     assert torch.equal(moe_align(ids.long(), E, bm)[0], got[0])
 
 
+def _align_gpu_check(ids, E, bm, impl, what):
+    from kernels.fused_moe import moe_align, moe_align_ref
+
+    ca = torch.randint(0, 5, (E,), dtype=torch.int64, device=DEV)
+    cb = ca.clone()
+    with poisoned_alloc():
+        got = moe_align(ids, E, bm, expert_counts=ca, _impl=impl)
+    want = moe_align_ref(ids, E, bm, cb)
+    for name, g_, w_ in zip(("sorted_ids", "block_expert", "seg_end"), got, want):
+        assert g_.dtype == w_.dtype and torch.equal(g_, w_), (what, impl, name)
+    assert torch.equal(ca, cb), (what, impl, "expert_counts")
+
+
+ALIGN_GPU_IMPL = [  # T, K, E, bm, impl: each path forced; E = 1, 256, not a power of two
+    (64, 8, 128, 16, "one"), (64, 8, 128, 16, "two"), (1, 1, 128, 16, "one"), (1, 1, 128, 16, "two"),
+    (16, 8, 128, 16, "one"), (256, 8, 128, 16, "one"), (512, 8, 128, 16, "two"), (2048, 8, 256, 16, "one"),
+    (3, 8, 256, 128, "one"), (300, 2, 7, 128, "one"), (300, 2, 7, 128, "two"), (100, 4, 1, 16, "one"),
+    (100, 4, 1, 16, "two"), (64, 2, 8, 16, "one"), (8192, 2, 8, 128, "one"), (8192, 8, 128, 64, "two"),
+]
+
+
+@pytest.mark.parametrize("T,K,E,bm,impl", ALIGN_GPU_IMPL)
+def test_moe_align_gpu_paths(T, K, E, bm, impl, gen):
+    """One-launch and two-launch alignment == torch alignment exactly, contiguous int32 top-k ids
+    (distinct experts per token), random ids with skips as a strided view, and int64 ids."""
+    if impl == "one":
+        from kernels.fused_moe import ALIGN_ONE_LIMIT
+
+        assert T * K <= ALIGN_ONE_LIMIT
+    topk = torch.rand(T, E, generator=gen).topk(min(K, E), dim=-1).indices.to(torch.int32).to(DEV)
+    _align_gpu_check(topk, E, bm, impl, "topk")
+    raw = torch.randint(-1, E + 2, (T, K + 3), generator=gen).to(torch.int32).to(DEV)
+    _align_gpu_check(raw[:, 2:K + 2], E, bm, impl, "strided")
+    _align_gpu_check(raw[:, 2:K + 2].long(), E, bm, impl, "int64")
+
+
+@pytest.mark.parametrize("impl", ["one", "two"])
+def test_moe_align_gpu_edge_cases(impl):
+    """N = 1, all pairs skipped, one expert taking every pair, segments ending on a block boundary."""
+    E, bm = 6, 16
+    i32 = dict(dtype=torch.int32, device=DEV)
+    cases = {
+        "N=1": torch.tensor([[4]], **i32),
+        "all skipped": torch.full((33, 3), -1, **i32),
+        "one expert": torch.full((70, 8), 3, **i32),
+        "block boundary": torch.arange(E * bm * 2, **i32).remainder(E).view(-1, 4),
+        "boundary, one short": torch.arange(E * bm - 1, **i32).remainder(E).view(-1, 1),
+        "huge int64": torch.tensor([[2 ** 40, 1], [-2 ** 40, 5], [1, 2 ** 31]], dtype=torch.int64, device=DEV),
+    }
+    for what, ids in cases.items():
+        _align_gpu_check(ids, E, bm, impl, what)
+
+
+def test_moe_align_gpu_threshold(gen):
+    """Pairs == ALIGN_ONE_MAX_N (one launch by default) and one more (two launches): both exact."""
+    from kernels.fused_moe import ALIGN_ONE_MAX_N
+
+    for n in (ALIGN_ONE_MAX_N, ALIGN_ONE_MAX_N + 1):
+        ids = torch.randint(-1, 128, (n, 1), generator=gen).to(torch.int32).to(DEV)
+        _align_gpu_check(ids, 128, 16, None, n)
+
+
+@pytest.mark.parametrize("impl", ["one", "two"])
+def test_moe_align_gpu_graph(impl, gen):
+    """Captured in a CUDA graph (no host sync), replayed over new ids: still exact."""
+    from kernels.fused_moe import moe_align, moe_align_ref
+
+    T, K, E, bm = 64, 8, 128, 16
+    ids = torch.zeros(T, K, dtype=torch.int32, device=DEV)
+    counts = torch.zeros(E, dtype=torch.int64, device=DEV)
+    moe_align(ids, E, bm, expert_counts=counts, _impl=impl)  # compile outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = moe_align(ids, E, bm, expert_counts=counts, _impl=impl)
+    for _ in range(3):
+        ids.copy_(torch.randint(-1, E + 1, (T, K), generator=gen).to(torch.int32))
+        counts.zero_()
+        g.replay()
+        cb = torch.zeros(E, dtype=torch.int64, device=DEV)
+        want = moe_align_ref(ids, E, bm, cb)
+        for g_, w_ in zip(out, want):
+            assert torch.equal(g_.long(), w_.long())
+        assert torch.equal(counts, cb)
+
+
 @pytest.mark.parametrize("T,E,K,H,I,cfg", [
     (20, 16, 4, 512, 256, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4, W_TMA=True,
                                down=dict(BLOCK_N=64, BLOCK_K=128, W_TMA=True))),
