@@ -42,7 +42,10 @@ class KVCache:
 
 
 def build_metadata(batch: ScheduledBatch, block_size: int, device) -> tuple[torch.Tensor, ops.AttentionMetadata, list[int]]:
-    """Token ids, attention metadata and, per sequence, the row of its last token (or -1 if it does not sample)."""
+    """Token ids, attention metadata and, per sequence, the row of its last token (or -1 if it does not sample).
+
+    Rows follow the batch's order (the scheduler's: 1-token chunks first); what attention decides once
+    per forward (num_decodes, max_seqlen_q, whole_prompts, ...) AttentionMetadata derives from the host lists."""
     token_ids, positions, slots, cu, prefix, seq_lens = [], [], [], [0], [], []
     sample_rows = []
     max_blocks = max((len(s.block_table) for s in batch.seqs), default=1) or 1
@@ -72,7 +75,8 @@ def build_metadata(batch: ScheduledBatch, block_size: int, device) -> tuple[torc
 
 
 def split_micro_batches(batch: ScheduledBatch, m: int) -> list[ScheduledBatch]:
-    """Cut the batch into m contiguous micro-batches of about equal token counts (some may be empty)."""
+    """Cut the batch into m contiguous micro-batches of about equal token counts (some may be empty); each
+    keeps the batch's order (decodes first), so each one's metadata splits the same way."""
     parts = [ScheduledBatch() for _ in range(m)]
     total, done = batch.total_tokens, 0
     for seq, n in zip(batch.seqs, batch.num_tokens):

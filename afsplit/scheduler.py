@@ -6,7 +6,10 @@ takes what is left of its prompt (in chunks when `chunked_prefill` is on, so a l
 stalls running decodes). When the KV cache is full, the most recently admitted running sequence
 is preempted by recompute: its blocks are freed and it goes back to the front of the waiting
 queue, keeping its generated tokens, to be prefilled again later. Then waiting sequences are
-admitted while budget, sequence slots and free blocks allow.
+admitted while budget, sequence slots and free blocks allow. Finally the batch is ordered with its
+1-token chunks (decodes) first, each part in the order above (`decodes_first`), so that attention
+serves the decode rows with the paged decode kernel and the rest with the prefill kernel through
+plain slices (afsplit/ops.py `attention`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,20 @@ class ScheduledBatch:
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+
+def decodes_first(batch: ScheduledBatch) -> ScheduledBatch:
+    """The batch with its 1-token chunks first, then the longer ones, each in its original order (a
+    stable partition; `block_copies` are unordered work). What is scheduled does not change, only the
+    rows' order: every consumer (sampling, micro-batch split, the distributed runtime) indexes the
+    batch by position, and contiguous micro-batches of it keep the order."""
+    n = batch.num_tokens
+    order = sorted(range(len(n)), key=lambda i: n[i] != 1)  # sorted() is stable
+    if order == list(range(len(n))):
+        return batch
+    batch.seqs = [batch.seqs[i] for i in order]
+    batch.num_tokens = [n[i] for i in order]
+    return batch
 
 
 class Scheduler:
@@ -97,7 +114,7 @@ class Scheduler:
             batch.num_tokens.append(n)
             batch.block_copies += copies
             budget -= n
-        return batch
+        return decodes_first(batch)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SeqStatus.FINISHED

@@ -78,7 +78,8 @@ class StaticDecode:
                 positions=self.scalars[u, 1, :bucket], slot_mapping=self.scalars[u, 2, :bucket],
                 cu_seqlens_q=self.cu[:bucket + 1], prefix_lens=self.seq_lens[u, :bucket] - 1,
                 seq_lens=self.seq_lens[u, :bucket], block_tables=self.tables[u, :bucket], decode_only=True,
-                cu_seqlens_list=list(range(bucket + 1)), prefix_lens_list=[], valid_rows=self.valid[u, :bucket])
+                cu_seqlens_list=list(range(bucket + 1)), prefix_lens_list=[], valid_rows=self.valid[u, :bucket],
+                max_seqlen_q=1, num_decodes=bucket)  # every row a decode (no per-row host list to scan)
             inputs.append((self.scalars[u, 0, :bucket], meta))
         return self.model.forward(inputs, self.kv_cache.layers, self.moe, [self.rows[:bucket]] * m)
 

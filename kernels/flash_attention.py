@@ -317,7 +317,10 @@ def flash_attention(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, prefi
     """Causal varlen attention with a paged prefix; returns out `[T, Hq, D]` in q.dtype.
 
     q `[T, Hq, D]`, k/v `[T, Hkv, D]` (may be strided views, last dim contiguous),
-    cu_seqlens_q int32 `[B+1]`, prefix_lens int32 `[B]`; k_cache/v_cache
+    cu_seqlens_q int32 `[B+1]` are absolute row offsets into q/k/v and out: they need not start at 0
+    nor end at T, and rows outside [cu[0], cu[B]) are left unwritten (the engine runs the decode rows
+    of a mixed step, rows [0, cu[0]), through the paged decode kernel into the same output);
+    prefix_lens int32 `[B]`; k_cache/v_cache
     `[num_blocks, page, Hkv, D]` and block_tables int32 `[B, max_blocks]` may be None when every
     prefix_len is 0 (checked for CPU tensors; on CUDA prefix_lens are then ignored, to avoid a sync).
     max_seqlen_q: host-side bound on chunk lengths (default: computed from cu_seqlens_q, one host

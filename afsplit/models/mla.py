@@ -10,7 +10,8 @@ Per token the cache holds only the latent `[c | k_pe]` (kv_lora_rank R + rope DR
   gathered and expanded with kv_b_proj into per-head keys and values once, then
   `ops.mla_prefill` attends (cheaper than the absorbed form when many queries share a context).
 
-A mixed step runs its one-token chunks (decodes) absorbed and its longer chunks expanded.
+A mixed step runs its leading one-token chunks (decodes, first in every scheduled batch) absorbed
+and the chunks after them expanded.
 Rotary dims of interleaved checkpoints were permuted to NeoX halves at load, so the rotation
 is `ops.apply_rotary` with the spec's (possibly YaRN) cos/sin table.
 """
@@ -65,28 +66,17 @@ def _absorbed_decode(spec: ModelSpec, kv_b_w: torch.Tensor, q: torch.Tensor, cac
 
 def _mixed(spec: ModelSpec, kv_b_w: torch.Tensor, q: torch.Tensor, cache: torch.Tensor,
            meta: ops.AttentionMetadata) -> torch.Tensor:
-    """A step with prompt chunks (eager only: uses the host copies of the chunk layout)."""
-    cu, prefix = meta.cu_seqlens_list, meta.prefix_lens_list
-    lens = [b - a for a, b in zip(cu, cu[1:])]
-    one = [i for i, n in enumerate(lens) if n == 1]
-    if len(one) == len(lens):
+    """A step with prompt chunks (eager only: uses the host copies of the chunk layout): the leading
+    `meta.num_decodes` one-token chunks (the scheduler puts decodes first) absorbed, the rest expanded,
+    as two row slices of q."""
+    nd, cu, prefix = meta.num_decodes, meta.cu_seqlens_list, meta.prefix_lens_list
+    if nd == meta.num_seqs:
         return _absorbed_decode(spec, kv_b_w, q, cache, meta)
-    dev = q.device
-    out = torch.empty((q.shape[0], spec.num_heads, spec.mla.v_head_dim), dtype=q.dtype, device=dev)
-    if one:
-        rows = torch.tensor([cu[i] for i in one], dtype=torch.int64, device=dev)
-        seqs = torch.tensor(one, dtype=torch.int64, device=dev)
-        sub = ops.AttentionMetadata(
-            positions=meta.positions[rows], slot_mapping=meta.slot_mapping[rows],
-            cu_seqlens_q=torch.arange(len(one) + 1, dtype=torch.int32, device=dev),
-            prefix_lens=meta.prefix_lens[seqs], seq_lens=meta.seq_lens[seqs], block_tables=meta.block_tables[seqs],
-            decode_only=True, cu_seqlens_list=list(range(len(one) + 1)), prefix_lens_list=[prefix[i] for i in one])
-        out[rows] = _absorbed_decode(spec, kv_b_w, q[rows], cache, sub)
-    many = [i for i, n in enumerate(lens) if n > 1]
-    rows = torch.cat([torch.arange(cu[i], cu[i + 1], device=dev) for i in many])
-    out[rows] = _expanded_prefill(spec, kv_b_w, q[rows], cache, meta.block_tables[torch.tensor(many, device=dev)],
-                                  [lens[i] for i in many], [prefix[i] for i in many])
-    return out
+    lens = [b - a for a, b in zip(cu[nd:], cu[nd + 1:])]
+    prompts = _expanded_prefill(spec, kv_b_w, q[nd:], cache, meta.prefill_block_tables, lens, prefix[nd:])
+    if not nd:
+        return prompts
+    return torch.cat([_absorbed_decode(spec, kv_b_w, q[:nd], cache, meta), prompts])  # ops.mla_decode: rows [:nd]
 
 
 def _expanded_prefill(spec: ModelSpec, kv_b_w: torch.Tensor, q: torch.Tensor, cache: torch.Tensor,

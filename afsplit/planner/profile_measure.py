@@ -154,16 +154,17 @@ MIXED_GRID = ((512, 2048), (512, 2048))  # (prompt pieces, decode contexts)
 
 
 def measure_mixed(bench: "LayerBench", timer, quick: bool) -> dict:
-    """The attention side of a mixed step (a prompt piece of L tokens plus decode rows of context c, which go
-    through the prefill kernel's paged-prefix loop) and of the piece alone, GPU time (CUDA graphs): what a
-    decode row adds to a chunked-prefill step. An error is recorded, not raised (the rest of the profile stands)."""
+    """The attention side of a mixed step (decode rows of context c, then a prompt piece of L tokens: the
+    scheduler's order, so the rows go through the paged decode kernel and the piece through the prefill
+    kernel, as ops.attention splits them) and of the piece alone, GPU time (CUDA graphs): what a decode row
+    adds to a chunked-prefill step. An error is recorded, not raised (the rest of the profile stands)."""
     k, (pieces, contexts) = (2, ((16, 32), (16, 32))) if quick else (MIXED_DECODES, MIXED_GRID)
     out: dict = {"decodes": k, "points": []}
     try:
         for n in pieces:
             alone = 1e3 * timer(bench.attention_fn(bench._meta([n], [n]), n))
             for c in contexts:
-                meta = bench._meta([n] + [c + 1] * k, [n] + [1] * k)
+                meta = bench._meta([c + 1] * k + [n], [1] * k + [n])  # decodes first, as scheduled
                 ms = 1e3 * timer(bench.attention_fn(meta, n + k))
                 out["points"].append({"prompt_len": n, "decode_ctx": c, "ms": ms, "alone_ms": alone})
                 log.info("attention mixed: %d-token piece + %d decodes at context %d: %.3f ms (alone %.3f)", n, k, c,
