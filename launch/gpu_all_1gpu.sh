@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A session's 1-GPU checks and measurements in few device calls: choose the parts per call.
 #   bash launch/gpu_all_1gpu.sh "ktests parity serve"      then      bash launch/gpu_all_1gpu.sh "planner mla"
-# ktests  every gpu-marked test, 8 concurrent shards (limit 120 s)
+# ktests  every gpu-marked test, 8 concurrent shards (limit 180 s)
 # parity  tiny models in bf16 (launch/gpu_parity.py): single-GPU engine eager/graphs, the 1-rank runtime, for
 #         qwen3_moe, deepseek_v2, deepseek_v3 (limit 120 s)
 # serve   launch/serve_gpu_bench.sh: afsplit serve + the load generator at 3 rates (limit 320 s; wheels in .whl/)
@@ -10,6 +10,9 @@
 # engine  launch/engine_bench.py 64,256 x (512 in, 128 out): decode floor, TTFT with piecewise prefill graphs
 #         against eager prefill in the same engine, tokens compared (limit 300 s)
 # pattn   launch/prefill_attn_ab.py: whole-prompt prefill attention, paged-prefix path vs no-prefix path (limit 60 s)
+# align   launch/moe_align_bench.py: MoE alignment, one launch vs two, against the torch reference (limit 90 s)
+# moetune fused-MoE tuning for Qwen3-30B-A3B shapes (compile in 8 shards, then kernels/tune.py --only moe, budget
+#         MOE_BUDGET=130 s), then the engine benchmark at 64 x (512, 128) with that table (limit 420 s)
 # kbench  the kernels benchmark against measured ceilings (kernels/bench.py via launch/kernels_h200.sh parts)
 # Everything lands in $OUT/<part>.tgz (at most 8 files come back from a device call).
 set -u
@@ -38,10 +41,23 @@ ktests() {
   echo "GPU tests: $(cat "$OUT"/shard.*.log | grep -c ' PASSED') passed, $(cat "$OUT"/shard.*.log | grep -c ' FAILED') failed," \
        "$(cat "$OUT"/shard.*.log | grep -c ' SKIPPED') skipped of $(wc -l < "$OUT/ids.txt")"
 }
-export -f ktests
+moetune() {
+  local args="--only moe --moe-models qwen3-30b-a3b" i
+  for i in 0 1 2 3 4 5 6 7; do
+    python3 kernels/tune.py --compile-only --shard $i/8 --out /dev/null --budget-s 70 $args > "$OUT/compile.$i.log" 2>&1 &
+  done
+  wait
+  grep -h "compile pass" "$OUT"/compile.[0-7].log
+  python3 kernels/tune.py --out "$OUT/moe-table.json" --md "$OUT/tuning.md" --budget-s "${MOE_BUDGET:-130}" $args \
+    > "$OUT/tune.log" 2>&1
+  tail -15 "$OUT/tune.log"
+  AFSPLIT_KERNEL_TUNING="$OUT/moe-table.json" python3 launch/engine_bench.py --out "$OUT/engine.json" \
+    --md "$OUT/engine.md" --requests 64 --no-prefill-ab --profile 64
+}
+export -f ktests moetune
 for p in $PARTS; do
   case $p in
-    ktests) part ktests 120 bash -c ktests ;;
+    ktests) part ktests 180 bash -c ktests ;;
     parity) part parity 120 python3 launch/gpu_parity.py --out "$ROOT_OUT/parity/parity.json" \
               --families qwen3_moe deepseek_v2 deepseek_v3 --layouts "single-gpu eager" "single-gpu decode graphs" "single-gpu graphs" "colocated 1 graphs" ;;
     engine) part engine 300 python3 launch/engine_bench.py --out "$ROOT_OUT/engine/engine.json" \
@@ -50,6 +66,8 @@ for p in $PARTS; do
     serve) part serve 320 bash launch/serve_gpu_bench.sh ;;
     planner) part planner 380 bash launch/planner_runs.sh 320 ;;
     mla) part mla 150 python3 launch/mla_gpu_check.py --only ceilings,decode,engine ;;
+    align) part align 90 python3 launch/moe_align_bench.py --out "$ROOT_OUT/align" ;;
+    moetune) part moetune 420 bash -c moetune ;;
     kbench) part kbench 200 python3 kernels/bench.py --out "$ROOT_OUT/kbench/kernels.json" --md "$ROOT_OUT/kbench/kernels.md" ;;
     *) echo "unknown part $p" ;;
   esac
