@@ -272,3 +272,16 @@ def test_staggered_arrivals_give_the_same_greedy_tokens(name, models, monkeypatc
 
         monkeypatch.setenv(STATIC_ON_CPU_ENV, "1")
         assert _staggered(models[name], greedy)[0] == base
+
+
+def test_mixed_attn_ab_builds_matching_paths():
+    """launch/mixed_attn_ab.py's inputs on CPU (the kernels' torch references): the old one-call path, the
+    engine's split path and the prompts alone agree on their rows."""
+    from launch.mixed_attn_ab import build, paths
+
+    tensors, meta = build([5, 9, 17], [(0, 7), (3, 4)], "cpu", torch.float32, hq=4, hk=2, d=16, page=4)
+    assert meta.num_decodes == 3 and not meta.whole_prompts
+    old, new, alone = paths(tensors, meta, 0.25)
+    a, b = old(), new()
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(alone()[3:], a[3:], atol=1e-5, rtol=1e-5)
