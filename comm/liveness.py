@@ -80,8 +80,14 @@ class Liveness:
         self._thread = threading.Thread(target=self._run, name="afsplit-liveness", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, join_timeout_s: float = 5.0) -> None:
+        """End the heartbeat thread and wait for it (bounded by `join_timeout_s` and two beats): a daemon thread
+        still inside a store call when the interpreter shuts down can abort the process (SIGABRT, "terminate
+        called without an active exception"). From the thread itself (an on_stale callback) it only signals."""
         self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=min(join_timeout_s, 2 * self.interval_s + 1.0))
 
     def watch_only(self, ranks: Iterable[int]) -> None:
         """Stop watching ranks outside `ranks` (the dead, after a recovery)."""

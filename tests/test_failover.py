@@ -233,3 +233,37 @@ def test_the_coordinators_death_ends_the_job_in_one_line(prompts, tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.startswith("afsplit: error:")]
     assert len(lines) == 1 and "rank 0 (attention, node 0) died (SIGKILL)" in lines[0], proc.stderr[-3000:]
     assert len(tokens) < N_PROMPTS  # what finished before is kept in --output (resume finishes the rest)
+
+
+def test_liveness_stop_waits_for_its_thread():
+    """stop() returns with the heartbeat thread ended (a daemon thread left inside a store call when the
+    process exits can abort it), also while the thread is busy in a slow store call."""
+    import threading
+    import time
+
+    from comm.liveness import Liveness
+
+    class SlowStore:
+        def __init__(self):
+            self.values, self.lock = {}, threading.Lock()
+
+        def add(self, key, n):
+            time.sleep(0.05)  # a round trip
+            with self.lock:
+                self.values[key] = self.values.get(key, 0) + n
+                return self.values[key]
+
+        def check(self, keys):
+            return False
+
+        def set(self, key, value):
+            pass
+
+    live = Liveness(SlowStore(), rank=1, ranks=range(3), peer_timeout_s=0.5, watcher=0)
+    live.start()
+    time.sleep(0.25)  # a few beats, likely mid-call now
+    assert live._thread.is_alive() and live.store.values.get("afsplit/hb/1", 0) >= 2
+    t0 = time.monotonic()
+    live.stop()
+    assert not live._thread.is_alive()
+    assert time.monotonic() - t0 < 2.0

@@ -737,12 +737,15 @@ def test_engine_bench_prefill_graphs_ab_on_cpu(tmp_path, monkeypatch):
                                                             "runtime.max_num_batched_tokens=48"]))
     pw = eng.runner.piecewise
     assert pw is not None
+    eb.warm_up(eng, 4, 20, 4, eng.spec.vocab_size, prefill_ab=True)  # eager pass, then two graph passes
+    assert eng.runner.piecewise is pw and pw.calls >= 2
+    calls = pw.calls
     counter = eb.ExpertHitCounter(eng.spec.num_moe_layers, eng.spec.num_experts, eng.device)
     try:
         r = eb.measure(eng, 4, 20, 4, counter, 1.0, lambda s: None, prefill_ab=True)
     finally:
         counter.remove()
-    assert eng.runner.piecewise is pw and pw.calls > 0
+    assert eng.runner.piecewise is pw and pw.calls > calls
     assert r["tokens_identical_to_eager_prefill"] is True and "tokens" not in r
     assert r["eager_prefill"]["mean_ttft_ms"] > 0 and r["mean_ttft_gain"] > 0
     assert "x | " in eb.markdown(dict(runs=[r], read_GBps=1.0))

@@ -177,9 +177,12 @@ class BlockTimes:
     @cached_property
     def _mixed_fit(self) -> tuple[float, float, float] | None:
         """(seconds per query block of the longest piece, per key tile of the row's context, fixed) of one decode
-        row in a mixed step, or None without the profile's mixed points. The prefill kernel's grid is (query
-        blocks of the longest piece, heads, sequences), so a decode row gets as many programs as the longest
-        piece has query blocks, all but one exiting at once, and its one real program walks its paged prefix."""
+        row in a mixed step, or None without the profile's mixed points. Profiles made before 2026-12-04 measured
+        the decode rows inside the prefill kernel, whose grid is (query blocks of the longest piece, heads,
+        sequences): a row got as many programs as the longest piece has query blocks, all but one exiting at
+        once, its one real program walking its paged prefix. Since then the engine serves them with the paged
+        decode kernel (afsplit/ops.py `attention`) and profile_measure.measure_mixed measures that, so a new
+        profile fits the per-block term to ~0 and the per-tile and fixed terms to the decode kernel's cost."""
         sec = self.profile.get("attention_mixed") or {}
         pts, k = sec.get("points") or [], sec.get("decodes", 0)
         if len(pts) < 3 or k <= 0:

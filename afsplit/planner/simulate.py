@@ -11,7 +11,8 @@ budget. Each scheduled step is then priced by the step model the way the engine 
 * anything else (prefill chunks, mixed steps, graphs off) is an eager step whose attention is the
   prefill kernel's padded tiles over every sequence of the step, decodes included (with the profile's
   mixed points: the prompt pieces' tiles plus what each decode row measured to add, given the longest
-  piece, BlockTimes.mixed_decode_row).
+  piece, BlockTimes.mixed_decode_row; since 2026-12-04 the engine runs those rows on the paged decode
+  kernel, which profiles made from then on measure).
 
 What ran before the measured run on the same engine sets the cache: ``--warmup`` (the same prompts
 for 3 tokens, cuda_graphs.warm_up_requests) and, for engine runs made one after another in one
