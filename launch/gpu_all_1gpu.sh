@@ -10,6 +10,7 @@
 # engine  launch/engine_bench.py 64,256 x (512 in, 128 out): decode floor, TTFT with piecewise prefill graphs
 #         against eager prefill in the same engine, tokens compared (limit 300 s)
 # pattn   launch/prefill_attn_ab.py: whole-prompt prefill attention, paged-prefix path vs no-prefix path (limit 60 s)
+# mattn   launch/mixed_attn_ab.py: a mixed step's attention, decode rows on the decode kernel vs one prefill call (limit 90 s)
 # align   launch/moe_align_bench.py: MoE alignment, one launch vs two, against the torch reference (limit 90 s)
 # moetune fused-MoE tuning for Qwen3-30B-A3B shapes (compile in 8 shards, then kernels/tune.py --only moe, budget
 #         MOE_BUDGET=130 s), then the engine benchmark at 64 x (512, 128) with that table (limit 420 s)
@@ -66,6 +67,7 @@ for p in $PARTS; do
     serve) part serve 320 bash launch/serve_gpu_bench.sh ;;
     planner) part planner 380 bash launch/planner_runs.sh 320 ;;
     mla) part mla 150 python3 launch/mla_gpu_check.py --only ceilings,decode,engine ;;
+    mattn) part mattn 90 python3 launch/mixed_attn_ab.py --out "$ROOT_OUT/mattn/mixed_attn_ab.json" ;;
     align) part align 90 python3 launch/moe_align_bench.py --out "$ROOT_OUT/align" ;;
     moetune) part moetune 420 bash -c moetune ;;
     kbench) part kbench 200 python3 kernels/bench.py --out "$ROOT_OUT/kbench/kernels.json" --md "$ROOT_OUT/kbench/kernels.md" ;;
