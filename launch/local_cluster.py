@@ -550,6 +550,9 @@ def _go_on_without(topology: Topology, jobs: "JobProcesses", failed, stuck, lost
                 print(f"{PREFIX} {_rank_name(topology, r)} is stopped past comm.peer_timeout_s: killing it "
                       "(the survivors went on without it)", file=out, flush=True)
                 os.kill(pid, signal.SIGKILL)
+                # its node is lost now, whenever its torchrun gets round to exiting (it may still be waiting at
+                # the exit barrier when the coordinator's job ends: then its exit code would come too late)
+                lost.add(topology.node_of(r))
     for k, code in failed:
         if k != coordinator_node and k not in lost:
             lost.add(k)
