@@ -127,16 +127,23 @@ def attention_weight_bytes(w, batch: int) -> int:
     return n
 
 
-def run_requests(engine, n: int, input_len: int, output_len: int, counter, read_GBps: float, log) -> dict:
+def bench_requests(n: int, input_len: int, output_len: int, vocab_size: int, seed: int):
+    """(prompts, greedy params) of n random prompts of input_len tokens, output_len new tokens each (ignore_eos):
+    what every run here generates (the same seed gives the same prompts)."""
     from afsplit.sampling_params import SamplingParams
-    from afsplit.sequence import SeqStatus
 
     from launch.make_prompts import make_prompts
 
-    spec = engine.spec
     prompts = [{"prompt_token_ids": p["prompt_token_ids"]} for p in
-               make_prompts(n, input_len, output_len, spec.vocab_size, seed=n)]
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+               make_prompts(n, input_len, output_len, vocab_size, seed=seed)]
+    return prompts, SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+
+
+def run_requests(engine, n: int, input_len: int, output_len: int, counter, read_GBps: float, log) -> dict:
+    from afsplit.sequence import SeqStatus
+
+    spec = engine.spec
+    prompts, params = bench_requests(n, input_len, output_len, spec.vocab_size, seed=n)
     dt_bytes = torch.tensor([], dtype=engine.dtype).element_size()
     kv_per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * dt_bytes
     expert_bytes = 3 * spec.hidden_size * spec.moe_intermediate_size * dt_bytes
@@ -200,12 +207,7 @@ def warm_up(engine, n: int, input_len: int, output_len: int, vocab_size: int, pr
     A/B runs it), then twice with piecewise graphs (a token bucket is run eagerly the first time it is seen
     and captured the second). A 3-token warm-up (cuda_graphs.warm_up_requests) misses the shapes of the
     run's tail: the 2026-12-04 20:44 run spent 0.4-1.2 s in first-use compiles inside the measured steps."""
-    from afsplit import SamplingParams
-    from launch.make_prompts import make_prompts
-
-    prompts = [{"prompt_token_ids": p["prompt_token_ids"]} for p in
-               make_prompts(n, input_len, output_len, vocab_size, seed=n)]
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    prompts, params = bench_requests(n, input_len, output_len, vocab_size, seed=n)  # run_requests' prompts
     piecewise = engine.runner.piecewise
     passes = [piecewise] * (1 if piecewise is None else 2)
     if piecewise is not None and prefill_ab:
@@ -251,14 +253,9 @@ def profile_steps(engine, n: int, input_len: int, path: str, log) -> None:
     steps of n fresh requests, written to `path` (what limits a step: the answer the goals' misses need)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from afsplit.sampling_params import SamplingParams
     from afsplit.sequence import SeqStatus
 
-    from launch.make_prompts import make_prompts
-
-    prompts = [{"prompt_token_ids": p["prompt_token_ids"]} for p in
-               make_prompts(n, input_len, 16, engine.spec.vocab_size, seed=n + 1)]
-    _, seqs, _ = engine.admit(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    _, seqs, _ = engine.admit(*bench_requests(n, input_len, 16, engine.spec.vocab_size, seed=n + 1))
     for s in seqs:
         engine.scheduler.add(s)
     cuda = engine.device.type == "cuda"

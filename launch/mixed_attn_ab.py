@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,6 +23,8 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from afsplit import ops  # noqa: E402
+from afsplit.model_runner import build_metadata  # noqa: E402
+from afsplit.scheduler import ScheduledBatch  # noqa: E402
 
 # (name, decode contexts, [(prefix, chunk length)] of the prompt part)
 CASES = [
@@ -34,47 +37,30 @@ CASES = [
 
 
 def build(decode_ctx: list[int], chunks: list[tuple[int, int]], device, dtype, hq=32, hk=4, d=128, page=16, seed=0):
-    """q, k, v, caches and metadata of one mixed step in the scheduler's order (decodes first); the
-    chunks' own keys are in the cache too, as the engine stores them before attention."""
+    """q, k, v, caches and metadata of one mixed step in the scheduler's order (decodes first), built as the
+    engine builds them (model_runner.build_metadata over stand-in sequences with scattered blocks); the
+    chunks' own keys are stored in the cache first, as the engine does before attention."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    prefix = [c - 1 for c in decode_ctx] + [p for p, _ in chunks]
-    lens = [1] * len(decode_ctx) + [n for _, n in chunks]
-    ctx = [p + n for p, n in zip(prefix, lens)]
-    pages = [-(-c // page) for c in ctx]
-    width = max(pages)
-    perm = torch.randperm(sum(pages), generator=g).to(torch.int32)
-    tables = torch.zeros(len(ctx), width, dtype=torch.int32)
-    at = 0
-    for b, n in enumerate(pages):
-        tables[b, :n] = perm[at:at + n]
-        at += n
-    kc = torch.randn(sum(pages), page, hk, d, generator=g).to(dtype)
-    vc = torch.randn(sum(pages), page, hk, d, generator=g).to(dtype)
-    T = sum(lens)
-    q = torch.randn(T, hq, d, generator=g).to(dtype)
-    k, v = torch.empty(T, hk, d, dtype=dtype), torch.empty(T, hk, d, dtype=dtype)
-    cu, slots = [0], []
-    for b, (p, n) in enumerate(zip(prefix, lens)):
-        for pos in range(p, p + n):
-            slot = int(tables[b, pos // page]) * page + pos % page
-            slots.append(slot)
-        cu.append(cu[-1] + n)
-    flat_k, flat_v = kc.view(-1, hk, d), vc.view(-1, hk, d)
-    k.copy_(flat_k[torch.tensor(slots)])
-    v.copy_(flat_v[torch.tensor(slots)])
-    to = dict(device=device)
-    meta = ops.AttentionMetadata(
-        positions=torch.zeros(T, dtype=torch.int64, **to), slot_mapping=torch.tensor(slots, **to),
-        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, **to), prefix_lens=torch.tensor(prefix, dtype=torch.int32, **to),
-        seq_lens=torch.tensor(ctx, dtype=torch.int32, **to), block_tables=tables.to(device), decode_only=False,
-        cu_seqlens_list=cu, prefix_lens_list=prefix)
-    return [t.to(device) for t in (q, k, v, kc, vc)], meta
+    layout = [(c - 1, 1) for c in decode_ctx] + list(chunks)  # (cached prefix, chunk length)
+    need = [-(-(p + n) // page) for p, n in layout]
+    free = torch.randperm(sum(need), generator=g).tolist()
+    batch = ScheduledBatch()
+    for (p, n), blocks in zip(layout, need):
+        batch.seqs.append(SimpleNamespace(num_computed_tokens=p, token_ids=[0] * (p + n), num_tokens=p + n,
+                                          block_table=[free.pop() for _ in range(blocks)]))
+        batch.num_tokens.append(n)
+    _, meta, _ = build_metadata(batch, page, device)
+    T = sum(n for _, n in layout)
+    kc, vc = (torch.randn(sum(need), page, hk, d, generator=g).to(device, dtype) for _ in range(2))
+    q, k, v = (torch.randn(T, h, d, generator=g).to(device, dtype) for h in (hq, hk, hk))
+    ops.store_kv(k, v, kc, vc, meta.slot_mapping)
+    return [q, k, v, kc, vc], meta
 
 
 def paths(tensors, meta, scale: float):
     """(old, new, prompts alone) as zero-argument callables."""
     q, k, v, kc, vc = tensors
-    nd = meta.num_decodes
+    assert meta.num_decodes > 0, "a mixed step has decode rows"
 
     def old():
         return kernels.flash_attention(q, k, v, meta.cu_seqlens_q, kc, vc, meta.block_tables, meta.prefix_lens, scale,
@@ -88,7 +74,6 @@ def paths(tensors, meta, scale: float):
                                        None if meta.whole_prompts else vc,
                                        None if meta.whole_prompts else meta.prefill_block_tables,
                                        meta.prefill_prefix_lens, scale, max_seqlen_q=meta.max_seqlen_q)
-    assert nd > 0
     return old, new, alone
 
 
