@@ -29,6 +29,16 @@ _PTRS = {"q_ptr": "*bf16", "c_ptr": "*bf16", "o_ptr": "*bf16", "bt_ptr": "*i32",
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
+def dump_cubin(cubin: bytes) -> tuple[str, str]:
+    """(cuobjdump --dump-resource-usage, cuobjdump --dump-sass) of a compiled kernel, with Triton's bundled
+    cuobjdump (also used by launch/moe_align_bench.py --aot)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return tuple(subprocess.run([os.path.join(_BIN, "cuobjdump"), flag, f.name], capture_output=True,
+                                    text=True).stdout for flag in ("--dump-resource-usage", "--dump-sass"))
+
+
 def compile_one(block_h: int, block_n: int, num_warps: int, num_stages: int, extra: dict | None = None) -> dict:
     mod = sys.modules["kernels.mla_decode"]
     fn = mod._mla_decode_kernel
@@ -49,13 +59,7 @@ def compile_one(block_h: int, block_n: int, num_warps: int, num_stages: int, ext
                 attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, sig, {n: v for n, v in const.items() if n in fn.arg_names}, attrs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
-                               capture_output=True, text=True).stdout
-        sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-sass", f.name],
-                              capture_output=True, text=True).stdout
+    usage, sass = dump_cubin(k.asm["cubin"])
 
     def field(name):
         m = re.search(name + r":(\d+)", usage)

@@ -70,19 +70,12 @@ def compile_sm90(kernel, args, kwargs):
 
 def resource_usage(k) -> dict:
     """Registers, stack, spills, local loads / stores and shared memory of a compiled kernel."""
-    try:
-        from kernels.mla_aot import _BIN  # Triton's bundled ptxas / cuobjdump
-    except Exception:  # noqa: BLE001 -- mla_aot broken or renamed: the same folder
-        import triton
-
-        _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    from kernels.mla_aot import _BIN, dump_cubin  # Triton's bundled ptxas / cuobjdump
 
     with tempfile.TemporaryDirectory() as d:
-        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:
             f.write(k.asm["ptx"])
-        with open(cubin, "wb") as f:
-            f.write(k.asm["cubin"])
         try:  # the ptxas Triton itself runs for sm_90 (3.9+ takes the newer of its two)
             from triton.backends.nvidia.compiler import get_ptxas
 
@@ -91,10 +84,7 @@ def resource_usage(k) -> dict:
             ptxas = os.path.join(_BIN, "ptxas")
         log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o",
                               os.path.join(d, "v.cubin")], capture_output=True, text=True).stderr
-        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", cubin],
-                               capture_output=True, text=True).stdout
-        sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-sass", cubin],
-                              capture_output=True, text=True).stdout
+    usage, sass = dump_cubin(k.asm["cubin"])
 
     def field(pat, text):
         m = re.search(pat, text)
