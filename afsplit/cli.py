@@ -294,6 +294,7 @@ def _generate_rank(args, config) -> int:
     """One rank of the distributed runtime (under torchrun). A failure is one line naming this rank
     (or, when the cluster simulation started us, a report it reads: it prints the one line)."""
     from afsplit.runtime.worker import RankRuntime
+    from comm.groups import leave_process
 
     rank = int(os.environ.get("RANK", "0"))
     runtime = None
@@ -320,12 +321,9 @@ def _generate_rank(args, config) -> int:
             _dump_host_profile(profiler, runtime.rank)
         if runtime is not None:
             runtime.shutdown(abort=failed)
-            if runtime.failed_over:  # the lost world's groups are kept, never torn down: leave without waiting on them
-                sys.stdout.flush()
-                sys.stderr.flush()
-                logging.shutdown()
-                os._exit(rc)
-    return rc
+    # a rank process ends here, without the interpreter's teardown (comm.groups.leave_process says why; after a
+    # failover the lost world's groups are kept, never torn down, so that teardown could also wait on them)
+    leave_process(rc)
 
 
 def _coordinate(args, runtime) -> int:

@@ -79,6 +79,7 @@ def _serve_rank(config, args, topology) -> int:
     from afsplit.errors import AfsplitError
     from afsplit.runtime.worker import RankRuntime
     from afsplit.server.engine_core import ClusterCore
+    from comm.groups import leave_process
     from launch.local_cluster import report_rank_failure
 
     rank = int(os.environ.get("RANK", "0"))
@@ -93,18 +94,17 @@ def _serve_rank(config, args, topology) -> int:
         runtime = RankRuntime(config)
         if not coordinator:
             runtime.serve()
-            failed = False
-            return 0
-        code = _serve_http(ClusterCore(runtime), config, args, sock)
+            code = 0
+        else:
+            code = _serve_http(ClusterCore(runtime), config, args, sock)
         failed = code != 0
-        return code
     except BaseException as e:  # noqa: BLE001 -- a dead or silent peer (CommError names it), or a start-up error
         code = 2 if isinstance(e, AfsplitError) else 130 if isinstance(e, KeyboardInterrupt) else 1
         report_rank_failure(topology, rank, e, code, debug=getattr(args, "debug", False))
-        return code
     finally:
         if runtime is not None:
             runtime.shutdown(abort=failed)
+    leave_process(code)  # without the interpreter's teardown (comm.groups.leave_process says why)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -16,13 +16,14 @@ import torch
 from afsplit.config import load_config
 from afsplit.runtime.worker import RankRuntime
 from afsplit.sampling_params import SamplingParams
+from comm.groups import leave_process
 
 
 def record_logits(engine, sink: dict) -> None:
     run = engine.runner.run
 
-    def recording_run(batch):
-        logits, sampling = run(batch)
+    def recording_run(batch, feed=None):
+        logits, sampling = run(batch, feed)
         for row, i in enumerate(sampling):
             sink.setdefault(batch.seqs[i].request_id, []).append(logits[row].cpu().clone())
         return logits, sampling
@@ -55,3 +56,4 @@ def main(cfg_path, prompts_path, out_dir):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    leave_process(0)  # as a rank of `afsplit generate` does (comm/groups.py says why)

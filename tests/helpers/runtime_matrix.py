@@ -20,7 +20,7 @@ from afsplit.config import load_config
 from afsplit.cuda_graphs import STATIC_ON_CPU_ENV
 from afsplit.runtime.worker import RankRuntime
 from afsplit.sampling_params import SamplingParams
-from comm.groups import init_distributed
+from comm.groups import init_distributed, leave_process
 
 TRANSPORTS = ("direct", "two_phase", "adaptive")
 MODES = ("padded_static", "padded", "counts")  # padded_static: the CUDA-graph decode path, uncaptured on CPU
@@ -63,3 +63,4 @@ def main(base_cfg: str, prompts_path: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    leave_process(0)  # as a rank of `afsplit generate` does (comm/groups.py says why)
