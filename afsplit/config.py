@@ -74,6 +74,9 @@ class RuntimeConfig:
     # with cuda_graphs, prefill and mixed steps of the single-process engine as piecewise CUDA graphs (everything but
     # attention, padded to token buckets up to max_num_batched_tokens; afsplit/piecewise_prefill.py)
     prefill_graphs: bool = True
+    # the single-process engine launches the next decode step before reading this one's tokens, so the host's
+    # sampling, bookkeeping and scheduling overlap the GPU (vLLM's async scheduling; afsplit/step_ahead.py)
+    async_scheduling: bool = True
 
 
 @dataclass(frozen=True)

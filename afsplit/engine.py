@@ -29,7 +29,8 @@ from afsplit.runtime.micro_batches import fixed_micro_batches
 from afsplit.sampler import sample
 from afsplit.sampling_params import SamplingParams, derive_seed, token_ids_problem
 from afsplit.scheduler import Scheduler
-from afsplit.sequence import SeqUpdate, Sequence
+from afsplit.sequence import SeqStatus, SeqUpdate, Sequence
+from afsplit.step_ahead import LaunchedStep, can_run_ahead, drop_placeholders, placeholders_for_ahead
 
 log = logging.getLogger("afsplit")
 
@@ -166,6 +167,10 @@ class LLMEngine:
                                   max_tokens_per_rank=rt.max_num_batched_tokens, static=static, piecewise=piecewise)
         self.tokenizer = load_tokenizer(config.model.path)
         self._next_id = 0
+        # launch the next decode step before reading this one (step_ahead.py); the distributed runtime's
+        # attention ranks step in lockstep with the coordinator's plans and never do
+        self.async_scheduling = rt.async_scheduling and build_moe is None
+        self._ahead: LaunchedStep | None = None  # a step launched ahead, read by the next step()
         self.last_step = (0, 0)
         self.steps_run = 0
 
@@ -241,32 +246,71 @@ class LLMEngine:
 
     def abort_request(self, request_id: int) -> bool:
         """Stop a request and free its KV blocks now; False if it is not here (finished or unknown)."""
-        return self.scheduler.abort(request_id) is not None
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:
+            drop_placeholders(seq)
+        return seq is not None
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work()  # a step ahead computes only running requests
 
     def step(self, lockstep: bool = False) -> list[SeqUpdate]:
         """One forward pass: schedule -> run -> postprocess. Returns what each sampling request produced.
 
         With `lockstep` (a runtime attention rank) the forward runs even with nothing scheduled, so
-        this rank joins every MoE collective of the step with zero tokens.
+        this rank joins every MoE collective of the step with zero tokens. With
+        runtime.async_scheduling the next decode step may be launched before this one is read
+        (afsplit/step_ahead.py); it is read by the next call.
         """
-        batch = self.scheduler.schedule()
-        if not batch.seqs and not lockstep:
-            if self.scheduler.has_work():
-                raise RuntimeError("scheduler made no progress (KV cache too small for any waiting request)")
-            return []
-        self.last_step = (batch.total_tokens, sum(1 for n in batch.num_tokens if n == 1))  # tokens, decodes
-        logits, sampling = self.runner.run(batch)
+        launched, self._ahead = self._ahead, None
+        if launched is not None and all(s.status is SeqStatus.FINISHED for s in launched.seqs):
+            launched = None  # every request it computes has ended or was aborted: nothing to read (the stream
+            # orders its KV writes before any later step's, so its freed blocks can be reused)
+        if launched is None:
+            batch = self.scheduler.schedule()
+            if not batch.seqs and not lockstep:
+                if self.scheduler.has_work():
+                    raise RuntimeError("scheduler made no progress (KV cache too small for any waiting request)")
+                return []
+            launched = self._launch(batch)
+        if self.async_scheduling and not lockstep:
+            self._ahead = self._launch_ahead(launched)
+        return self._read(launched)
+
+    def _launch(self, batch, feed=None) -> LaunchedStep:
+        logits, sampling = self.runner.run(batch, feed)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
-        new_tokens = sample(logits, [batch.seqs[i] for i in sampling])
+        return LaunchedStep.launched(batch, sampling, logits, self.runner.last_static)
+
+    def _launch_ahead(self, launched: LaunchedStep) -> LaunchedStep | None:
+        """The next step, launched now when it can only be decodes of the same sequences (step_ahead.py)."""
+        sch = self.scheduler
+        if not can_run_ahead(sch.running, len(sch.waiting), sch.max_num_seqs, self.max_model_len):
+            return None  # a waiting request may join the next step: schedule it once this one is read
+        feed = placeholders_for_ahead(launched, sch.running, self.max_model_len)
+        if feed is None:
+            return None
+        batch = sch.schedule(admit=False)
+        return self._launch(batch, (launched.tokens, feed)) if batch.seqs else None
+
+    def _read(self, launched: LaunchedStep) -> list[SeqUpdate]:
+        """Read a launched step's tokens and finish what they end."""
+        batch = launched.batch
+        self.last_step = (batch.total_tokens, sum(1 for n in batch.num_tokens if n == 1))  # tokens, decodes
+        if launched.tokens is not None:
+            new_tokens = launched.greedy_tokens()
+        else:
+            new_tokens = sample(launched.logits, launched.seqs)
         now = time.time()
         updates = []
-        for i, token in zip(sampling, new_tokens):
-            seq = batch.seqs[i]
-            seq.output_token_ids.append(token)
+        for seq, slot, token in zip(launched.seqs, launched.slots, new_tokens):
+            if seq.status is SeqStatus.FINISHED:  # ended by the step before, or aborted: its row is dropped
+                continue
+            if slot < len(seq.output_token_ids):  # the placeholder a step launched ahead gave it
+                seq.output_token_ids[slot] = token
+            else:
+                seq.output_token_ids.append(token)
             seq.token_times.append(now)
             reason = self._finish_reason(seq, token)
             if reason:

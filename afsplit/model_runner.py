@@ -107,10 +107,14 @@ class ModelRunner:
         self.max_batch, self.max_tokens_per_rank = max_batch, max_tokens_per_rank  # the bucket rule's bounds
         self.static = static
         self.piecewise = piecewise  # prefill/mixed steps of one micro-batch, cut at attention (piecewise graphs)
+        self.last_static = False  # whether the last run took the static (CUDA-graph) decode path
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Returns (logits [S, V] for the S sequences that sample this step, their indices in `batch`)."""
+    def run(self, batch: ScheduledBatch, feed=None) -> tuple[torch.Tensor, list[int]]:
+        """Returns (logits [S, V] for the S sequences that sample this step, their indices in `batch`).
+
+        `feed`: input tokens still on the device (StaticDecode.run); only a decode step that takes the
+        static path can have them. `self.last_static` says afterwards whether this step took it."""
         self.kv_cache.copy_blocks(batch.block_copies)
         parts = split_micro_batches(batch, self.micro_batches)
         position = {id(seq): i for i, seq in enumerate(batch.seqs)}
@@ -126,9 +130,15 @@ class ModelRunner:
                     if seq.num_computed_tokens + 1 == seq.num_tokens:
                         rows.append(u * hint + b)
                         sampling.append(position[id(seq)])
-            logits = self.static.run(parts, hint)
+            logits = self.static.run(parts, hint, feed)
             logits = logits[torch.tensor(rows, dtype=torch.int64, device=logits.device)]
-        elif self.piecewise is not None and len(parts) == 1 and self.piecewise.handles(batch.total_tokens):
+            self.last_static = True
+            self.moe.end_step()
+            return logits, sampling
+        self.last_static = False
+        if feed is not None:
+            raise RuntimeError("a step with device-fed tokens must be a decode step on the static path")
+        if self.piecewise is not None and len(parts) == 1 and self.piecewise.handles(batch.total_tokens):
             token_ids, meta, sample_rows = build_metadata(batch, self.block_size, self.device)
             rows = torch.tensor([r for r in sample_rows if r >= 0], dtype=torch.int64, device=self.device)
             sampling = [i for i, r in enumerate(sample_rows) if r >= 0]

@@ -75,7 +75,10 @@ class Scheduler:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, admit: bool = True) -> ScheduledBatch:
+        """This step's batch. `admit=False`: running sequences only (the engine's step ahead, whose input
+        tokens are partly still on the device, must not prefill a waiting one -- afsplit/step_ahead.py).
+        A running sequence with nothing left to compute (its last token will end it) is skipped."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         for seq in list(self.running):
@@ -83,6 +86,8 @@ class Scheduler:
                 continue
             if budget == 0:
                 break
+            if seq.num_uncomputed == 0:
+                continue
             n = min(seq.num_uncomputed, budget)
             if not self.chunked_prefill and n < seq.num_uncomputed:
                 continue
@@ -99,7 +104,7 @@ class Scheduler:
             batch.num_tokens.append(n)
             batch.block_copies += copies
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed, budget)
             if not self.chunked_prefill and n < seq.num_uncomputed:
@@ -117,10 +122,15 @@ class Scheduler:
         return decodes_first(batch)
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        """`seq` is done: free its blocks. It is running, or waiting when a step ahead preempted it after the
+        step that produced its last token had been launched."""
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         self.kv.free(seq)
-        self.running.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
 
     def abort(self, request_id: int) -> Sequence | None:
         """Drop a waiting or running request and free its KV blocks; the Sequence, or None if unknown."""

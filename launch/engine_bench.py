@@ -76,7 +76,8 @@ class ExpertHitCounter:
         self.rows: dict[int, int] = {}
         self.missed = 0
         self.orig = kernels.fused_moe
-        self.prev = self.buf.to("cpu", copy=True)
+        self.engine = None  # the engine whose steps are counted (attach)
+        self._read_hits: list[int] = []
 
         def counting(x, w13, w2, topk_ids, topk_weights, **kw):
             i = self.rows.get(w13.data_ptr())
@@ -90,14 +91,55 @@ class ExpertHitCounter:
 
         kernels.fused_moe = counting
 
+    def attach(self, engine) -> None:
+        """Count per launched step: a snapshot of the counts is copied out (without a sync) after each launch
+        and read when the engine reads that step. With async scheduling the engine launches the next step
+        before reading this one, so a copy taken after engine.step() would also count the step ahead (and a
+        blocking one would wait for it, taking away the overlap being measured)."""
+        if self.engine is engine:
+            return
+        self.remove_from_engine()
+        self.engine = engine
+        launch, read = engine._launch, engine._read
+        self._last_snapshot = self._snapshot()
+        self._read_hits = []
+
+        def counted_launch(batch, feed=None):
+            step = launch(batch, feed)
+            step.hit_snapshots = (self._last_snapshot, self._snapshot())
+            self._last_snapshot = step.hit_snapshots[1]
+            return step
+
+        def counted_read(step):
+            (before, ev0), (after, ev1) = step.hit_snapshots
+            for ev in (ev0, ev1):
+                if ev is not None:
+                    ev.synchronize()
+            self._read_hits = ((after - before) > 0).sum(1).tolist()
+            return read(step)
+
+        engine._launch, engine._read = counted_launch, counted_read
+
+    def remove_from_engine(self) -> None:
+        if self.engine is not None:
+            del self.engine._launch, self.engine._read  # the instance attributes: the class's methods again
+            self.engine = None
+
+    def _snapshot(self):
+        if not self.buf.is_cuda:
+            return self.buf.clone(), None
+        host = torch.empty(self.buf.shape, dtype=self.buf.dtype, pin_memory=True)
+        host.copy_(self.buf, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return host, ev
+
     def step_hits(self) -> list[int]:
-        """Experts with >= 1 token per layer since the last call (one small device -> host copy)."""
-        cur = self.buf.to("cpu", copy=True)
-        hits = ((cur - self.prev) > 0).sum(1).tolist()
-        self.prev = cur
-        return hits
+        """Experts with >= 1 token per layer in the step the engine read last."""
+        return self._read_hits
 
     def remove(self) -> None:
+        self.remove_from_engine()
         self.kernels.fused_moe = self.orig
 
 
@@ -147,16 +189,18 @@ def run_requests(engine, n: int, input_len: int, output_len: int, counter, read_
     dt_bytes = torch.tensor([], dtype=engine.dtype).element_size()
     kv_per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * dt_bytes
     expert_bytes = 3 * spec.hidden_size * spec.moe_intermediate_size * dt_bytes
+    counter.attach(engine)
     _, seqs, _ = engine.admit(prompts, params)
     for s in seqs:
         engine.scheduler.add(s)
     steps = []
     attn_bytes = {}  # batch -> bytes (the walk over the weights is done once per batch size)
-    counter.step_hits()
     t_start = time.time()
-    while engine.scheduler.has_work():
-        decoding = [s for s in seqs if s.status == SeqStatus.RUNNING and s.num_uncomputed == 1]
-        ctx = sum(s.num_computed_tokens + 1 for s in decoding)
+    while engine.has_unfinished_requests():
+        # decoding: one token to compute, or none when it was launched ahead (async scheduling); then the context
+        # counted is that of the step ahead, one token more per sequence than the step this call reads
+        decoding = [s for s in seqs if s.status == SeqStatus.RUNNING and s.num_uncomputed <= 1]
+        ctx = sum(s.num_computed_tokens + s.num_uncomputed for s in decoding)
         t0 = time.perf_counter()
         engine.step()
         ms = (time.perf_counter() - t0) * 1e3
@@ -220,11 +264,23 @@ def warm_up(engine, n: int, input_len: int, output_len: int, vocab_size: int, pr
         engine.runner.piecewise = piecewise
 
 
-def measure(engine, n, input_len, output_len, counter, read_GBps, log, prefill_ab: bool) -> dict:
+def measure(engine, n, input_len, output_len, counter, read_GBps, log, prefill_ab: bool,
+            async_ab: bool = False) -> dict:
     """run_requests with the engine as configured; with piecewise prefill graphs and `prefill_ab`, a
     baseline run with prefill and mixed steps eager first (same engine, same prompts), its TTFT and
-    step times under "eager_prefill", the TTFT gain and whether the tokens are identical."""
+    step times under "eager_prefill", the TTFT gain and whether the tokens are identical. With
+    `async_ab` (and runtime.async_scheduling on), likewise a baseline that reads every step before
+    launching the next, under "sync_decode"."""
     piecewise = engine.runner.piecewise
+    sync = None
+    if async_ab and engine.async_scheduling:
+        engine.async_scheduling = False
+        log("async scheduling off (baseline):")
+        try:
+            sync = run_requests(engine, n, input_len, output_len, counter, read_GBps, log)
+        finally:
+            engine.async_scheduling = True
+        log("async scheduling on:")
     base = None
     if piecewise is not None and prefill_ab:
         engine.runner.piecewise = None
@@ -244,6 +300,13 @@ def measure(engine, n, input_len, output_len, counter, read_GBps, log, prefill_a
         r["tokens_identical_to_eager_prefill"] = base["tokens"] == r["tokens"]
         log(f"mean TTFT {base['mean_ttft_ms']:.1f} ms eager prefill -> {r['mean_ttft_ms']:.1f} ms piecewise graphs "
             f"({r['mean_ttft_gain']:.2f}x); tokens identical: {r['tokens_identical_to_eager_prefill']}")
+    if sync is not None and "decode_step_ms_median" in sync and "decode_step_ms_median" in r:
+        r["sync_decode"] = {k: sync.get(k) for k in (
+            "decode_step_ms_median", "floor_over_step", "mean_tpot_ms", "mean_ttft_ms", "output_tok_per_s", "wall_s")}
+        r["decode_step_gain_vs_sync"] = sync["decode_step_ms_median"] / r["decode_step_ms_median"]
+        r["tokens_identical_to_sync"] = sync["tokens"] == r["tokens"]
+        log(f"decode step {sync['decode_step_ms_median']:.2f} ms reading every step -> {r['decode_step_ms_median']:.2f} "
+            f"ms launching ahead ({r['decode_step_gain_vs_sync']:.3f}x); tokens identical: {r['tokens_identical_to_sync']}")
     r.pop("tokens")
     return r
 
@@ -263,14 +326,14 @@ def profile_steps(engine, n: int, input_len: int, path: str, log) -> None:
     out = []
 
     def all_decoding():
-        return all(s.status == SeqStatus.RUNNING and s.num_uncomputed == 1 for s in seqs)
+        return all(s.status == SeqStatus.RUNNING and s.num_uncomputed <= 1 for s in seqs)
 
     for name, cond, limit in (("prefill/mixed steps", lambda: not all_decoding(), 64),
                               ("decode steps", all_decoding, 8)):
         with profile(activities=acts) as prof:
             k = 0
             t0 = time.perf_counter()
-            while engine.scheduler.has_work() and cond() and k < limit:
+            while engine.has_unfinished_requests() and cond() and k < limit:
                 engine.step()
                 k += 1
             if cuda:
@@ -279,7 +342,7 @@ def profile_steps(engine, n: int, input_len: int, path: str, log) -> None:
         table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30)
         out.append(f"== {name}: {k} steps of {n} requests x {input_len} in, {ms:.1f} ms wall\n{table}\n")
         log(out[-1][:4000])
-    while engine.scheduler.has_work():
+    while engine.has_unfinished_requests():
         engine.step()
     with open(path, "w") as f:
         f.write("\n".join(out))
@@ -304,13 +367,21 @@ def _ab_cells(r: dict) -> str:
             f"{e['prefill_or_mixed_step_ms_mean']:.1f} | {r['tokens_identical_to_eager_prefill']}")
 
 
+def _async_cells(r: dict) -> str:
+    e = r.get("sync_decode")
+    if not e:
+        return " | |"
+    return f"{e['decode_step_ms_median']:.2f} | {r['decode_step_gain_vs_sync']:.3f}x | {r['tokens_identical_to_sync']}"
+
+
 def markdown(res: dict) -> str:
     out = [f"Device {res.get('device')}, {res.get('date')}, commit {res.get('commit')}; read ceiling "
            f"{res.get('read_GBps', 0):.0f} GB/s ({res.get('read_probe')}); config: {res.get('config_summary')}.", "",
            "| requests x (in, out) | decode step (ms, median) | floor (ms) | floor / step | experts hit / step | "
            "experts GB | attn weights GB | KV GB | mean TTFT (ms) | TPOT (ms) | output tok/s | "
-           "mean TTFT, prefill eager (ms) | TTFT gain | prefill/mixed step ms (graphs / eager) | tokens identical |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "mean TTFT, prefill eager (ms) | TTFT gain | prefill/mixed step ms (graphs / eager) | tokens identical | "
+           "decode step, each step read before the next (ms) | async scheduling gain | tokens identical |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res.get("runs", []):
         if "decode_step_ms_median" not in r:
             out.append(f"| {r.get('requests')} | {r.get('error', 'no decode step')} | | | | | | | | | |")
@@ -320,7 +391,7 @@ def markdown(res: dict) -> str:
                    f"{r['floor_ms_mean']:.2f} | {r['floor_over_step']:.3f} | {r['experts_hit_per_step_mean']:.0f} | "
                    f"{b['experts'] / 1e9:.2f} | {b['attention'] / 1e9:.2f} | {b['kv'] / 1e9:.2f} | "
                    f"{r['mean_ttft_ms']:.0f} | {r['mean_tpot_ms']:.2f} | {r['output_tok_per_s']:.0f} | "
-                   + _ab_cells(r) + " |")
+                   + _ab_cells(r) + " | " + _async_cells(r) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -336,6 +407,8 @@ def main():
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
     ap.add_argument("--no-prefill-ab", dest="prefill_ab", action="store_false",
                     help="skip the baseline run with prefill and mixed steps eager (default: run it first, same engine)")
+    ap.add_argument("--no-async-ab", dest="async_ab", action="store_false",
+                    help="skip the baseline run that reads every step before launching the next (default: run it)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after the runs, torch.profiler tables of N requests' prefill and decode steps "
                          "(written beside --out as profile-N.txt)")
@@ -370,7 +443,7 @@ def main():
     res["config"] = config.to_dict()
     res["config_summary"] = (f"qwen3-30b-a3b random weights (routing_skew 1.0), bf16, 1 GPU, "
                              f"cuda_graphs={config.runtime.cuda_graphs}, micro_batches={config.runtime.micro_batches}, "
-                             f"prefill_graphs={config.runtime.prefill_graphs}, "
+                             f"prefill_graphs={config.runtime.prefill_graphs}, async_scheduling={config.runtime.async_scheduling}, "
                              f"max_model_len={config.model.max_model_len}, warm-up={'on' if args.warmup else 'off'}")
     t0 = time.time()
     engine = LLMEngine(config)
@@ -389,7 +462,7 @@ def main():
                     warm_up(engine, n, args.input_len, args.output_len, spec.vocab_size, args.prefill_ab)
                     run["warmup_s"] = time.time() - t1
                 run.update(measure(engine, n, args.input_len, args.output_len, counter, res["read_GBps"], log,
-                                   args.prefill_ab))
+                                   args.prefill_ab, args.async_ab))
             except Exception as e:  # noqa: BLE001
                 import traceback
 

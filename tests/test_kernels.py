@@ -742,11 +742,13 @@ def test_engine_bench_prefill_graphs_ab_on_cpu(tmp_path, monkeypatch):
     calls = pw.calls
     counter = eb.ExpertHitCounter(eng.spec.num_moe_layers, eng.spec.num_experts, eng.device)
     try:
-        r = eb.measure(eng, 4, 20, 4, counter, 1.0, lambda s: None, prefill_ab=True)
+        r = eb.measure(eng, 4, 20, 4, counter, 1.0, lambda s: None, prefill_ab=True, async_ab=True)
     finally:
         counter.remove()
     assert eng.runner.piecewise is pw and pw.calls > calls
     assert r["tokens_identical_to_eager_prefill"] is True and "tokens" not in r
+    assert r["tokens_identical_to_sync"] is True and r["sync_decode"]["decode_step_ms_median"] > 0
+    assert eng.async_scheduling and r["full_batch_steps"] >= 1 and r["decode_step_gain_vs_sync"] > 0
     assert r["eager_prefill"]["mean_ttft_ms"] > 0 and r["mean_ttft_gain"] > 0
     assert "x | " in eb.markdown(dict(runs=[r], read_GBps=1.0))
     eb.profile_steps(eng, 4, 20, str(tmp_path / "profile.txt"), lambda s: None)  # --profile's tables

@@ -231,9 +231,9 @@ def _staggered(model, params, every=2, **kw):
     engine, steps = llm.engine, []
     run = engine.runner.run
 
-    def recording_run(batch):
+    def recording_run(batch, feed=None):
         steps.append(list(batch.num_tokens))
-        return run(batch)
+        return run(batch, feed)
 
     engine.runner.run = recording_run
     pending, seqs, step = _prompts(), [], 0

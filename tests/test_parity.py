@@ -62,8 +62,8 @@ def check_against_transformers(model_dir, case: str, **llm_kwargs) -> None:
     captured: dict[int, list[torch.Tensor]] = {}
     run = llm.engine.runner.run
 
-    def recording_run(batch):
-        logits, sampling = run(batch)
+    def recording_run(batch, feed=None):
+        logits, sampling = run(batch, feed)
         for row, i in enumerate(sampling):
             captured.setdefault(batch.seqs[i].request_id, []).append(logits[row].clone())
         return logits, sampling

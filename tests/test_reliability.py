@@ -105,28 +105,37 @@ def test_prompts_and_sampling_params_must_pair_up(llm):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("ahead", [False, True], ids=["step-by-step", "step-ahead"])
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
-def test_llm_is_usable_after_a_failed_generate(llm, monkeypatch, exc):
-    """An exception in the middle of generate (here: in the sampler) used to leave a half-stepped
-    request behind, and the next generate on the same LLM spun forever."""
-    import afsplit.engine as engine_mod
+def test_llm_is_usable_after_a_failed_generate(llm, tiny_dir, monkeypatch, exc, ahead):
+    """An exception in the middle of generate (here: reading a step's tokens) used to leave a half-stepped
+    request behind, and the next generate on the same LLM spun forever. With async scheduling the next
+    step is then already launched, its requests holding placeholder tokens."""
+    from afsplit.cuda_graphs import STATIC_ON_CPU_ENV
+    from afsplit.step_ahead import PENDING, LaunchedStep
+
+    if ahead:
+        monkeypatch.setenv(STATIC_ON_CPU_ENV, "1")  # the decode path that runs ahead
+        llm = LLM(model=tiny_dir, num_kv_blocks=128, block_size=4, max_model_len=64)
 
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     ref = [o.outputs[0].token_ids for o in llm.generate(prompts(3), params, use_tqdm=False)]
-    real, calls = engine_mod.sample, []
+    real, calls = LaunchedStep.greedy_tokens, []
 
-    def failing(logits, seqs):
+    def failing(step):  # reading the second step's greedy tokens
         calls.append(1)
         if len(calls) == 2:
             raise exc("boom")
-        return real(logits, seqs)
+        return real(step)
 
-    monkeypatch.setattr(engine_mod, "sample", failing)
+    monkeypatch.setattr(LaunchedStep, "greedy_tokens", failing)
     with pytest.raises(exc):
         llm.generate(prompts(3), params, use_tqdm=False)
     eng = llm.engine
     assert not eng.has_unfinished_requests() and eng.kv.num_free_blocks == eng.kv.allocator.num_blocks
+    assert (eng._ahead is not None) == ahead
     assert [o.outputs[0].token_ids for o in llm.generate(prompts(3), params, use_tqdm=False)] == ref
+    assert all(PENDING not in s.output_token_ids for s in (eng._ahead.seqs if eng._ahead else []))
 
 
 def test_seeds_depend_only_on_the_request_index(tiny_dir):
