@@ -62,6 +62,9 @@ class AttentionMetadata:
     prefill_cu_seqlens_q: torch.Tensor = field(init=False, repr=False)  # [B - num_decodes + 1]
     prefill_prefix_lens: torch.Tensor = field(init=False, repr=False)  # [B - num_decodes]
     prefill_block_tables: torch.Tensor = field(init=False, repr=False)  # [B - num_decodes, max_blocks]
+    # what a model derives from this metadata once and every layer of the forward reuses (e.g. MLA's gather of
+    # the prompts' cached latents), by the model's own key
+    per_forward: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         cu, prefix = self.cu_seqlens_list, self.prefix_lens_list

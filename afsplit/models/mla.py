@@ -72,28 +72,39 @@ def _mixed(spec: ModelSpec, kv_b_w: torch.Tensor, q: torch.Tensor, cache: torch.
     nd, cu, prefix = meta.num_decodes, meta.cu_seqlens_list, meta.prefix_lens_list
     if nd == meta.num_seqs:
         return _absorbed_decode(spec, kv_b_w, q, cache, meta)
-    lens = [b - a for a, b in zip(cu[nd:], cu[nd + 1:])]
-    prompts = _expanded_prefill(spec, kv_b_w, q[nd:], cache, meta.prefill_block_tables, lens, prefix[nd:])
+    gather = meta.per_forward.get("mla_prefill_gather")
+    if gather is None:  # the same for every layer of this forward: made once
+        lens = [b - a for a, b in zip(cu[nd:], cu[nd + 1:])]
+        gather = meta.per_forward["mla_prefill_gather"] = _prefill_gather(meta.prefill_block_tables, lens,
+                                                                          prefix[nd:], cache.shape[1], q.device)
+    prompts = _expanded_prefill(spec, kv_b_w, q[nd:], cache, gather)
     if not nd:
         return prompts
     return torch.cat([_absorbed_decode(spec, kv_b_w, q[:nd], cache, meta), prompts])  # ops.mla_decode: rows [:nd]
 
 
-def _expanded_prefill(spec: ModelSpec, kv_b_w: torch.Tensor, q: torch.Tensor, cache: torch.Tensor,
-                      block_tables: torch.Tensor, lens: list[int], prefix: list[int]) -> torch.Tensor:
-    """Chunks of `lens` tokens after `prefix` cached ones (the chunks' latents are cached already)."""
-    m, Hq, dev = spec.mla, spec.num_heads, q.device
-    R, DN = m.kv_lora_rank, m.qk_nope_head_dim
+def _prefill_gather(block_tables: torch.Tensor, lens: list[int], prefix: list[int], page: int, dev):
+    """(cache slot of every context position of every chunk, cu_q, cu_k, longest chunk) for chunks of `lens`
+    tokens after `prefix` cached ones: device ops, sizes from the host."""
     ctx = [p + n for p, n in zip(prefix, lens)]
     cu_q = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     cu_k = torch.tensor([0] + ctx, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     Nk = int(cu_k[-1])
-    # every context position of every sequence -> its cache slot (device ops, sizes from the host)
     seq = torch.repeat_interleave(torch.arange(len(ctx), device=dev), torch.tensor(ctx, device=dev), output_size=Nk)
     cu_k, cu_q = cu_k.to(dev), cu_q.to(dev)
     pos = torch.arange(Nk, device=dev) - cu_k[seq].long()
-    page = cache.shape[1]
     slots = block_tables[seq, pos // page].long() * page + pos % page
+    return slots, cu_q, cu_k, max(lens)
+
+
+def _expanded_prefill(spec: ModelSpec, kv_b_w: torch.Tensor, q: torch.Tensor, cache: torch.Tensor,
+                      gather) -> torch.Tensor:
+    """Prompt chunks (their latents are cached already) attending to their context, K/V expanded from the
+    latents that `gather` (_prefill_gather) names."""
+    m, Hq = spec.mla, spec.num_heads
+    R, DN = m.kv_lora_rank, m.qk_nope_head_dim
+    slots, cu_q, cu_k, max_len = gather
+    Nk = slots.shape[0]
     lat = cache.view(-1, cache.shape[-1])[slots]  # [Nk, R + DR]
     kv = F.linear(lat[:, :R], kv_b_w).view(Nk, Hq, DN + m.v_head_dim)
-    return ops.mla_prefill(q, kv[..., :DN], lat[:, R:], kv[..., DN:], cu_q, cu_k, m.softmax_scale, max(lens))
+    return ops.mla_prefill(q, kv[..., :DN], lat[:, R:], kv[..., DN:], cu_q, cu_k, m.softmax_scale, max_len)
