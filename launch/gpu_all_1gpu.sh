@@ -7,8 +7,9 @@
 # serve   launch/serve_gpu_bench.sh: afsplit serve + the load generator at 3 rates (limit 320 s; wheels in .whl/)
 # planner launch/planner_runs.sh 320 (limit 380 s)
 # mla     launch/mla_gpu_check.py --only ceilings,decode,engine (limit 150 s)
-# engine  launch/engine_bench.py 64,256 x (512 in, 128 out): decode floor, TTFT with piecewise prefill graphs
-#         against eager prefill in the same engine, tokens compared (limit 300 s)
+# engine  launch/engine_bench.py 64,256 x (512 in, 128 out): decode floor, async scheduling on vs off (same engine),
+#         TTFT with piecewise prefill graphs
+#         against eager prefill in the same engine, tokens compared (limit 360 s)
 # pattn   launch/prefill_attn_ab.py: whole-prompt prefill attention, paged-prefix path vs no-prefix path (limit 60 s)
 # mattn   launch/mixed_attn_ab.py: a mixed step's attention, decode rows on the decode kernel vs one prefill call (limit 90 s)
 # align   launch/moe_align_bench.py: MoE alignment, one launch vs two, against the torch reference (limit 90 s)
@@ -61,7 +62,7 @@ for p in $PARTS; do
     ktests) part ktests 180 bash -c ktests ;;
     parity) part parity 120 python3 launch/gpu_parity.py --out "$ROOT_OUT/parity/parity.json" \
               --families qwen3_moe deepseek_v2 deepseek_v3 --layouts "single-gpu eager" "single-gpu decode graphs" "single-gpu graphs" "colocated 1 graphs" ;;
-    engine) part engine 300 python3 launch/engine_bench.py --out "$ROOT_OUT/engine/engine.json" \
+    engine) part engine 360 python3 launch/engine_bench.py --out "$ROOT_OUT/engine/engine.json" \
               --md "$ROOT_OUT/engine/engine.md" --requests 64,256 --profile 64 ;;
     pattn) part pattn 60 python3 launch/prefill_attn_ab.py --out "$ROOT_OUT/pattn/prefill_attn_ab.json" ;;
     serve) part serve 320 bash launch/serve_gpu_bench.sh ;;
