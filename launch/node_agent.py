@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
     import torch.distributed.run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if saved is None:
         os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
@@ -71,8 +70,24 @@ def main(argv: list[str] | None = None) -> int:
 
     _short_exit_barrier()
     try:
+        return _run_agent(torchrun, argv, node, debug)
+    except SignalException as e:  # the launcher stopped this node: while torchrun ran, or while this agent was
+        # still writing its account of a failure (the launcher stops every node once it has seen one; the
+        # traceback of that interrupted handler, with the C++ frames of its exception chain, is not the error)
+        return 128 + int(e.sigval)
+
+
+def _run_agent(torchrun, argv: list[str], node: int, debug: bool) -> int:
+    """torchrun itself; a failure becomes this node's report for the launcher (exit status as the rank's).
+    A SignalException (the launcher stopping this node) goes to the caller, from wherever it comes."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
         torchrun.main(argv)
         return 0
+    except SignalException:
+        raise
     except ChildFailedError as e:
         first_rank, first = e.get_first_failure()
         failures = {str(rank): {"local_rank": f.local_rank, "exitcode": f.exitcode, "pid": f.pid,
@@ -82,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         return _status(first.exitcode)
-    except SignalException as e:  # the launcher stopped this node
-        return 128 + int(e.sigval)
     except Exception as e:  # noqa: BLE001 -- the agent itself failed (rendezvous, store, bad arguments)
         text = str(e).strip()
         _write(node, {"error": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")})
