@@ -122,7 +122,10 @@ class ModelRunner:
                                                      all(n == 1 for n in batch.num_tokens))
         hint, graphable = step_tokens_hint(max_tokens, all_decode, self.max_batch, self.max_tokens_per_rank)
         self.moe.begin_step(hint)
-        if graphable and self.static is not None:  # one token per sequence: decodes (or 1-token chunks)
+        self.last_static = graphable and self.static is not None
+        if feed is not None and not self.last_static:
+            raise RuntimeError("a step with device-fed tokens must be a decode step on the static path")
+        if self.last_static:  # one token per sequence: decodes (or 1-token chunks)
             # rows of the sequences that sample (a 1-token chunk inside a prompt computes KV, samples nothing)
             rows, sampling = [], []
             for u, part in enumerate(parts):
@@ -132,13 +135,7 @@ class ModelRunner:
                         sampling.append(position[id(seq)])
             logits = self.static.run(parts, hint, feed)
             logits = logits[torch.tensor(rows, dtype=torch.int64, device=logits.device)]
-            self.last_static = True
-            self.moe.end_step()
-            return logits, sampling
-        self.last_static = False
-        if feed is not None:
-            raise RuntimeError("a step with device-fed tokens must be a decode step on the static path")
-        if self.piecewise is not None and len(parts) == 1 and self.piecewise.handles(batch.total_tokens):
+        elif self.piecewise is not None and len(parts) == 1 and self.piecewise.handles(batch.total_tokens):
             token_ids, meta, sample_rows = build_metadata(batch, self.block_size, self.device)
             rows = torch.tensor([r for r in sample_rows if r >= 0], dtype=torch.int64, device=self.device)
             sampling = [i for i, r in enumerate(sample_rows) if r >= 0]

@@ -33,6 +33,26 @@ from afsplit.sequence import Sequence
 PENDING = -1  # a generated token that is still on the device (its step was launched, not yet read)
 
 
+class HostCopy:
+    """A device tensor's copy to host memory, started now and waited for only when read: on CUDA into pinned
+    memory without blocking, with an event, so the wait covers the work queued before the copy and not a
+    step launched after it. On the CPU a plain copy."""
+
+    def __init__(self, t: torch.Tensor):
+        if t.is_cuda:
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host, self._ready = t.clone(), None
+
+    def get(self) -> torch.Tensor:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host
+
+
 @dataclass
 class LaunchedStep:
     """One forward pass launched on the device, its tokens not yet read by the host."""
@@ -43,8 +63,7 @@ class LaunchedStep:
     logits: torch.Tensor  # [S, V]
     static: bool  # it ran on the static (CUDA-graph) decode path
     tokens: torch.Tensor | None = None  # greedy tokens on the device [S] (None: sampled on the host)
-    host: torch.Tensor | None = None  # their copy in pinned memory (CUDA)
-    ready: object = None  # a CUDA event recorded after that copy
+    host: HostCopy | None = None  # their copy to the host, under way
 
     @classmethod
     def launched(cls, batch: ScheduledBatch, sampling: list[int], logits: torch.Tensor, static: bool) -> "LaunchedStep":
@@ -53,19 +72,12 @@ class LaunchedStep:
         step = cls(batch, seqs, [len(s.output_token_ids) for s in seqs], logits, static)
         if seqs and all(s.params.greedy for s in seqs):
             step.tokens = logits.argmax(dim=-1)
-            if step.tokens.is_cuda:
-                step.host = torch.empty(step.tokens.shape, dtype=step.tokens.dtype, pin_memory=True)
-                step.host.copy_(step.tokens, non_blocking=True)
-                step.ready = torch.cuda.Event()
-                step.ready.record()
+            step.host = HostCopy(step.tokens)
         return step
 
     def greedy_tokens(self) -> list[int]:
         """The device's greedy tokens (waits for this step only, not for one launched after it)."""
-        if self.host is None:
-            return self.tokens.tolist()
-        self.ready.synchronize()
-        return self.host.tolist()
+        return self.host.get().tolist()
 
 
 def ends_by_length(seq: Sequence, max_model_len: int) -> bool:

@@ -111,11 +111,8 @@ class ExpertHitCounter:
             return step
 
         def counted_read(step):
-            (before, ev0), (after, ev1) = step.hit_snapshots
-            for ev in (ev0, ev1):
-                if ev is not None:
-                    ev.synchronize()
-            self._read_hits = ((after - before) > 0).sum(1).tolist()
+            before, after = step.hit_snapshots
+            self._read_hits = ((after.get() - before.get()) > 0).sum(1).tolist()
             return read(step)
 
         engine._launch, engine._read = counted_launch, counted_read
@@ -126,13 +123,9 @@ class ExpertHitCounter:
             self.engine = None
 
     def _snapshot(self):
-        if not self.buf.is_cuda:
-            return self.buf.clone(), None
-        host = torch.empty(self.buf.shape, dtype=self.buf.dtype, pin_memory=True)
-        host.copy_(self.buf, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
-        return host, ev
+        from afsplit.step_ahead import HostCopy
+
+        return HostCopy(self.buf)
 
     def step_hits(self) -> list[int]:
         """Experts with >= 1 token per layer in the step the engine read last."""
@@ -200,7 +193,7 @@ def run_requests(engine, n: int, input_len: int, output_len: int, counter, read_
         # decoding: one token to compute, or none when it was launched ahead (async scheduling); then the context
         # counted is that of the step ahead, one token more per sequence than the step this call reads
         decoding = [s for s in seqs if s.status == SeqStatus.RUNNING and s.num_uncomputed <= 1]
-        ctx = sum(s.num_computed_tokens + s.num_uncomputed for s in decoding)
+        ctx = sum(s.num_tokens for s in decoding)
         t0 = time.perf_counter()
         engine.step()
         ms = (time.perf_counter() - t0) * 1e3
