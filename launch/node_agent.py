@@ -12,9 +12,11 @@ own output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 import traceback
 
@@ -120,15 +122,38 @@ def _tell_survivors(argv: list[str], ranks: list[int]) -> None:
     if not addr or not port:
         return
     try:
+        socket.create_connection((addr, int(port)), timeout=1).close()
+    except OSError:  # the store's host is gone too (its node stopped first): nobody is left to tell
+        return
+    try:
         from datetime import timedelta
 
         import torch.distributed as dist
 
-        store = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=2), wait_for_workers=False)
-        for r in ranks:
-            store.set(f"afsplit/gone/{r}", "1")
+        # c10d logs a failed connection attempt itself, at error level and with its C++ stack, before the
+        # Python exception: if the store goes away between the probe and here, that is not the job's error
+        with _stderr_silenced():
+            store = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=2),
+                                  wait_for_workers=False)
+            for r in ranks:
+                store.set(f"afsplit/gone/{r}", "1")
     except Exception:  # noqa: BLE001 -- the store's host is gone too: nobody is left to tell
         pass
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null for the block (C++ logging writes there directly, past sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 EXIT_BARRIER_ENV = "AFSPLIT_EXIT_BARRIER_S"
