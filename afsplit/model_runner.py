@@ -75,12 +75,15 @@ def build_metadata(batch: ScheduledBatch, block_size: int, device) -> tuple[torc
 
 
 def split_micro_batches(batch: ScheduledBatch, m: int) -> list[ScheduledBatch]:
-    """Cut the batch into m contiguous micro-batches of about equal token counts (some may be empty); each
-    keeps the batch's order (decodes first), so each one's metadata splits the same way."""
+    """Cut the batch into m contiguous micro-batches of about equal token counts; each keeps the batch's order
+    (decodes first), so each one's metadata splits the same way. A sequence goes to the part its tokens'
+    middle token falls in, so a mixed step's one long prompt chunk after a few decodes gets a part of its own
+    (by its first token it would join the decodes and leave the other part empty, with nothing to overlap);
+    parts can still be empty when there are fewer sequences than parts or one chunk outweighs the rest."""
     parts = [ScheduledBatch() for _ in range(m)]
     total, done = batch.total_tokens, 0
     for seq, n in zip(batch.seqs, batch.num_tokens):
-        u = min(m - 1, done * m // total) if total else 0
+        u = min(m - 1, (2 * done + n - 1) * m // (2 * total)) if total else 0
         parts[u].seqs.append(seq)
         parts[u].num_tokens.append(n)
         done += n

@@ -42,6 +42,24 @@ def test_outputs_identical_with_preemption_and_chunked_prefill(tiny_dir):
     assert micro == base
 
 
+def test_micro_batch_split_balances_tokens_and_keeps_order():
+    from afsplit.model_runner import split_micro_batches
+    from afsplit.scheduler import ScheduledBatch
+
+    def split(num_tokens, m):
+        batch = ScheduledBatch(seqs=list(range(len(num_tokens))), num_tokens=list(num_tokens))
+        parts = split_micro_batches(batch, m)
+        assert sum((p.seqs for p in parts), []) == batch.seqs  # contiguous, in order, nothing lost
+        return [p.num_tokens for p in parts]
+
+    assert split([1] * 8, 2) == [[1] * 4, [1] * 4]
+    assert split([1] * 7, 3) == [[1, 1, 1], [1, 1], [1, 1]]
+    assert split([1, 1, 1, 1, 60], 2) == [[1, 1, 1, 1], [60]]  # the chunk gets the part it fills
+    assert split([1, 60], 2) == [[1], [60]]
+    assert split([5], 2) == [[5], []]  # fewer sequences than parts
+    assert split([], 2) == [[], []]
+
+
 def test_bucket_rule():
     from afsplit.cuda_graphs import bucket_for, graph_buckets, step_tokens_hint
 
