@@ -77,6 +77,9 @@ class RuntimeConfig:
     # the single-process engine launches the next decode step before reading this one's tokens, so the host's
     # sampling, bookkeeping and scheduling overlap the GPU (vLLM's async scheduling; afsplit/step_ahead.py)
     async_scheduling: bool = True
+    # the single-process engine captures every decode bucket and prefill token bucket before its first request
+    # (compiles and captures at start, not in the first requests' TTFT; afsplit/warm_start.py); off: lazily
+    capture_at_start: bool = True
 
 
 @dataclass(frozen=True)

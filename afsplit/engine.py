@@ -31,6 +31,7 @@ from afsplit.sampling_params import SamplingParams, derive_seed, token_ids_probl
 from afsplit.scheduler import Scheduler
 from afsplit.sequence import SeqStatus, SeqUpdate, Sequence
 from afsplit.step_ahead import LaunchedStep, can_run_ahead, drop_placeholders, placeholders_for_ahead
+from afsplit.warm_start import capture_every_bucket
 
 log = logging.getLogger("afsplit")
 
@@ -173,6 +174,18 @@ class LLMEngine:
         self._ahead: LaunchedStep | None = None  # a step launched ahead, read by the next step()
         self.last_step = (0, 0)
         self.steps_run = 0
+        self.warm_start = None  # what capture_at_start ran (afsplit/warm_start.py), None when it did not
+        if rt.capture_at_start and capture and build_moe is None:
+            self.warm_start = capture_every_bucket(self)
+
+    def reset_counters(self) -> None:
+        """Request ids, the step counter and expert statistics as a fresh engine's (after the warm start's
+        synthetic requests: seeds derived from request ids and the first statistics dump stay the user's)."""
+        if self.scheduler.has_work():
+            raise RuntimeError("reset_counters: the engine has requests")
+        self._next_id, self.steps_run, self.last_step = 0, 0, (0, 0)
+        if self.expert_stats is not None:
+            self.expert_stats.reset()
 
     def _blocks_from_memory(self) -> int:
         s, rt = self.spec, self.config.runtime

@@ -14,7 +14,8 @@ from afsplit.sampling_params import SamplingParams
 
 # LLM(...) keyword -> config section
 _RUNTIME_KEYS = {"block_size", "num_kv_blocks", "kv_cache_memory_gb", "max_num_seqs", "max_num_batched_tokens",
-                 "chunked_prefill", "seed", "micro_batches", "cuda_graphs", "prefill_graphs", "async_scheduling"}
+                 "chunked_prefill", "seed", "micro_batches", "cuda_graphs", "prefill_graphs", "async_scheduling",
+                 "capture_at_start"}
 _MODEL_KEYS = {"dtype", "max_model_len", "weights", "preset", "tiny"}
 
 

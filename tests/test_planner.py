@@ -441,6 +441,10 @@ def test_simulated_run_follows_the_scheduler(tmp_path):
     assert pred.generated_tokens == 16 * 8
     assert pred.decode_step_ms_median == pytest.approx(48 * 2.5)
     assert pred.steps == 5 + 7
+    assert set(pred.kinds) == {"admit", "chunk", "eager_decode", "capture", "replay"}
+    warm = predict_run(sm, L.colocated(1, 1), cfg, 16, 512, 8, 1, graphs=True, warm_start=True)
+    assert set(warm.kinds) == {"admit", "chunk", "replay"} and not warm.captured  # every bucket captured at start
+    assert warm.kinds["replay"][0] == 7 and warm.steps == pred.steps
 
 
 def test_validate_prints_each_runs_error_and_the_max_last(tmp_path, capsys):

@@ -28,6 +28,7 @@ def test_captured_prefill_pieces_are_bit_identical(family, tmp_path):
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
     def generate(rounds, capture=True, **kw):
+        kw.setdefault("capture_at_start", False)  # lazy graphs: the rounds below go eager -> capture -> replay
         llm = LLM(model=model, dtype="bfloat16", device="cuda", num_kv_blocks=256, block_size=16,
                   max_num_batched_tokens=48, **kw)  # 48: prompts are chunked next to decodes (mixed steps)
         pw = llm.engine.runner.piecewise
@@ -49,3 +50,10 @@ def test_captured_prefill_pieces_are_bit_identical(family, tmp_path):
     for rid, rows in padded_logits.items():
         for a, b in zip(rows, graph_logits[rid]):
             assert torch.equal(a, b), f"request {rid}: replayed logits differ from the eager padded pieces"
+    # the warm start (afsplit/warm_start.py) captures every bucket before the first request: its first round
+    # replays, with the lazily captured graphs' bits
+    warm_tokens, warm_logits, pw = generate(1, capture_at_start=True)
+    assert pw.graphs and not pw.failed and warm_tokens == eager_tokens
+    for rid, rows in graph_logits.items():
+        for a, b in zip(rows, warm_logits[rid]):
+            assert torch.equal(a, b), f"request {rid}: logits after the warm start differ from lazily captured graphs"

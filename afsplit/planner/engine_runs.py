@@ -6,7 +6,8 @@ builds the engine once and, per workload BxINxOUT (B requests of IN random promp
 tokens each, greedy, ignore_eos, all submitted at once), runs the same prompts for 3 tokens (the
 runtime's --warmup) and then the measured run, timing every engine step. Each run's JSON has the
 runtime's names (steps, wall_s, generated_tokens, tokens_per_s_per_gpu, decode_step_ms_median, ...)
-plus ``mode: engine``, its ``workload``, the config and overrides, ``warmup`` and ``earlier_runs`` (the
+plus ``mode: engine``, its ``workload``, the config and overrides, ``warmup``, ``warm_start`` (the engine
+captured every decode bucket when built: runtime.capture_at_start) and ``earlier_runs`` (the
 workloads run before it on the same engine, whose CUDA graphs it inherits), so ``afsplit plan
 validate`` can replay it, and each step's time, shape and kind (``step_kinds``: replay, capture, first
 visit of a bucket, eager, chunk).
@@ -62,8 +63,8 @@ def measure_engine(engine, num_requests: int, input_len: int, output_len: int, s
     schedule, step = engine.scheduler.schedule, engine.step
     shape = {}
 
-    def seen_schedule():
-        batch = schedule()
+    def seen_schedule(*a, **k):  # admit=False: the step async scheduling launches ahead (afsplit/step_ahead.py)
+        batch = schedule(*a, **k)
         shape["decode"] = bool(batch.num_tokens) and all(n == 1 for n in batch.num_tokens)
         shape["tokens"] = [sum(batch.num_tokens), sum(1 for n in batch.num_tokens if n == 1)]
         return batch
@@ -90,7 +91,7 @@ def measure_engine(engine, num_requests: int, input_len: int, output_len: int, s
     dec = sorted(t for t, d in steps if d)
     return {"mode": "engine", "steps": len(steps), "wall_s": wall, "generated_tokens": generated,
             "output_throughput": generated / wall, "tokens_per_s_per_gpu": generated / wall, "gpus": 1,
-            "num_requests": len(outs),
+            "num_requests": len(outs), "warm_start": getattr(engine, "warm_start", None) is not None,
             "decode_step_ms_mean": 1e3 * statistics.fmean(dec) if dec else None,
             "decode_step_ms_median": 1e3 * dec[len(dec) // 2] if dec else None,
             "workload": {"input_len": input_len, "output_len": output_len, "num_requests": num_requests},

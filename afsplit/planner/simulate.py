@@ -14,9 +14,10 @@ budget. Each scheduled step is then priced by the step model the way the engine 
   piece, BlockTimes.mixed_decode_row; since 2026-12-04 the engine runs those rows on the paged decode
   kernel, which profiles made from then on measure).
 
-What ran before the measured run on the same engine sets the cache: ``--warmup`` (the same prompts
-for 3 tokens, cuda_graphs.warm_up_requests) and, for engine runs made one after another in one
-process (engine_runs.py), the earlier runs. Only the measured run's steps are timed; its wall time
+What ran before the measured run on the same engine sets the cache: the single-process engine's warm
+start (runtime.capture_at_start, afsplit/warm_start.py: every decode bucket captured when the engine is
+built), ``--warmup`` (the same prompts for 3 tokens, cuda_graphs.warm_up_requests) and, for engine runs
+made one after another in one process (engine_runs.py), the earlier runs. Only the measured run's steps are timed; its wall time
 is their sum, as the runs measure it (from the first step to the last), plus the work outside the steps
 per prompt token the profile measured in its own runs (StepModel.admit_time). Several attention ranks
 get the requests round-robin (the coordinator spreads them by free KV capacity, which is that for
@@ -30,7 +31,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from afsplit.block_manager import KVCacheManager
-from afsplit.cuda_graphs import step_tokens_hint
+from afsplit.cuda_graphs import graph_buckets, step_tokens_hint
 from afsplit.planner.fitting import flash_tile_pairs
 from afsplit.sampling_params import SamplingParams
 from afsplit.scheduler import Scheduler
@@ -77,10 +78,13 @@ def kv_blocks(config, shape) -> int:
 
 
 def predict_run(step_model, layout, config, num_requests: int, input_len: int, output_len: int, m: int,
-                graphs: bool, warmup: bool = True, earlier=()) -> RunPrediction:
+                graphs: bool, warmup: bool = True, earlier=(), warm_start: bool = False) -> RunPrediction:
     """The measured run's prediction; `earlier`: (num_requests, input_len, output_len) of the runs made before
-    it on the same engine (each with its warm-up when `warmup`), in order."""
+    it on the same engine (each with its warm-up when `warmup`), in order; `warm_start`: the engine captured
+    every decode bucket when it was built."""
     cache = GraphCacheModel()
+    if warm_start and graphs:
+        cache.graphs = [(m, b) for b in graph_buckets(config.runtime.max_num_seqs)]
     for n, il, ol in earlier:
         if warmup:
             _run(step_model, layout, config, n, il, min(ol, WARMUP_TOKENS), m, graphs, cache, timed=False)

@@ -128,7 +128,10 @@ def shallow_dict(config, layers: int, model_dir: Path, max_seqs: int, plan: Syst
     d["model"].update(path=str(model_dir), preset="", weights="random", tiny="", max_model_len=plan.max_model_len)
     d["topology"]["nodes"] = [{"colocated": 1}]
     d["runtime"].update(max_num_seqs=max_seqs, num_kv_blocks=0, kv_cache_memory_gb=_kv_gb(hf, layers, max_seqs, plan),
-                        micro_batches="1", profile=False, cuda_graphs=graphs)
+                        micro_batches="1", profile=False, cuda_graphs=graphs,
+                        # graphs made lazily, as the distributed runtime's ranks make them: the runs' tails
+                        # measure a bucket's first visit (engine static_eager_layer_ms)
+                        capture_at_start=False)
     d["balancer"] = {}
     d["comm"].update(metadata="padded", transport="direct")
     return d

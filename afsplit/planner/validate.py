@@ -40,6 +40,7 @@ class RecordedRun:
     warmup: bool = True  # ran after --warmup (the same prompts for 3 tokens)
     earlier: tuple = ()  # (num_requests, input_len, output_len) of the runs made before it on the same engine
     wall_s: float | None = None
+    warm_start: bool = False  # the engine captured every decode bucket when built (runs recorded from 2026-12-07)
 
 
 def _resolve_config(path: str, near: Path) -> str:
@@ -103,7 +104,7 @@ def _from_stats(path: Path, s: dict) -> RecordedRun | str:
                        s.get("mode", "runtime"), int(wl["input_len"]), int(wl["output_len"]),
                        int(wl.get("num_requests", s.get("num_requests", 0))), float(s["decode_step_ms_median"]),
                        float(s["tokens_per_s_per_gpu"]), bool(s.get("warmup", True)), _earlier_runs(path, s),
-                       s.get("wall_s"))
+                       s.get("wall_s"), bool(s.get("warm_start", False)))
 
 
 def _from_sweep(path: Path, n: int, r: dict) -> RecordedRun | str:
@@ -168,7 +169,7 @@ def predict(run: RecordedRun, profile: dict):
     # decode steps run as CUDA graphs unless off, profiling, or (distributed) row counts read on the host
     graphs = rt.cuda_graphs and not rt.profile and (engine or cfg.comm.metadata == "padded")
     pred = predict_run(sm, layout, cfg, run.num_requests, run.input_len, run.output_len, m, graphs,
-                       warmup=run.warmup, earlier=run.earlier)
+                       warmup=run.warmup, earlier=run.earlier, warm_start=run.warm_start)
     return pred, layout, m
 
 
