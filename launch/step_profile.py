@@ -5,7 +5,8 @@
 
 Wraps afsplit's CLI (``afsplit.cli.main`` with the arguments after ``--``) without changing the
 runtime: every CUDA-graph replay goes through ``afsplit.cuda_graphs.GraphCache.run``, and the Nth
-replay of this process (``--replay``) runs under ``torch.profiler`` (CUDA activity). Every rank
+replay of this process (``--replay``; the warm start's, runtime.capture_at_start, not counted) runs under
+``torch.profiler`` (CUDA activity). Every rank
 replays exactly once per graphed step (attention ranks their forward, expert ranks their whole
 step), so the Nth replay is the same engine step on every rank. The profiler is started (after a
 throw-away session one replay earlier, so CUPTI's start-up stays out), the ranks meet at a store
@@ -104,14 +105,24 @@ def install(out: Path, replay: int) -> None:
     """Patch GraphCache.run so that this process's `replay`-th replay is profiled into `out`."""
     import torch
 
-    from afsplit import cuda_graphs
+    from afsplit import cuda_graphs, engine
 
     orig = cuda_graphs.GraphCache.run
-    state = {"replays": 0}
+    state = {"replays": 0, "warm_start": False}
     rank = int(os.environ.get("RANK", "0"))
+    warm_start = engine.capture_every_bucket
+
+    def warming(e):  # the single-process engine's warm start replays synthetic steps: not the run's, not counted
+        state["warm_start"] = True
+        try:
+            return warm_start(e)
+        finally:
+            state["warm_start"] = False
+
+    engine.capture_every_bucket = warming
 
     def run(self, key, fn):
-        if key not in self.graphs:
+        if key not in self.graphs or state["warm_start"]:
             return orig(self, key, fn)
         state["replays"] += 1
         n = state["replays"]
