@@ -97,3 +97,19 @@ def test_the_engine_warms_itself_when_it_captures(tiny_dir, monkeypatch, on):
     monkeypatch.setattr(engine_mod, "capture_every_bucket", lambda e: calls.append(e) or "report")
     llm = build(tiny_dir, capture_at_start=on)
     assert calls == ([llm.engine] if on else []) and llm.engine.warm_start == ("report" if on else None)
+
+
+def test_mla_and_micro_batches_warm_the_decode_buckets_only(tmp_path, monkeypatch):
+    """DeepSeek (MLA prefill stays eager) with 2 micro-batches: decode keys (2, bucket), no prefill graphs."""
+    from afsplit.models.tiny import make_tiny
+
+    monkeypatch.setenv(STATIC_ON_CPU_ENV, "1")
+    model = str(make_tiny("deepseek_v3", tmp_path / "ds3", seed=3))
+    llm = build(model, micro_batches=2, max_num_seqs=8)
+    assert llm.engine.runner.piecewise is None
+    decode, prefill = record_shapes(monkeypatch)
+    report = capture_every_bucket(llm.engine)
+    # bucket 8 a micro-batch is out of reach: 8 sequences make two parts of 4
+    assert report.decode_buckets == [1, 2, 4] and report.prefill_buckets == [] and not prefill
+    assert all(decode.get((2, b), 0) >= 2 for b in (1, 2, 4)), decode
+    assert llm.engine.kv.num_free_blocks == 400
