@@ -26,7 +26,6 @@ from afsplit.models.moe_model import AttentionModel, ExpertModel, LocalExperts
 from afsplit.models.spec import ModelSpec, read_model_spec, spec_from_hf_config
 from afsplit.models.weights import load_attention_weights, load_expert_weights
 from afsplit.runtime.micro_batches import fixed_micro_batches
-from afsplit.sampler import sample
 from afsplit.sampling_params import SamplingParams, derive_seed, token_ids_problem
 from afsplit.scheduler import Scheduler
 from afsplit.sequence import SeqStatus, SeqUpdate, Sequence
@@ -311,10 +310,7 @@ class LLMEngine:
         """Read a launched step's tokens and finish what they end."""
         batch = launched.batch
         self.last_step = (batch.total_tokens, sum(1 for n in batch.num_tokens if n == 1))  # tokens, decodes
-        if launched.tokens is not None:
-            new_tokens = launched.greedy_tokens()
-        else:
-            new_tokens = sample(launched.logits, launched.seqs)
+        new_tokens = launched.read_tokens()
         now = time.time()
         updates = []
         for seq, slot, token in zip(launched.seqs, launched.slots, new_tokens):

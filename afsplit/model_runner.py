@@ -8,6 +8,7 @@ from afsplit import ops
 from afsplit.cuda_graphs import step_tokens_hint
 from afsplit.piecewise_prefill import PiecewisePrefill
 from afsplit.static_decode import StaticDecode
+from afsplit.transfers import to_device
 from afsplit.models.moe_model import AttentionModel, MoEBackend
 from afsplit.scheduler import ScheduledBatch
 
@@ -137,7 +138,8 @@ class ModelRunner:
                         rows.append(u * hint + b)
                         sampling.append(position[id(seq)])
             logits = self.static.run(parts, hint, feed)
-            logits = logits[torch.tensor(rows, dtype=torch.int64, device=logits.device)]
+            # the index goes through pinned memory: a blocking copy would wait for the replay just queued
+            logits = logits[to_device(rows, torch.int64, logits.device)]
         elif self.piecewise is not None and len(parts) == 1 and self.piecewise.handles(batch.total_tokens):
             token_ids, meta, sample_rows = build_metadata(batch, self.block_size, self.device)
             rows = torch.tensor([r for r in sample_rows if r >= 0], dtype=torch.int64, device=self.device)

@@ -3,11 +3,12 @@
 A decode step of the single-process engine is one CUDA-graph replay, ~10 ms on the GPU at Qwen3-30B-A3B
 shapes, but between two replays the host reads the sampled tokens (a device sync), appends them,
 checks for the end of each request, schedules and fills the next step's inputs: ~1 ms in which the GPU
-has nothing to do. So, when step N is a greedy decode step on the static path and the next step can
+has nothing to do. So, when step N is a decode step on the static path and the next step can
 only be the decodes of the same sequences (nothing waiting could join, counting the places that
 requests ending by length free), the engine launches N+1 *before* reading N:
 
-- N's tokens stay on the device (argmax of its logits, with a copy to pinned host memory and an event);
+- N's tokens stay on the device (greedy or sampled there, afsplit/sampler.py: a sampled token depends only
+  on its request's seed and position), with a copy to pinned host memory and an event;
 - each sequence of N that may go on gets a placeholder token (:data:`PENDING`) so that the scheduler
   gives it one more slot, and N+1's input token of that sequence is taken on the device from N's
   tokens (``feed``: StaticDecode fills it with one gather after its host-to-device copy);
@@ -27,30 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from afsplit.sampler import sample
 from afsplit.scheduler import ScheduledBatch
 from afsplit.sequence import Sequence
+from afsplit.transfers import HostCopy
 
 PENDING = -1  # a generated token that is still on the device (its step was launched, not yet read)
-
-
-class HostCopy:
-    """A device tensor's copy to host memory, started now and waited for only when read: on CUDA into pinned
-    memory without blocking, with an event, so the wait covers the work queued before the copy and not a
-    step launched after it. On the CPU a plain copy."""
-
-    def __init__(self, t: torch.Tensor):
-        if t.is_cuda:
-            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self._host.copy_(t, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host, self._ready = t.clone(), None
-
-    def get(self) -> torch.Tensor:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._host
 
 
 @dataclass
@@ -62,22 +45,23 @@ class LaunchedStep:
     slots: list[int]  # per sequence: the index in output_token_ids its new token takes
     logits: torch.Tensor  # [S, V]
     static: bool  # it ran on the static (CUDA-graph) decode path
-    tokens: torch.Tensor | None = None  # greedy tokens on the device [S] (None: sampled on the host)
+    tokens: torch.Tensor | None = None  # the sampled tokens on the device [S] (None: nothing samples)
     host: HostCopy | None = None  # their copy to the host, under way
 
     @classmethod
     def launched(cls, batch: ScheduledBatch, sampling: list[int], logits: torch.Tensor, static: bool) -> "LaunchedStep":
-        """Record a step the runner has launched; greedy steps start their token copy to the host now."""
+        """Record a step the runner has launched: its tokens are sampled on the device (afsplit/sampler.py) and
+        their copy to the host starts now."""
         seqs = [batch.seqs[i] for i in sampling]
         step = cls(batch, seqs, [len(s.output_token_ids) for s in seqs], logits, static)
-        if seqs and all(s.params.greedy for s in seqs):
-            step.tokens = logits.argmax(dim=-1)
+        if seqs:
+            step.tokens = sample(logits, seqs, step.slots)  # slot = which generated token: the draw's position
             step.host = HostCopy(step.tokens)
         return step
 
-    def greedy_tokens(self) -> list[int]:
-        """The device's greedy tokens (waits for this step only, not for one launched after it)."""
-        return self.host.get().tolist()
+    def read_tokens(self) -> list[int]:
+        """The step's tokens (waits for this step only, not for one launched after it)."""
+        return self.host.get().tolist() if self.host is not None else []
 
 
 def ends_by_length(seq: Sequence, max_model_len: int) -> bool:
@@ -97,7 +81,7 @@ def can_run_ahead(running: list[Sequence], waiting: int, max_num_seqs: int, max_
 def placeholders_for_ahead(step: LaunchedStep, running: list[Sequence], max_model_len: int) -> dict[int, int] | None:
     """Whether the step after `step` can be launched before `step` is read, and if so the feed map.
 
-    It can when `step` was a greedy static decode step and every running sequence sampled in it (no
+    It can when `step` was a static decode step and every running sequence sampled in it (no
     prompt chunk is in progress; the caller has checked that no waiting request could join). Each
     sequence that may go on gets a PENDING token; returns {id(seq): its row in step.tokens}, or None."""
     if not (step.static and step.tokens is not None):

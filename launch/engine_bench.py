@@ -6,7 +6,8 @@
 Qwen3-30B-A3B shapes with random weights (model.preset qwen3-30b-a3b, weights random, routing
 skewed Zipf(1.0) as in configs/qwen3-30b-a3b-*.yaml) in one process on one GPU (the LLMEngine,
 CUDA graphs for decode as configured). For each request count N: N requests of `input-len` random
-tokens, `output-len` new tokens each (greedy, ignore_eos), all arriving at once; with warm-up (the
+tokens, `output-len` new tokens each (greedy, or `--temperature T [--top-p P]` sampled on the device;
+ignore_eos), all arriving at once; with warm-up (the
 default) the same prompts first run for 3 tokens (compiles, captures the decode graph of that
 batch), then the measured run.
 
@@ -123,7 +124,7 @@ class ExpertHitCounter:
             self.engine = None
 
     def _snapshot(self):
-        from afsplit.step_ahead import HostCopy
+        from afsplit.transfers import HostCopy
 
         return HostCopy(self.buf)
 
@@ -162,16 +163,19 @@ def attention_weight_bytes(w, batch: int) -> int:
     return n
 
 
+SAMPLING = {"temperature": 0.0, "top_p": 1.0}  # --temperature / --top-p: greedy unless asked (seeds derived)
+
+
 def bench_requests(n: int, input_len: int, output_len: int, vocab_size: int, seed: int):
-    """(prompts, greedy params) of n random prompts of input_len tokens, output_len new tokens each (ignore_eos):
-    what every run here generates (the same seed gives the same prompts)."""
+    """(prompts, params) of n random prompts of input_len tokens, output_len new tokens each (ignore_eos;
+    SAMPLING's temperature and top_p): what every run here generates (the same seed gives the same prompts)."""
     from afsplit.sampling_params import SamplingParams
 
     from launch.make_prompts import make_prompts
 
     prompts = [{"prompt_token_ids": p["prompt_token_ids"]} for p in
                make_prompts(n, input_len, output_len, vocab_size, seed=seed)]
-    return prompts, SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    return prompts, SamplingParams(**SAMPLING, max_tokens=output_len, ignore_eos=True)
 
 
 def run_requests(engine, n: int, input_len: int, output_len: int, counter, read_GBps: float, log) -> dict:
@@ -398,6 +402,8 @@ def main():
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--kv-gb", type=float, default=20.0)
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sample (on the device) instead of greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--no-prefill-ab", dest="prefill_ab", action="store_false",
                     help="skip the baseline run with prefill and mixed steps eager (default: run it first, same engine)")
     ap.add_argument("--no-async-ab", dest="async_ab", action="store_false",
@@ -419,7 +425,9 @@ def main():
     from kernels.bench import READ_PROBE, read_ceiling_GBps, run_info, save_results
 
     counts = [int(c) for c in args.requests.split(",") if c.strip()]
+    SAMPLING.update(temperature=args.temperature, top_p=args.top_p)
     res = dict(run_info(), kind="engine_bench", requests=counts, warmup=args.warmup, overrides=args.overrides,
+               sampling=dict(SAMPLING),
                tuning_table=os.environ.get("AFSPLIT_KERNEL_TUNING") or None, runs=[])
 
     def save():

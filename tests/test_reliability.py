@@ -120,15 +120,15 @@ def test_llm_is_usable_after_a_failed_generate(llm, tiny_dir, monkeypatch, exc, 
 
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     ref = [o.outputs[0].token_ids for o in llm.generate(prompts(3), params, use_tqdm=False)]
-    real, calls = LaunchedStep.greedy_tokens, []
+    real, calls = LaunchedStep.read_tokens, []
 
-    def failing(step):  # reading the second step's greedy tokens
+    def failing(step):  # reading the second step's tokens
         calls.append(1)
         if len(calls) == 2:
             raise exc("boom")
         return real(step)
 
-    monkeypatch.setattr(LaunchedStep, "greedy_tokens", failing)
+    monkeypatch.setattr(LaunchedStep, "read_tokens", failing)
     with pytest.raises(exc):
         llm.generate(prompts(3), params, use_tqdm=False)
     eng = llm.engine

@@ -77,17 +77,21 @@ def test_tokens_equal_the_synchronous_loop(tiny_dir, monkeypatch, kw):
     assert outputs(ahead, reqs[:3], params[:3]) == want[:3]
 
 
-def test_no_step_ahead_for_sampled_requests_or_eager_decode(tiny_dir, monkeypatch):
-    reqs = prompts(4, seed=1)
-    seeded = SamplingParams(temperature=0.8, top_k=20, max_tokens=8, seed=5, ignore_eos=True)
+def test_sampled_requests_run_ahead_with_the_synchronous_tokens(tiny_dir, monkeypatch):
+    """Sampling is on the device (afsplit/sampler.py) and a draw depends only on (seed, position): sampled
+    requests, seeded or not, mixed with greedy ones, run ahead and give the step-by-step loop's tokens."""
+    reqs = prompts(6, seed=1)
+    params = [SamplingParams(temperature=0.8, top_k=20, max_tokens=8, seed=5, ignore_eos=True),
+              SamplingParams(temperature=1.1, top_p=0.7, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)] * 2
     eager = engine(tiny_dir, True)  # no static path on CPU: steps are read as they are launched
-    outputs(eager, reqs, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    outputs(eager, reqs, params)
     assert eager.engine.ahead_launches == 0
     monkeypatch.setenv(STATIC_ON_CPU_ENV, "1")
-    want = outputs(engine(tiny_dir, False), reqs, seeded)
+    want = outputs(engine(tiny_dir, False), reqs, params)
     llm = engine(tiny_dir, True)
-    assert outputs(llm, reqs, seeded) == want  # host sampling: every step read before the next
-    assert llm.engine.ahead_launches == 0
+    assert outputs(llm, reqs, params) == want
+    assert llm.engine.ahead_launches > 0
 
 
 def test_abort_with_a_step_ahead_in_flight(tiny_dir, monkeypatch):
