@@ -94,3 +94,24 @@ def test_every_row_greedy_is_one_argmax(dtype):
     logits = torch.randn(3, 40).to(dtype)
     greedy = SamplingParams(temperature=0)
     assert torch.equal(sample(logits, [seq(greedy)] * 3), logits.argmax(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_the_gpu_the_draws_are_the_cpus_and_nothing_waits():
+    """The same (seed, position) gives the CPU's token on CUDA (integer hash; float ops may differ by an ulp,
+    which could flip a near tie: 1 row in 64 allowed), and sampling a step never synchronises the stream."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(64, 1000, generator=g) * 2
+    kinds = [SamplingParams(temperature=0.8, top_k=50), SamplingParams(temperature=1.0, top_p=0.9),
+             SamplingParams(temperature=0), SamplingParams(temperature=1.2)]
+    seqs = [seq(kinds[b % 4], seed=100 + b, generated=b % 7) for b in range(64)]
+    cpu = sample(logits, seqs)
+    dev = logits.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call below raises
+    try:
+        got = sample(dev, seqs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert got.is_cuda and int((got.cpu() == cpu).sum()) >= 63

@@ -152,6 +152,41 @@ def test_captured_steps_ahead_give_the_synchronous_tokens(family, tmp_path):
     assert ahead.engine.ahead_launches > 0 and ahead.engine.runner.static.graphs.calls > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                    reason="TRITON_INTERPRET is set: run the GPU tests in their own process")
+def test_launching_a_step_and_the_one_ahead_never_waits_for_the_gpu(tmp_path):
+    """What runs between a replay being queued and the host reading the step before it (the runner's row index,
+    sampling, the token copy, scheduling and filling the step ahead) has no synchronising call: one would
+    make the host wait for the step just launched and leave nothing to overlap."""
+    from afsplit.models.tiny import make_tiny
+
+    model = str(make_tiny("qwen3_moe", tmp_path / "q3", seed=9))
+    llm = engine(model, True, dtype="bfloat16", device="cuda", max_num_seqs=8, block_size=16, num_kv_blocks=64)
+    e = llm.engine
+    kinds = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+             SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, ignore_eos=True)]
+    seqs = [e.add_request(p, kinds[i % 2]) for i, p in enumerate(prompts(4, seed=7))]
+    e.async_scheduling = False  # until the prompts are in: no step in flight, the next is a plain decode step
+    while any(s.num_computed_tokens < len(s.prompt_token_ids) for s in seqs):
+        e.step()
+    e.async_scheduling = True
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        launched = e._launch(e.scheduler.schedule())
+        ahead = e._launch_ahead(launched)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert launched.static and ahead is not None
+    e._read(launched)
+    e._ahead = ahead
+    while e.has_unfinished_requests():
+        e.step()
+    assert all(len(s.output_token_ids) == 12 and PENDING not in s.output_token_ids for s in seqs)
+
+
 def test_with_only_length_ends_every_step_has_the_synchronous_batch(tiny_dir, monkeypatch):
     """Requests ending by length free their places in the same step in both loops, so waiting requests join
     at the same step and every launched batch is the step-by-step loop's (what keeps bf16 bits equal)."""
