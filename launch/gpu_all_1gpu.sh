@@ -10,6 +10,8 @@
 # engine  launch/engine_bench.py 64,256 x (512 in, 128 out): decode floor, async scheduling on vs off (same engine),
 #         TTFT with piecewise prefill graphs
 #         against eager prefill in the same engine, tokens compared (limit 360 s)
+# esample launch/engine_bench.py 64 x (512 in, 128 out) sampled on the device (temperature 0.8, top-p 0.95): decode
+#         step with async scheduling on vs off, tokens compared (limit 200 s)
 # pattn   launch/prefill_attn_ab.py: whole-prompt prefill attention, paged-prefix path vs no-prefix path (limit 60 s)
 # mattn   launch/mixed_attn_ab.py: a mixed step's attention, decode rows on the decode kernel vs one prefill call (limit 90 s)
 # align   launch/moe_align_bench.py: MoE alignment, one launch vs two, against the torch reference (limit 90 s)
@@ -64,6 +66,8 @@ for p in $PARTS; do
               --families qwen3_moe deepseek_v2 deepseek_v3 --layouts "single-gpu eager" "single-gpu decode graphs" "single-gpu graphs" "colocated 1 graphs" ;;
     engine) part engine 360 python3 launch/engine_bench.py --out "$ROOT_OUT/engine/engine.json" \
               --md "$ROOT_OUT/engine/engine.md" --requests 64,256 --profile 64 ;;
+    esample) part esample 200 python3 launch/engine_bench.py --out "$ROOT_OUT/esample/engine.json" \
+              --md "$ROOT_OUT/esample/engine.md" --requests 64 --temperature 0.8 --top-p 0.95 --no-prefill-ab ;;
     pattn) part pattn 60 python3 launch/prefill_attn_ab.py --out "$ROOT_OUT/pattn/prefill_attn_ab.json" ;;
     serve) part serve 320 bash launch/serve_gpu_bench.sh ;;
     planner) part planner 380 bash launch/planner_runs.sh 320 ;;

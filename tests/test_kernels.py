@@ -723,15 +723,17 @@ def test_engine_bench_counts_expert_reads_on_cpu(tmp_path):
     assert "| 4 x (20, 4) |" in md and "| 8 | x |" in md
 
 
-def test_engine_bench_prefill_graphs_ab_on_cpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+def test_engine_bench_prefill_graphs_ab_on_cpu(tmp_path, monkeypatch, temperature):
     """engine_bench's A/B of piecewise prefill graphs against eager prefill (same engine, same prompts):
-    the baseline's TTFT is reported next to the graphs', and the tokens agree."""
+    the baseline's TTFT is reported next to the graphs', and the tokens agree (greedy and sampled)."""
     from afsplit.config import load_config
     from afsplit.cuda_graphs import STATIC_ON_CPU_ENV
     from afsplit.engine import LLMEngine
 
     from launch import engine_bench as eb
 
+    monkeypatch.setitem(eb.SAMPLING, "temperature", temperature)
     monkeypatch.setenv(STATIC_ON_CPU_ENV, "1")  # the graph code paths, uncaptured
     eng = LLMEngine(load_config("configs/tiny-1proc.yaml", ["runtime.max_num_seqs=4",
                                                             "runtime.max_num_batched_tokens=48"]))
