@@ -43,7 +43,6 @@ class LaunchedStep:
     batch: ScheduledBatch
     seqs: list[Sequence]  # the sequences that sample, in logits-row order
     slots: list[int]  # per sequence: the index in output_token_ids its new token takes
-    logits: torch.Tensor  # [S, V]
     static: bool  # it ran on the static (CUDA-graph) decode path
     tokens: torch.Tensor | None = None  # the sampled tokens on the device [S] (None: nothing samples)
     host: HostCopy | None = None  # their copy to the host, under way
@@ -53,7 +52,7 @@ class LaunchedStep:
         """Record a step the runner has launched: its tokens are sampled on the device (afsplit/sampler.py) and
         their copy to the host starts now."""
         seqs = [batch.seqs[i] for i in sampling]
-        step = cls(batch, seqs, [len(s.output_token_ids) for s in seqs], logits, static)
+        step = cls(batch, seqs, [len(s.output_token_ids) for s in seqs], static)  # logits not kept: sampled now
         if seqs:
             step.tokens = sample(logits, seqs, step.slots)  # slot = which generated token: the draw's position
             step.host = HostCopy(step.tokens)
