@@ -93,10 +93,20 @@ def test_the_engine_warms_itself_when_it_captures(tiny_dir, monkeypatch, on):
     import afsplit.engine as engine_mod
 
     calls = []
+
+    def uncaptured(e):  # the real warm start, at the end of the engine's construction, with nothing captured
+        e.runner.static.graphs.capture = e.runner.piecewise.capture = False
+        calls.append(e)
+        return capture_every_bucket(e)
+
     monkeypatch.setattr(engine_mod, "graphs_wanted", lambda enabled, device: (enabled, enabled))
-    monkeypatch.setattr(engine_mod, "capture_every_bucket", lambda e: calls.append(e) or "report")
+    monkeypatch.setattr(engine_mod, "capture_every_bucket", uncaptured)
     llm = build(tiny_dir, capture_at_start=on)
-    assert calls == ([llm.engine] if on else []) and llm.engine.warm_start == ("report" if on else None)
+    assert calls == ([llm.engine] if on else [])
+    if on:
+        assert llm.engine.warm_start.decode_buckets == [1, 2, 4, 8] and llm.engine.runner.static.graphs.warmed
+    else:
+        assert llm.engine.warm_start is None
 
 
 def test_mla_and_micro_batches_warm_the_decode_buckets_only(tmp_path, monkeypatch):
