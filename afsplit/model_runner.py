@@ -61,18 +61,18 @@ def build_metadata(batch: ScheduledBatch, block_size: int, device) -> tuple[torc
         seq_lens.append(start + n)
         tables[b, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
         sample_rows.append(cu[-1] - 1 if start + n == seq.num_tokens else -1)
-    meta = ops.AttentionMetadata(
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
-        prefix_lens=torch.tensor(prefix, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=tables.to(device),
+    meta = ops.AttentionMetadata(  # non-blocking copies (afsplit/transfers.py): the host goes on launching
+        positions=to_device(positions, torch.int64, device),
+        slot_mapping=to_device(slots, torch.int64, device),
+        cu_seqlens_q=to_device(cu, torch.int32, device),
+        prefix_lens=to_device(prefix, torch.int32, device),
+        seq_lens=to_device(seq_lens, torch.int32, device),
+        block_tables=to_device(tables, torch.int32, device),
         decode_only=all(n == 1 for n in batch.num_tokens),
         cu_seqlens_list=cu,
         prefix_lens_list=prefix,
     )
-    return torch.tensor(token_ids, dtype=torch.int64, device=device), meta, sample_rows
+    return to_device(token_ids, torch.int64, device), meta, sample_rows
 
 
 def split_micro_batches(batch: ScheduledBatch, m: int) -> list[ScheduledBatch]:
@@ -142,7 +142,7 @@ class ModelRunner:
             logits = logits[to_device(rows, torch.int64, logits.device)]
         elif self.piecewise is not None and len(parts) == 1 and self.piecewise.handles(batch.total_tokens):
             token_ids, meta, sample_rows = build_metadata(batch, self.block_size, self.device)
-            rows = torch.tensor([r for r in sample_rows if r >= 0], dtype=torch.int64, device=self.device)
+            rows = to_device([r for r in sample_rows if r >= 0], torch.int64, self.device)
             sampling = [i for i, r in enumerate(sample_rows) if r >= 0]
             logits = self.piecewise.run(token_ids, meta, rows)
         else:
@@ -150,7 +150,7 @@ class ModelRunner:
             for part in parts:
                 token_ids, meta, sample_rows = build_metadata(part, self.block_size, self.device)
                 inputs.append((token_ids, meta))
-                rows.append(torch.tensor([r for r in sample_rows if r >= 0], dtype=torch.int64, device=self.device))
+                rows.append(to_device([r for r in sample_rows if r >= 0], torch.int64, self.device))
                 sampling += [position[id(part.seqs[i])] for i, r in enumerate(sample_rows) if r >= 0]
             logits = self.model.forward(inputs, self.kv_cache.layers, self.moe, rows)
         self.moe.end_step()

@@ -12,9 +12,9 @@ import torch
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list (or nested list) as a tensor on `device`, queued behind the work already launched: on CUDA
-    through pinned memory (PyTorch's caching host allocator keeps it until the copy has run)."""
-    t = torch.tensor(values, dtype=dtype)
+    """A host list (nested list, or CPU tensor) as a tensor on `device`, queued behind the work already launched:
+    on CUDA through pinned memory (PyTorch's caching host allocator keeps it until the copy has run)."""
+    t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if torch.device(device).type != "cuda":
         return t
     return t.pin_memory().to(device, non_blocking=True)
