@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from afsplit import ops
 from afsplit.models.spec import ModelSpec
 from afsplit.models.weights import AttnLayerWeights
+from afsplit.transfers import to_device
 
 # transformers builds q_a_layernorm / kv_a_layernorm with the RMSNorm default eps, not rms_norm_eps
 _LATENT_NORM_EPS = 1e-6
@@ -90,8 +91,8 @@ def _prefill_gather(block_tables: torch.Tensor, lens: list[int], prefix: list[in
     cu_q = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     cu_k = torch.tensor([0] + ctx, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     Nk = int(cu_k[-1])
-    seq = torch.repeat_interleave(torch.arange(len(ctx), device=dev), torch.tensor(ctx, device=dev), output_size=Nk)
-    cu_k, cu_q = cu_k.to(dev), cu_q.to(dev)
+    seq = torch.repeat_interleave(torch.arange(len(ctx), device=dev), to_device(ctx, torch.int64, dev), output_size=Nk)
+    cu_k, cu_q = to_device(cu_k, torch.int32, dev), to_device(cu_q, torch.int32, dev)
     pos = torch.arange(Nk, device=dev) - cu_k[seq].long()
     slots = block_tables[seq, pos // page].long() * page + pos % page
     return slots, cu_q, cu_k, max(lens)
