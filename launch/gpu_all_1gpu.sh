@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A session's 1-GPU checks and measurements in few device calls: choose the parts per call.
 #   bash launch/gpu_all_1gpu.sh "ktests parity serve"      then      bash launch/gpu_all_1gpu.sh "planner mla"
-# ktests  every gpu-marked test, 8 concurrent shards (limit 180 s)
+# ktests  every gpu-marked test, 8 concurrent shards (limit 300 s: GPU engines warm-start, runtime.capture_at_start)
 # parity  tiny models in bf16 (launch/gpu_parity.py): single-GPU engine eager/graphs, the 1-rank runtime, for
 #         qwen3_moe, deepseek_v2, deepseek_v3 (limit 120 s)
 # serve   launch/serve_gpu_bench.sh: afsplit serve + the load generator at 3 rates (limit 320 s; wheels in .whl/)
@@ -9,7 +9,7 @@
 # mla     launch/mla_gpu_check.py --only ceilings,decode,engine (limit 150 s)
 # engine  launch/engine_bench.py 64,256 x (512 in, 128 out): decode floor, async scheduling on vs off (same engine),
 #         TTFT with piecewise prefill graphs
-#         against eager prefill in the same engine, tokens compared (limit 360 s)
+#         against eager prefill in the same engine, tokens compared, the warm start's seconds (limit 480 s)
 # esample launch/engine_bench.py 64 x (512 in, 128 out) sampled on the device (temperature 0.8, top-p 0.95): decode
 #         step with async scheduling on vs off, tokens compared (limit 200 s)
 # pattn   launch/prefill_attn_ab.py: whole-prompt prefill attention, paged-prefix path vs no-prefix path (limit 60 s)
@@ -61,10 +61,10 @@ moetune() {
 export -f ktests moetune
 for p in $PARTS; do
   case $p in
-    ktests) part ktests 180 bash -c ktests ;;
+    ktests) part ktests 300 bash -c ktests ;;
     parity) part parity 120 python3 launch/gpu_parity.py --out "$ROOT_OUT/parity/parity.json" \
               --families qwen3_moe deepseek_v2 deepseek_v3 --layouts "single-gpu eager" "single-gpu decode graphs" "single-gpu graphs" "colocated 1 graphs" ;;
-    engine) part engine 360 python3 launch/engine_bench.py --out "$ROOT_OUT/engine/engine.json" \
+    engine) part engine 480 python3 launch/engine_bench.py --out "$ROOT_OUT/engine/engine.json" \
               --md "$ROOT_OUT/engine/engine.md" --requests 64,256 --profile 64 ;;
     esample) part esample 200 python3 launch/engine_bench.py --out "$ROOT_OUT/esample/engine.json" \
               --md "$ROOT_OUT/esample/engine.md" --requests 64 --temperature 0.8 --top-p 0.95 --no-prefill-ab ;;
