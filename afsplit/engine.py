@@ -173,9 +173,19 @@ class LLMEngine:
         self._ahead: LaunchedStep | None = None  # a step launched ahead, read by the next step()
         self.last_step = (0, 0)
         self.steps_run = 0
-        self.warm_start = None  # what capture_at_start ran (afsplit/warm_start.py), None when it did not
-        if rt.capture_at_start and capture and build_moe is None:
+        self.warm_start = None  # what the warm start ran (afsplit/warm_start.py), None when it did not
+        self._warm_startable = capture and build_moe is None  # graphs are captured, by this process alone
+        if rt.capture_at_start:
+            self.start_warm()
+
+    def start_warm(self):
+        """The warm start (afsplit/warm_start.py) where graphs are captured (a GPU, the single-process engine);
+        runtime.capture_at_start runs it at the end of construction. A caller that wraps kernels which the
+        graphs must capture (launch/engine_bench.py's expert counter) builds with it off, wraps, then calls
+        this. Returns the report, or None where nothing is captured."""
+        if self._warm_startable and self.warm_start is None:
             self.warm_start = capture_every_bucket(self)
+        return self.warm_start
 
     def reset_counters(self) -> None:
         """Request ids, the step counter and expert statistics as a fresh engine's (after the warm start's

@@ -447,14 +447,15 @@ def main():
                              f"prefill_graphs={config.runtime.prefill_graphs}, async_scheduling={config.runtime.async_scheduling}, "
                              f"max_model_len={config.model.max_model_len}, warm-up={'on' if args.warmup else 'off'}")
     t0 = time.time()
-    engine = LLMEngine(config)
-    res["engine_build_s"] = time.time() - t0  # with runtime.capture_at_start: its warm start's captures included
-    if engine.warm_start is not None:
+    # the warm start waits until the expert counter wraps fused_moe: graphs captured before would not count
+    engine = LLMEngine(dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, capture_at_start=False)))
+    res["engine_build_s"] = time.time() - t0
+    spec = engine.spec
+    counter = ExpertHitCounter(spec.num_moe_layers, spec.num_experts, engine.device)
+    if config.runtime.capture_at_start and engine.start_warm() is not None:
         res["warm_start"] = dataclasses.asdict(engine.warm_start)
         log(f"warm start: {engine.warm_start.seconds:.1f} s (decode buckets {engine.warm_start.decode_buckets}, "
             f"{len(engine.warm_start.prefill_buckets)} prefill token buckets, left {engine.warm_start.skipped_prefill})")
-    spec = engine.spec
-    counter = ExpertHitCounter(spec.num_moe_layers, spec.num_experts, engine.device)
     piecewise = engine.runner.piecewise
     res["prefill_graphs"] = piecewise is not None
     save()

@@ -107,6 +107,9 @@ def test_the_engine_warms_itself_when_it_captures(tiny_dir, monkeypatch, on):
         assert llm.engine.warm_start.decode_buckets == [1, 2, 4, 8] and llm.engine.runner.static.graphs.warmed
     else:
         assert llm.engine.warm_start is None
+        report = llm.engine.start_warm()  # later, by hand (as engine_bench does once its counter wraps fused_moe)
+        assert calls == [llm.engine] and report is llm.engine.warm_start and report.decode_buckets == [1, 2, 4, 8]
+    assert llm.engine.start_warm() is llm.engine.warm_start and len(calls) == 1  # once only
 
 
 def test_mla_and_micro_batches_warm_the_decode_buckets_only(tmp_path, monkeypatch):

@@ -357,7 +357,7 @@ class RankRuntime:
                 captured = True
         # captured NCCL collectives can make an orderly communicator teardown wait forever: abort instead
         # (every step was drained, so nothing is in flight)
-        if self.owns_ctx and not self.failed_over:  # after a failover the process leaves with os._exit (cli.py)
+        if self.owns_ctx and not self.failed_over:  # after a failover the process leaves with comm.groups.leave_process
             self.ctx.shutdown(abort=abort or captured)
 
 
